@@ -1,0 +1,87 @@
+"""Speed of the lab against the reference workloads in ../shared/bench, in one sitting.
+
+Runs, alternating, for each round: the bare PyTorch loop, the lab (`cl run`
+on experiments/split_mnist/<workload>.yaml), and avalanche-lib, all on the
+same Split-MNIST workload, and prints the median training seconds, the
+accuracies and the ratios. Also measures what MLflow tracking costs a lab
+run: the same run with and without tracking, against a store that exists.
+
+    python benchmarks/split_mnist_speed.py [--workload replay|naive] [--rounds 5] [--no-avalanche]
+
+Needs the reference scripts and MNIST: ../shared/bench and CL_DATA_DIR (default ../shared/data).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT.parent / "shared" / "bench"
+
+
+def run(cmd: list[str], env: dict) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=ROOT).stdout
+
+
+def reference(script: str, workload: str, data: str, env: dict) -> tuple[float, float]:
+    out = run([sys.executable, str(BENCH / script), workload, data], env)
+    m = re.search(r"acc=([\d.]+) train_s=([\d.]+)", out)
+    return float(m.group(2)), float(m.group(1))
+
+
+def lab(workload: str, env: dict, tracking_uri: str | None = None) -> dict:
+    cmd = [sys.executable, "-m", "cl", "run", f"experiments/split_mnist/{workload}.yaml", "--json", "--no-progress"]
+    cmd += ["--tracking-uri", tracking_uri] if tracking_uri else ["--no-track"]
+    return json.loads(run(cmd, env).strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--workload", default="replay", choices=["replay", "naive"])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--no-avalanche", action="store_true")
+    args = p.parse_args()
+    data = os.environ.get("CL_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+    env = {**os.environ, "CL_DATA_DIR": data}
+
+    times: dict[str, list[float]] = {"bare": [], "lab": [], "avalanche": [], "lab+mlflow": []}
+    accs: dict[str, float] = {}
+    tracking_share = []
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        lab(args.workload, env, uri)  # create the store once: its one-off setup is not a run's cost
+        for r in range(args.rounds):
+            times["bare"].append((b := reference("bare_split_mnist.py", args.workload, data, env))[0])
+            accs["bare"] = b[1]
+            res = lab(args.workload, env)
+            times["lab"].append(res["train_time_s"])
+            accs["lab"] = res["acc"]
+            tracked = lab(args.workload, env, uri)
+            times["lab+mlflow"].append(tracked["wall_time_s"])
+            tracking_share.append(tracked["tracking_time_s"] / tracked["wall_time_s"])
+            if not args.no_avalanche:
+                times["avalanche"].append((a := reference("avalanche_split_mnist.py", args.workload, data, env))[0])
+                accs["avalanche"] = a[1]
+            print(f"round {r + 1}: " + ", ".join(f"{k}={v[-1]:.2f}s" for k, v in times.items() if v), flush=True)
+
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    print(f"\nSplit-MNIST {args.workload}, {args.rounds} rounds, median training seconds:")
+    for k in ("bare", "lab", "avalanche"):
+        if k in med:
+            print(f"  {k:<10} {med[k]:7.2f} s   final accuracy {accs[k]:.4f}")
+    print(f"  lab / bare      = {med['lab'] / med['bare']:.3f}  (target <= 1.15)")
+    if "avalanche" in med:
+        print(f"  avalanche / lab = {med['avalanche'] / med['lab']:.2f}  (target >= 2.5)")
+    print(f"  MLflow tracking: median {100 * statistics.median(tracking_share):.2f}% of a tracked run's wall time "
+          f"(time the run waited on the sink)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Command line: `cl run FILE`, `cl strategies`, `cl models`, `cl datasets`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cl", description="Continual-learning lab: run experiments, track them in MLflow.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="validate and run an experiment file")
+    run.add_argument("file", help="experiment YAML file")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key, e.g. --set seed=1 --set training.optimizer.lr=0.1 (repeatable)")
+    run.add_argument("--json", action="store_true", help="end standard output with one JSON object of the results")
+    run.add_argument("--tracking-uri", default=None,
+                     help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    run.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--checkpoint-dir", default=None, help="save each run's state after every experience here")
+    run.add_argument("--resume", action="store_true", help="continue runs from their checkpoints in --checkpoint-dir")
+    for name in ("strategies", "models", "datasets", "scenarios"):
+        sub.add_parser(name, help=f"list the registered {name}")
+    return p
+
+
+def _list(kind: str) -> int:
+    import cl.components  # noqa: F401  (registers the built-in components)
+    from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
+
+    registry = {"strategies": STRATEGIES, "models": MODELS, "datasets": DATASETS, "scenarios": SCENARIOS}[kind]
+    for name, obj in registry.items().items():
+        doc = (obj.__doc__ or "").strip().split("\n")[0]
+        print(f"{name:<20} {doc}")
+    if kind == "models":
+        print(f"{'<timm name>':<20} any timm model, e.g. vit_tiny_patch16_224 (pretrained: true, or weights: FILE)")
+    return 0
+
+
+def _run(args) -> int:
+    from cl.config import load_experiment
+    from cl.runner import run_experiment
+    from cl.tracking import default_tracking_uri
+    from evaluation.report import results_table
+
+    start = time.perf_counter()
+    cfg = load_experiment(args.file, args.overrides)
+    if args.resume and not args.checkpoint_dir:
+        raise ValueError("--resume needs --checkpoint-dir")
+    runs = run_experiment(cfg, tracking_uri=args.tracking_uri or default_tracking_uri(), track=not args.no_track,
+                          progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+    print(f"{cfg.name} (seed {cfg.seed}, {len(runs)} run{'s' if len(runs) > 1 else ''})")
+    print(results_table(runs))
+    if not args.no_track:
+        print(f"MLflow runs: {', '.join(r['name'] + '=' + r['mlflow_run_id'] for r in runs)}")
+    if args.json:
+        wall = time.perf_counter() - start
+        out = runs[0] if len(runs) == 1 else {"experiment": cfg.name, "seed": cfg.seed, "runs": runs,
+                                                "wall_time_s": wall}
+        out.setdefault("experiment", cfg.name)
+        out.setdefault("seed", cfg.seed)
+        print(json.dumps(out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # As `python -m` does, let `module:Class` paths name modules in the working directory.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    from cl.checkpoint import CheckpointError
+    from cl.config import ConfigError
+    from cl.registry import UnknownComponentError
+    from cl.tracking import TrackingError
+    from streams.sources import DatasetNotFoundError
+
+    try:
+        if args.command == "run":
+            return _run(args)
+        return _list(args.command)
+    except (ConfigError, DatasetNotFoundError, CheckpointError, TrackingError, UnknownComponentError,
+            ValueError, FileNotFoundError) as err:
+        print(f"cl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cl: interrupted; results logged so far are kept in MLflow", file=sys.stderr)
+        return 130

@@ -1,0 +1,59 @@
+"""Build the objects of a run from validated config specs."""
+from __future__ import annotations
+
+import torch
+
+import strategies as _builtin_strategies  # noqa: F401  (registers the built-in strategies)
+import streams as _builtin_streams  # noqa: F401  (registers datasets and scenarios)
+from cl.config import ComponentSpec, ExperimentConfig
+from cl.models import build_model
+from cl.registry import DATASETS, SCENARIOS, STRATEGIES, _import_path
+from strategies.base import Strategy
+from streams.experience import Stream
+
+
+def _torch_class(module, name: str, kind: str):
+    if ":" in name:
+        return _import_path(name, kind)
+    by_lower = {n.lower(): getattr(module, n) for n in dir(module) if isinstance(getattr(module, n), type)}
+    if name.lower() not in by_lower:
+        raise LookupError(f"unknown {kind} '{name}' (not in {module.__name__}; or give a 'module:Class' path)")
+    return by_lower[name.lower()]
+
+
+def optimizer_class(name: str):
+    """A torch.optim class by case-insensitive name ('sgd', 'adamw') or a `module:Class` path."""
+    return _torch_class(torch.optim, name, "optimizer")
+
+
+def scheduler_class(name: str):
+    """A torch.optim.lr_scheduler class by case-insensitive name or a `module:Class` path."""
+    return _torch_class(torch.optim.lr_scheduler, name, "scheduler")
+
+
+def build_stream(cfg: ExperimentConfig) -> Stream:
+    dataset = DATASETS.get(cfg.stream.dataset.name)(data_dir=cfg.data_dir, **cfg.stream.dataset.args)
+    scenario = SCENARIOS.get(cfg.stream.scenario.name)
+    return scenario(dataset, seed=cfg.seed, **cfg.stream.scenario.args)
+
+
+def build_strategies(specs: list[ComponentSpec]) -> list[Strategy]:
+    built = []
+    for spec in specs:
+        strategy = STRATEGIES.get(spec.name)(**spec.args)
+        if not isinstance(strategy, Strategy):
+            raise TypeError(f"strategy '{spec.name}' built a {type(strategy).__name__}, not a strategies.Strategy")
+        built.append(strategy)
+    return built
+
+
+def build_model_from(cfg: ExperimentConfig, stream: Stream) -> torch.nn.Module:
+    return build_model(cfg.model.name, stream.input_shape, stream.n_classes, **cfg.model.args)
+
+
+def build_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
+    opt = optimizer_class(cfg.training.optimizer.name)(model.parameters(), **cfg.training.optimizer.args)
+    sched = None
+    if cfg.training.scheduler is not None:
+        sched = scheduler_class(cfg.training.scheduler.name)(opt, **cfg.training.scheduler.args)
+    return opt, sched

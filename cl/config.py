@@ -1,0 +1,267 @@
+"""Experiment files: YAML in, validated typed objects out.
+
+Every component (dataset, scenario, model, strategy, optimizer, scheduler) is
+written as `{name: ..., <its arguments>}`, or just its name. Arguments are
+checked against the component's own constructor signature, so an unknown key
+or a wrong type is reported with the file, the key path and what was
+expected, before anything runs.
+"""
+from __future__ import annotations
+
+import inspect
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """An experiment file that cannot be run; the message names file, key and expectation."""
+
+
+class ComponentSpec(BaseModel):
+    """`name` picks the component; every other key is an argument to it."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def _component(value):
+    return {"name": value} if isinstance(value, str) else value
+
+
+class StreamConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset: ComponentSpec
+    scenario: ComponentSpec = ComponentSpec(name="class_incremental")
+
+    @field_validator("dataset", "scenario", mode="before")
+    @classmethod
+    def _names(cls, v):
+        return _component(v)
+
+
+class TrainingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(1024, ge=1)
+    optimizer: ComponentSpec = ComponentSpec(name="sgd", lr=0.01)
+    scheduler: ComponentSpec | None = None
+    scheduler_interval: Literal["epoch", "step"] = "epoch"
+
+    @field_validator("optimizer", "scheduler", mode="before")
+    @classmethod
+    def _names(cls, v):
+        return _component(v)
+
+
+class ExperimentConfig(BaseModel):
+    """A whole experiment file. Either `strategies` (one run) or `runs` (label -> strategies)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="MLflow experiment name")
+    seed: int = 0
+    device: str = "auto"
+    data_dir: str | None = None
+    stream: StreamConfig
+    model: ComponentSpec
+    training: TrainingConfig = TrainingConfig()
+    strategies: list[ComponentSpec] | None = None
+    runs: dict[str, list[ComponentSpec]] | None = None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_name(cls, v):
+        return _component(v)
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _strategy_names(cls, v):
+        return None if v is None else [_component(s) for s in v]
+
+    @field_validator("runs", mode="before")
+    @classmethod
+    def _run_names(cls, v):
+        if not isinstance(v, dict):
+            return v
+        return {k: [_component(s) for s in (ss if isinstance(ss, list) else [ss])] for k, ss in v.items()}
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str):
+        if v != "auto" and v.split(":")[0] not in ("cpu", "cuda", "mps"):
+            raise ValueError("expected 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_of_strategies_or_runs(self):
+        if (self.strategies is None) == (self.runs is None):
+            raise ValueError("give exactly one of 'strategies' (one run) or 'runs' (several runs to compare)")
+        if self.runs is not None and not self.runs:
+            raise ValueError("'runs' is empty")
+        return self
+
+    def run_specs(self) -> dict[str, list[ComponentSpec]]:
+        """Label -> strategies of every run this experiment makes."""
+        if self.runs is not None:
+            return dict(self.runs)
+        return {"+".join(s.name for s in self.strategies) or "naive": list(self.strategies)}
+
+
+# ---------------------------------------------------------------- loading
+def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
+    """Apply `key.sub=value` overrides (value parsed as YAML); list items are addressed by index."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set '{item}': expected key.sub=value")
+        value = yaml.safe_load(text) if text else None
+        parts = key.split(".")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            here = ".".join(parts[:depth + 1])
+            if isinstance(node, list):
+                slot = _index(part, node, here, source)
+            elif isinstance(node, dict):
+                slot = part
+                if node.get(part) is None:
+                    node[part] = {}
+            else:
+                raise ConfigError(f"{source}: --set {key}: '{here}' is not a mapping or list")
+            if isinstance(node[slot], str):  # a component given by its name only: expand it
+                node[slot] = {"name": node[slot]}
+            node = node[slot]
+        last = parts[-1]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"{source}: --set {key}: '{'.'.join(parts[:-1])}' is not a mapping or list")
+        if isinstance(node, list):
+            node[_index(last, node, key, source)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def _index(part: str, node: list, where: str, source: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{source}: --set {where}: expected a list index below {len(node)}")
+    return int(part)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid experiment"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"  {loc}: required key is missing")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{source}: experiment file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    raw = apply_overrides(raw, overrides or [], source)
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+    validate_components(cfg, source)
+    return cfg
+
+
+# ------------------------------------------------ component argument checks
+def check_arguments(target: Callable, args: dict, where: str, source: str, injected: set[str] = frozenset()) -> None:
+    """Check `args` against `target`'s signature: unknown names and, where annotated, types."""
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return
+    params = {n: p for n, p in sig.parameters.items()
+              if n not in injected and n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    unknown = [k for k in args if k not in params and k != "name"]
+    if unknown and not takes_any:
+        expected = ", ".join(params) or "no arguments"
+        raise ConfigError(f"{source}: {where}.{unknown[0]}: unknown key (expected one of: {expected})")
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # unresolvable annotations: check names only
+        hints = {}
+    fields = {}
+    for n, p in params.items():
+        if n in args:
+            default = ... if p.default is p.empty else p.default
+            fields[n] = (hints.get(n, Any), default)
+    if not fields:
+        return
+    model = create_model("Args", __config__=ConfigDict(arbitrary_types_allowed=True), **fields)
+    try:
+        model.model_validate({k: v for k, v in args.items() if k in fields})
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(str(p) for p in e["loc"])
+        raise ConfigError(f"{source}: {where}.{key}: {e['msg']} (got {e.get('input')!r})") from None
+
+
+def validate_components(cfg: ExperimentConfig, source: str) -> None:
+    """Resolve every component name and check its arguments, before any data is loaded."""
+    from cl.components import optimizer_class, scheduler_class
+    from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES, UnknownComponentError
+
+    def resolve(registry, spec, where):
+        try:
+            return registry.get(spec.name)
+        except UnknownComponentError as err:
+            raise ConfigError(f"{source}: {where}.name: {err}") from None
+
+    check_arguments(resolve(DATASETS, cfg.stream.dataset, "stream.dataset"), cfg.stream.dataset.args,
+                    "stream.dataset", source, {"data_dir"})
+    check_arguments(resolve(SCENARIOS, cfg.stream.scenario, "stream.scenario"), cfg.stream.scenario.args,
+                    "stream.scenario", source, {"data", "seed"})
+    if cfg.model.name in MODELS or ":" in cfg.model.name:
+        check_arguments(resolve(MODELS, cfg.model, "model"), cfg.model.args, "model", source,
+                        {"input_shape", "n_classes", "num_classes"})
+    for label, specs in cfg.run_specs().items():
+        for i, spec in enumerate(specs):
+            where = f"runs.{label}.{i}" if cfg.runs is not None else f"strategies.{i}"
+            check_arguments(resolve(STRATEGIES, spec, where), spec.args, where, source)
+    try:
+        check_arguments(optimizer_class(cfg.training.optimizer.name), cfg.training.optimizer.args,
+                        "training.optimizer", source, {"params"})
+        if cfg.training.scheduler is not None:
+            check_arguments(scheduler_class(cfg.training.scheduler.name), cfg.training.scheduler.args,
+                            "training.scheduler", source, {"optimizer"})
+    except LookupError as err:
+        raise ConfigError(f"{source}: training: {err}") from None
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists -> {'a.b.0.c': value} for MLflow params."""
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(d, list) and any(isinstance(v, (dict, list)) for v in d):
+        for i, v in enumerate(d):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = d
+    return out

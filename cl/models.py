@@ -1,0 +1,143 @@
+"""Models: the MLP and reduced ResNet-18 of the CL literature, plus any timm model
+or `torch.nn.Module` class path.
+
+Every lab model exposes the timm feature API, `forward_features(x)` and
+`forward_head(features)`, so feature-based strategies (nearest-mean
+classifiers, prompts) work the same on all of them.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from cl.registry import MODELS
+
+
+@MODELS.register("mlp")
+class MLP(nn.Module):
+    """A fully connected ReLU network on flattened inputs; the MNIST model of
+    GEM (Lopez-Paz and Ranzato 2017) is `hidden=[100, 100]`, that of avalanche's
+    SimpleMLP and our Split-MNIST workload `hidden=[400, 400]`."""
+
+    def __init__(self, input_shape: Sequence[int], n_classes: int, hidden: Sequence[int] = (400, 400),
+                 dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = math.prod(input_shape)
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        self.features = nn.Sequential(*layers)
+        self.num_features = width
+        self.head = nn.Linear(width, n_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+@MODELS.register("reduced_resnet18")
+class ReducedResNet18(nn.Module):
+    """The reduced ResNet-18 of GEM (Lopez-Paz and Ranzato 2017), also Mammoth's
+    and A-GEM's CIFAR backbone: four stages of two basic blocks with widths
+    nf, 2nf, 4nf, 8nf (nf=20 instead of 64, about 1.1M parameters), a 3x3
+    stem without max-pooling, global average pooling and one linear head."""
+
+    def __init__(self, input_shape: Sequence[int], n_classes: int, nf: int = 20):
+        super().__init__()
+        in_channels = input_shape[0]
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, nf, 3, 1, 1, bias=False), nn.BatchNorm2d(nf), nn.ReLU())
+        blocks, planes = [], nf
+        for i, width in enumerate((nf, 2 * nf, 4 * nf, 8 * nf)):
+            stride = 1 if i == 0 else 2
+            blocks += [_BasicBlock(planes, width, stride), _BasicBlock(width, width, 1)]
+            planes = width
+        self.blocks = nn.Sequential(*blocks)
+        self.num_features = planes
+        self.head = nn.Linear(planes, n_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def create_timm_model(name: str, n_classes: int, input_shape: Sequence[int], pretrained: bool = False,
+                      weights: str | None = None, **kwargs) -> nn.Module:
+    """A timm model with a fresh `n_classes` head. `pretrained=True` takes timm's
+    hub weights (needs internet); `weights` loads a local checkpoint file instead
+    (a state dict, e.g. downloaded once elsewhere), ignoring its classifier."""
+    import timm
+
+    if name not in timm.list_models() and name not in timm.list_pretrained():
+        raise ValueError(f"model '{name}' is neither a lab model ({', '.join(MODELS.names())}) nor a timm model")
+    kwargs.setdefault("in_chans", input_shape[0])
+    model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=n_classes, **kwargs)
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file for '{name}' not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"weights file {path} is not a readable torch state dict: {err}") from err
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+        # The stored classifier was trained for other classes: keep our fresh head.
+        head_ids = {id(p) for p in model.get_classifier().parameters()}
+        head_keys = {n for n, p in model.named_parameters() if id(p) in head_ids}
+        state = {k: v for k, v in state.items() if k not in head_keys}
+        _, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"weights file {path} has keys model '{name}' lacks: {unexpected[:5]}")
+    return model
+
+
+def build_model(name: str, input_shape: Sequence[int], n_classes: int, **kwargs) -> nn.Module:
+    """A lab model by registry name, a `module:Class` path, or a timm model name.
+
+    `input_shape` and `n_classes` are passed to a model whose constructor takes
+    them (under those names or timm's `num_classes`)."""
+    if name in MODELS or ":" in name:
+        cls = MODELS.get(name)
+        params = inspect.signature(cls).parameters
+        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        extra = {}
+        for key, value in (("input_shape", tuple(input_shape)), ("n_classes", n_classes), ("num_classes", n_classes)):
+            if key in params or (accepts_any and key != "num_classes"):
+                extra[key] = value
+        return cls(**extra, **kwargs)
+    return create_timm_model(name, n_classes, input_shape, **kwargs)

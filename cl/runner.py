@@ -1,0 +1,105 @@
+"""Run an experiment file: one trainer and one MLflow run per compared strategy list."""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+import cl
+from cl.checkpoint import load_checkpoint
+from cl.components import build_model_from, build_optimizer, build_stream, build_strategies
+from cl.config import ExperimentConfig, flatten
+from cl.tracking import ConsoleSink, MLflowSink, StoreWarmup
+from cl.trainer import LifelongTrainer, resolve_device
+from evaluation import metrics
+from evaluation.report import heatmap_png, matrix_csv, matrix_json
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, track: bool = True,
+                   progress: bool = False, checkpoint_dir: str | None = None, resume: bool = False) -> list[dict]:
+    """Run every run of `cfg`; returns one summary dict per run (the `--json` fields)."""
+    warmup = StoreWarmup(tracking_uri) if track else None
+    stream = build_stream(cfg)
+    # Seconds the experiment waited for MLflow's import and store after the data was loaded.
+    setup_s = warmup.wait() if warmup is not None else 0.0
+    device = resolve_device(cfg.device)
+    resolved = cfg.model_dump(mode="json", exclude_none=True)
+    results = [
+        _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, progress, checkpoint_dir, resume)
+        for label, specs in cfg.run_specs().items()
+    ]
+    results[0]["tracking_setup_s"] = setup_s
+    return results
+
+
+def _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, progress, checkpoint_dir, resume):
+    wall_start = time.perf_counter()
+    seed_everything(cfg.seed)
+    model = build_model_from(cfg, stream)
+    optimizer, scheduler = build_optimizer(cfg, model.to(device))
+    strategies = build_strategies(specs)
+
+    run_config = {k: v for k, v in resolved.items() if k not in ("runs", "strategies")}
+    run_config["strategies"] = [s.model_dump(mode="json") for s in specs]
+    checkpoint = Path(checkpoint_dir) / f"{label}.pt" if checkpoint_dir else None
+    state, meta = (load_checkpoint(checkpoint) if resume and checkpoint and checkpoint.exists() else (None, {}))
+
+    sinks, mlflow_sink = [], None
+    if track:
+        tags = {"strategy": label, "strategies": ",".join(s.name for s in specs), "stream": stream.name,
+                "dataset": cfg.stream.dataset.name, "model": cfg.model.name, "seed": str(cfg.seed),
+                "lab_version": cl.__version__, "device": str(device)}
+        mlflow_sink = MLflowSink(cfg.name, f"{label}-seed{cfg.seed}", flatten(run_config), tags, tracking_uri,
+                                 resume_run_id=meta.get("mlflow_run_id"))
+        sinks.append(mlflow_sink)
+    if progress:
+        sinks.append(ConsoleSink(label))
+
+    trainer = LifelongTrainer(
+        model, optimizer, strategies, epochs=cfg.training.epochs, batch_size=cfg.training.batch_size,
+        eval_batch_size=cfg.training.eval_batch_size, device=device, seed=cfg.seed, scheduler=scheduler,
+        scheduler_interval=cfg.training.scheduler_interval, sinks=sinks, progress=progress,
+        checkpoint_path=str(checkpoint) if checkpoint else None)
+    if mlflow_sink is not None and checkpoint is not None:
+        # Read when a checkpoint is written, so a resumed run continues the same MLflow run.
+        trainer.checkpoint_meta = lambda: {"mlflow_run_id": mlflow_sink.run_id}
+    if state is not None:
+        trainer.load_state_dict(state)
+
+    try:
+        record = trainer.fit(stream)
+    except BaseException as err:
+        # What was logged per experience stays in the store; the run is marked as not finished.
+        if mlflow_sink is not None:
+            mlflow_sink.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+
+    R = record.accuracy_matrix
+    summary = metrics.summary(R)
+    result = {"name": label, **summary, "accuracy_matrix": R.tolist(),
+              "train_loss": record.train_loss, "train_time_s": record.train_time_s}
+    if mlflow_sink is not None:
+        finish_start, waited = time.perf_counter(), mlflow_sink.blocked_s
+        mlflow_sink.log_metrics({**summary, "train_time_s": record.train_time_s}, len(stream))
+        mlflow_sink.log_artifact("config.yaml", yaml.safe_dump(run_config, sort_keys=False))
+        mlflow_sink.log_artifact("accuracy_matrix.csv", matrix_csv(R))
+        mlflow_sink.log_artifact("accuracy_matrix.json", matrix_json(R))
+        mlflow_sink.log_artifact("accuracy_matrix.png", heatmap_png(R, f"{cfg.name}: {label}"))
+        result["mlflow_run_id"] = mlflow_sink.close()
+        # What tracking cost this run: waits on the sink while training, plus the final
+        # metrics and artifacts (rendering the heatmap included) and draining the queue.
+        result["tracking_time_s"] = waited + time.perf_counter() - finish_start
+    else:
+        result["mlflow_run_id"] = None
+    result["wall_time_s"] = time.perf_counter() - wall_start
+    return result

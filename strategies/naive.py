@@ -1,0 +1,33 @@
+"""Fine-tuning baselines: Naive (the lower bound), Cumulative and Joint (upper bounds)."""
+from __future__ import annotations
+
+from cl.registry import STRATEGIES
+from strategies.base import Strategy
+from streams.experience import Experience, Stream, TensorData
+
+
+@STRATEGIES.register("naive")
+class Naive(Strategy):
+    """Plain fine-tuning on each experience in turn, with no defence against
+    catastrophic forgetting (McCloskey and Cohen 1989): the lower bound."""
+
+
+@STRATEGIES.register("cumulative")
+class Cumulative(Strategy):
+    """Retrain on the union of every experience seen so far at each experience:
+    an upper bound that ignores the memory constraint."""
+
+    def training_data(self, experience: Experience, stream: Stream, data: TensorData) -> TensorData:
+        return TensorData.concat([e.train for e in stream.experiences[: experience.index]] + [data])
+
+
+@STRATEGIES.register("joint")
+class Joint(Strategy):
+    """Joint training (the i.i.d. upper bound): the whole stream's training data,
+    shuffled together, is learned at the first experience; later experiences
+    add nothing, so the last row of the accuracy matrix is the joint model."""
+
+    def training_data(self, experience: Experience, stream: Stream, data: TensorData) -> TensorData:
+        if experience.index == 0:
+            return TensorData.concat([e.train for e in stream.experiences])
+        return data.subset(slice(0, 0))

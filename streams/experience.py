@@ -1,0 +1,204 @@
+"""The data side of the lab: tensors in memory, experiences and streams.
+
+A stream knows nothing of training. `TensorData` is a dataset held as tensors
+(images as uint8, labels as int64) and batched by indexing; `BatchTransform`
+turns a raw uint8 batch into model input on whole batches, so no per-sample
+Python runs on the training hot path. An `Experience` is data plus facts about
+it; a `Stream` is the ordered experiences and every task's test set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """A dataset held in memory: `x` (N, ...) raw inputs, `y` (N,) int64 labels.
+
+    `t` holds the task label of every sample; it matters for task-incremental
+    settings and for replayed samples that come from earlier tasks.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if len(self.x) != len(self.y):
+            raise ValueError(f"TensorData: {len(self.x)} inputs but {len(self.y)} labels")
+        if self.y.dtype != torch.long:
+            object.__setattr__(self, "y", self.y.long())
+        if self.t is None:
+            object.__setattr__(self, "t", torch.zeros(len(self.y), dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: torch.Tensor) -> "TensorData":
+        return TensorData(self.x[index], self.y[index], self.t[index])
+
+    def with_task(self, task: int) -> "TensorData":
+        return TensorData(self.x, self.y, torch.full_like(self.y, task))
+
+    @property
+    def classes(self) -> list[int]:
+        return torch.unique(self.y).tolist()
+
+    @staticmethod
+    def concat(parts: Sequence["TensorData"]) -> "TensorData":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            raise ValueError("TensorData.concat needs at least one non-empty part")
+        if len(parts) == 1:
+            return parts[0]
+        return TensorData(
+            torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), torch.cat([p.t for p in parts])
+        )
+
+
+class BatchTransform:
+    """Raw batch -> model input, applied to a whole batch at once on its device.
+
+    Casts uint8 images to float in [0, 1], optionally augments (random crop
+    with zero padding and horizontal flip, as is standard for CIFAR), then
+    normalises per channel. Augmentation runs only when `train=True`.
+    """
+
+    def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 scale: float = 255.0, crop_padding: int = 0, flip: bool = False):
+        self.scale = scale
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32)
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _affine(self, x: torch.Tensor, raw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # (x / scale - mean) / std folded into x * a - b; one pair per device, dtype and rank.
+        key = (x.device, raw, x.dim())
+        if key not in self._cache:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            mean = self.mean if self.mean is not None else torch.zeros(1)
+            std = self.std if self.std is not None else torch.ones(1)
+            a = 1.0 / (std * (self.scale if raw else 1.0))
+            self._cache[key] = (a.to(x.device).view(shape), (mean / std).to(x.device).view(shape))
+        return self._cache[key]
+
+    def __call__(self, x: torch.Tensor, train: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        raw = x.dtype == torch.uint8
+        if train and (self.crop_padding or self.flip):
+            x = self._augment(x.float().div_(self.scale) if raw else x.float(), generator)
+            raw = False
+        a, b = self._affine(x, raw)
+        return x.float().mul_(a).sub_(b) if raw else x.float() * a - b
+
+    def _augment(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        n, _, h, w = x.shape
+        # Random numbers are drawn on the CPU generator so a run is reproducible on any device.
+        if self.crop_padding:
+            p = self.crop_padding
+            padded = torch.nn.functional.pad(x, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+            batch = torch.arange(n, device=x.device)[:, None, None, None]
+            chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+            x = padded[batch, chans, rows, cols]
+        if self.flip:
+            flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)[:, None, None, None]
+            x = torch.where(flip, x.flip(3), x)
+        return x
+
+    def describe(self) -> dict:
+        return {
+            "mean": None if self.mean is None else self.mean.tolist(),
+            "std": None if self.std is None else self.std.tolist(),
+            "crop_padding": self.crop_padding,
+            "flip": self.flip,
+        }
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A source's output: train and test splits plus how to turn a batch into input."""
+
+    name: str
+    train: TensorData
+    test: TensorData
+    transform: BatchTransform
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+    @property
+    def n_classes(self) -> int:
+        return int(max(self.train.y.max(), self.test.y.max()).item()) + 1
+
+
+@dataclass(frozen=True)
+class Experience:
+    """One step of a stream: its index, task label, classes and data."""
+
+    index: int
+    task_label: int
+    classes: list[int]
+    train: TensorData
+    test: TensorData
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The ordered experiences of a scenario, with every task's test set.
+
+    `test_sets[j]` is the test set of experience j; the trainer evaluates on all
+    of them after every experience, seen or not (forward transfer needs the
+    unseen ones).
+    """
+
+    name: str
+    experiences: list[Experience]
+    transform: BatchTransform
+    input_shape: tuple[int, ...]
+    n_classes: int
+    class_order: list[int]
+
+    def __len__(self) -> int:
+        return len(self.experiences)
+
+    def __iter__(self):
+        return iter(self.experiences)
+
+    def __getitem__(self, i: int) -> Experience:
+        return self.experiences[i]
+
+    @property
+    def test_sets(self) -> list[TensorData]:
+        return [e.test for e in self.experiences]
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "n_experiences": len(self),
+            "n_classes": self.n_classes,
+            "input_shape": list(self.input_shape),
+            "class_order": self.class_order,
+            "experiences": [
+                {"index": e.index, "task_label": e.task_label, "classes": e.classes,
+                 "n_train": e.n_train, "n_test": e.n_test}
+                for e in self.experiences
+            ],
+        }

@@ -1,0 +1,61 @@
+"""Scenarios: functions from a `Dataset` to a `Stream`."""
+from __future__ import annotations
+
+import torch
+
+from cl.registry import SCENARIOS
+from streams.experience import Dataset, Experience, Stream
+
+
+def _class_order(n_classes: int, class_order: list[int] | None, shuffle_classes: bool, seed: int) -> list[int]:
+    if class_order is not None:
+        if sorted(class_order) != list(range(n_classes)):
+            raise ValueError(f"class_order must be a permutation of 0..{n_classes - 1}, got {class_order}")
+        return list(class_order)
+    if shuffle_classes:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randperm(n_classes, generator=g).tolist()
+    return list(range(n_classes))
+
+
+def _split_sizes(n_classes: int, n_experiences: int | None, classes_per_experience: int | list[int] | None) -> list[int]:
+    if (n_experiences is None) == (classes_per_experience is None):
+        raise ValueError("give exactly one of n_experiences or classes_per_experience")
+    if isinstance(classes_per_experience, list):
+        sizes = list(classes_per_experience)
+    elif classes_per_experience is not None:
+        if n_classes % classes_per_experience:
+            raise ValueError(f"{n_classes} classes do not split into experiences of {classes_per_experience}")
+        sizes = [classes_per_experience] * (n_classes // classes_per_experience)
+    else:
+        if n_experiences < 1 or n_classes % n_experiences:
+            raise ValueError(f"{n_classes} classes do not split evenly into {n_experiences} experiences")
+        sizes = [n_classes // n_experiences] * n_experiences
+    if sum(sizes) != n_classes or min(sizes) < 1:
+        raise ValueError(f"experience sizes {sizes} must be positive and add up to {n_classes} classes")
+    return sizes
+
+
+@SCENARIOS.register("class_incremental")
+def class_incremental(data: Dataset, n_experiences: int | None = None,
+                      classes_per_experience: int | list[int] | None = None,
+                      class_order: list[int] | None = None, shuffle_classes: bool = False,
+                      task_labels: bool = False, seed: int = 0) -> Stream:
+    """Split a dataset's classes into disjoint experiences (class-incremental learning,
+    van de Ven and Tolias 2019). The class order is given, or shuffled by `seed`.
+
+    With `task_labels`, experience i carries task label i (task-incremental);
+    otherwise every experience has task label 0.
+    """
+    order = _class_order(data.n_classes, class_order, shuffle_classes, seed)
+    sizes = _split_sizes(data.n_classes, n_experiences, classes_per_experience)
+    experiences, start = [], 0
+    for i, size in enumerate(sizes):
+        classes = order[start:start + size]
+        start += size
+        wanted = torch.tensor(classes)
+        task = i if task_labels else 0
+        train = data.train.subset(torch.isin(data.train.y, wanted).nonzero().squeeze(1)).with_task(task)
+        test = data.test.subset(torch.isin(data.test.y, wanted).nonzero().squeeze(1)).with_task(task)
+        experiences.append(Experience(i, task, sorted(classes), train, test))
+    return Stream(f"split-{data.name}", experiences, data.transform, data.input_shape, data.n_classes, order)

@@ -1,0 +1,162 @@
+"""Data sources: each returns a `Dataset` of uint8 image tensors and int64 labels.
+
+- `digits`: scikit-learn's bundled 8x8 digits, the embedded default that works
+  offline on any machine.
+- `mnist`: torchvision's MNIST; reads an existing root, downloads when online.
+- `cifar10`: torchvision's CIFAR-10 when its files are under the data root,
+  else the offline JPEG pack (`cifar10-jpeg/cifar10_jpeg.npz`), else a download.
+
+The data root comes from the experiment file (`data_dir`), else the
+`CL_DATA_DIR` environment variable, else `~/.cache/cl-lab/data`.
+"""
+from __future__ import annotations
+
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cl.registry import DATASETS
+from streams.experience import BatchTransform, Dataset, TensorData
+
+DEFAULT_DATA_DIR = Path.home() / ".cache" / "cl-lab" / "data"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset is neither on disk nor downloadable; the message says where we looked."""
+
+
+def data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    if data_dir:
+        return Path(data_dir).expanduser()
+    env = os.environ.get("CL_DATA_DIR")
+    return Path(env).expanduser() if env else DEFAULT_DATA_DIR
+
+
+def _not_found(name: str, looked: list[Path], how: str, cause: Exception | None = None) -> DatasetNotFoundError:
+    where = ", ".join(str(p) for p in looked)
+    msg = (f"dataset '{name}' not found; looked in: {where}. {how} "
+           f"Point the lab at a folder that has it with `data_dir:` in the experiment file or the CL_DATA_DIR "
+           f"environment variable.")
+    if cause is not None:
+        msg += f" (download failed: {type(cause).__name__}: {cause})"
+    return DatasetNotFoundError(msg)
+
+
+@DATASETS.register("digits")
+def digits(data_dir: str | None = None, test_fraction: float = 0.25) -> Dataset:
+    """scikit-learn's 1,797 8x8 handwritten digits (UCI optdigits test set), split
+    stratified with a fixed seed so every run sees the same train/test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    # Pixel values are 0..16; scale to the uint8 range the image pipeline expects.
+    x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=0)
+    mean = float(x_tr.mean() / 255.0)
+    std = float(x_tr.std() / 255.0)
+    return Dataset(
+        name="digits",
+        train=TensorData(torch.from_numpy(x_tr), torch.from_numpy(y_tr)),
+        test=TensorData(torch.from_numpy(x_te), torch.from_numpy(y_te)),
+        transform=BatchTransform(mean=[mean], std=[std]),
+        class_names=[str(c) for c in range(10)],
+    )
+
+
+@lru_cache(maxsize=4)
+def _mnist_tensors(root: str, download: bool):
+    import torchvision
+
+    def split(train: bool):
+        try:
+            ds = torchvision.datasets.MNIST(root, train=train, download=False)
+        except RuntimeError:
+            if not download:
+                raise _not_found("mnist", [Path(root) / "MNIST" / "raw"],
+                                 "Set `download: true` to fetch it (needs internet).") from None
+            try:
+                ds = torchvision.datasets.MNIST(root, train=train, download=True)
+            except Exception as err:  # network errors come in many types
+                raise _not_found("mnist", [Path(root) / "MNIST" / "raw"],
+                                 "torchvision could not download it either.", err) from err
+        return TensorData(ds.data[:, None].contiguous(), ds.targets.long())
+
+    return split(True), split(False)
+
+
+@DATASETS.register("mnist")
+def mnist(data_dir: str | None = None, download: bool = True) -> Dataset:
+    """MNIST (LeCun et al. 1998), 60,000 train and 10,000 test images, 28x28."""
+    train, test = _mnist_tensors(str(data_root(data_dir)), download)
+    return Dataset("mnist", train, test, BatchTransform(mean=[0.1307], std=[0.3081]),
+                   class_names=[str(c) for c in range(10)])
+
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
+    from PIL import Image
+
+    def one(i: int) -> np.ndarray:
+        with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())) as img:
+            return np.asarray(img.convert("RGB"))
+
+    # Pillow releases the GIL while decoding, so threads use every core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        images = list(pool.map(one, range(len(offsets) - 1), chunksize=512))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+@lru_cache(maxsize=2)
+def _cifar10_tensors(root: str, download: bool):
+    import torchvision
+
+    base = Path(root)
+    pack = base / "cifar10-jpeg" / "cifar10_jpeg.npz"
+    torchvision_dir = base / "cifar-10-batches-py"
+
+    def from_torchvision(train: bool, dl: bool) -> TensorData:
+        ds = torchvision.datasets.CIFAR10(root, train=train, download=dl)
+        return TensorData(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets))
+
+    if torchvision_dir.exists():
+        return from_torchvision(True, False), from_torchvision(False, False)
+    if pack.exists():
+        try:
+            with np.load(pack) as z:
+                arrays = {k: z[k] for k in ("train_jpeg", "train_off", "train_y", "test_jpeg", "test_off", "test_y")}
+        except Exception as err:
+            raise ValueError(f"CIFAR-10 JPEG pack {pack} is unreadable or incomplete: {err}") from err
+        train = TensorData(_decode_jpegs(arrays["train_jpeg"], arrays["train_off"]),
+                           torch.from_numpy(arrays["train_y"].astype(np.int64)))
+        test = TensorData(_decode_jpegs(arrays["test_jpeg"], arrays["test_off"]),
+                          torch.from_numpy(arrays["test_y"].astype(np.int64)))
+        return train, test
+    looked = [torchvision_dir, pack]
+    if not download:
+        raise _not_found("cifar10", looked, "Set `download: true` to fetch it (needs internet).")
+    try:
+        return from_torchvision(True, True), from_torchvision(False, True)
+    except Exception as err:
+        raise _not_found("cifar10", looked, "torchvision could not download it either.", err) from err
+
+
+@DATASETS.register("cifar10")
+def cifar10(data_dir: str | None = None, download: bool = True, augment: bool = False) -> Dataset:
+    """CIFAR-10 (Krizhevsky 2009), 50,000 train and 10,000 test images, 32x32 RGB.
+
+    `augment` adds the usual random crop (padding 4) and horizontal flip to training batches.
+    """
+    train, test = _cifar10_tensors(str(data_root(data_dir)), download)
+    transform = BatchTransform(CIFAR10_MEAN, CIFAR10_STD, crop_padding=4 if augment else 0, flip=augment)
+    return Dataset("cifar10", train, test, transform, class_names=list(CIFAR10_CLASSES))

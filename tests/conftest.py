@@ -1,0 +1,41 @@
+import os
+from pathlib import Path
+
+import pytest
+
+import cl.components  # noqa: F401  (registers the built-in components)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _data_dir() -> Path | None:
+    for candidate in (os.environ.get("CL_DATA_DIR"), SHARED_DATA):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+def need_real_data(*relative: str) -> Path:
+    """The data root holding `relative`; skips without it, except in CI where it must be there."""
+    root = _data_dir()
+    if root is None or not all((root / r).exists() for r in relative):
+        message = f"real dataset {relative} not found (set CL_DATA_DIR)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must have it")
+        pytest.skip(message)
+    return root
+
+
+@pytest.fixture
+def mnist_root() -> Path:
+    return need_real_data("MNIST/raw/train-images-idx3-ubyte")
+
+
+@pytest.fixture
+def cifar_root() -> Path:
+    return need_real_data("cifar10-jpeg/cifar10_jpeg.npz")
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

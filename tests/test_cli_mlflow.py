@@ -1,0 +1,168 @@
+"""End to end: `cl run` on an experiment file, then the MLflow run read back with MlflowClient."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cl.cli import main
+
+EXPERIMENT = """
+name: cli-test
+seed: 1
+device: cpu
+stream:
+  dataset: digits
+  scenario: {name: class_incremental, n_experiences: 5}
+model: {name: mlp, hidden: [64]}
+training:
+  epochs: 2
+  batch_size: 32
+  optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
+"""
+
+
+def run_cli(capsys, *args) -> dict:
+    assert main(["run", *args, "--json", "--no-progress"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+@pytest.fixture
+def compare_file(tmp_path):
+    path = tmp_path / "compare.yaml"
+    path.write_text(textwrap.dedent(EXPERIMENT) + textwrap.dedent("""
+        runs:
+          naive: [naive]
+          replay: [{name: replay, memory_size: 100, replay_batch_size: 16, policy: class_balanced}]
+    """))
+    return path
+
+
+def test_compare_file_makes_one_complete_mlflow_run_each(compare_file, tracking_uri, capsys):
+    result = run_cli(capsys, str(compare_file), "--tracking-uri", tracking_uri)
+    assert [r["name"] for r in result["runs"]] == ["naive", "replay"]
+    client = MlflowClient(tracking_uri)
+    for r in result["runs"]:
+        for key in ("acc", "bwt", "fwt", "forgetting", "train_time_s", "wall_time_s", "mlflow_run_id"):
+            assert key in r
+        R = r["accuracy_matrix"]
+        assert len(R) == 6 and all(len(row) == 5 and all(0 <= v <= 1 for v in row) for row in R)
+
+        run = client.get_run(r["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        assert client.get_experiment(run.info.experiment_id).name == "cli-test"
+        assert run.data.tags["strategy"] == r["name"] and run.data.tags["seed"] == "1"
+        assert run.data.tags["stream"] == "split-digits" and "lab_version" in run.data.tags
+        assert run.data.params["training.batch_size"] == "32"
+        assert run.data.params["model.hidden"] == "[64]"
+        assert run.data.params["strategies.0.name"] == r["name"]
+        assert run.data.metrics["acc"] == pytest.approx(r["acc"])
+        assert run.data.metrics["bwt"] == pytest.approx(r["bwt"])
+        history = client.get_metric_history(run.info.run_id, "acc_task0")
+        assert sorted(m.step for m in history) == [0, 1, 2, 3, 4, 5]
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx([row[0] for row in R])
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == [1, 2, 3, 4, 5]
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "acc_seen")) == [1, 2, 3, 4, 5]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert artifacts == {"config.yaml", "accuracy_matrix.csv", "accuracy_matrix.json", "accuracy_matrix.png"}
+        local = client.download_artifacts(run.info.run_id, "accuracy_matrix.json")
+        assert np.allclose(json.load(open(local))["accuracy_matrix"], R)
+    naive, replay = result["runs"]
+    assert replay["acc"] > naive["acc"] + 0.3
+    assert naive["forgetting"] > 0.8
+
+
+def test_single_run_json_and_set_overrides(tmp_path, tracking_uri, capsys):
+    path = tmp_path / "one.yaml"
+    path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [naive]\n")
+    result = run_cli(capsys, str(path), "--tracking-uri", tracking_uri, "--set", "seed=4",
+                     "--set", "training.epochs=1")
+    assert result["seed"] == 4 and "runs" not in result
+    run = MlflowClient(tracking_uri).get_run(result["mlflow_run_id"])
+    assert run.data.tags["seed"] == "4" and run.data.params["training.epochs"] == "1"
+
+
+def test_user_strategy_by_module_path(tmp_path, tracking_uri, capsys, monkeypatch):
+    (tmp_path / "my_strategies.py").write_text(textwrap.dedent("""
+        import torch
+        from strategies import Strategy
+
+        class CountSteps(Strategy):
+            '''A user's strategy: counts optimizer steps.'''
+            def __init__(self, scale: float = 1.0):
+                self.scale, self.steps = scale, 0
+            def after_step(self, model, x, y, t):
+                self.steps += 1
+            def state_dict(self):
+                return {**super().state_dict(), "steps": self.steps}
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "plug.yaml"
+    path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [{name: 'my_strategies:CountSteps', scale: 2.0}]\n")
+    result = run_cli(capsys, str(path), "--no-track")
+    assert result["mlflow_run_id"] is None and len(result["accuracy_matrix"]) == 6
+    path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [{name: 'my_strategies:CountSteps', scal: 2}]\n")
+    assert main(["run", str(path), "--no-track", "--no-progress"]) == 2
+    assert "strategies.0.scal: unknown key (expected one of: scale)" in capsys.readouterr().err
+
+
+def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [naive]\nlearning_rate: 3\n")
+    assert main(["run", str(path), "--no-track"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "learning_rate: unknown key" in err
+    path.write_text(textwrap.dedent(EXPERIMENT).replace("digits", "{name: mnist, download: false}")
+                    + f"strategies: [naive]\ndata_dir: {tmp_path}\n")
+    assert main(["run", str(path), "--no-track"]) == 2
+    assert "dataset 'mnist' not found; looked in" in capsys.readouterr().err
+
+
+def test_interrupted_run_resumes_into_the_same_mlflow_run(tmp_path, tracking_uri, capsys):
+    path = tmp_path / "one.yaml"
+    path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [{name: replay, memory_size: 50}]\n")
+    full = run_cli(capsys, str(path), "--tracking-uri", tracking_uri)
+    ckpt = tmp_path / "ckpt"
+    # A first attempt that dies after 2 experiences: a strategy raises in experience 3.
+    crash = tmp_path / "crash.yaml"
+    crash.write_text(path.read_text())
+    from cl.config import load_experiment
+    from cl.runner import run_experiment
+    import strategies.replay as replay_module
+
+    original = replay_module.Replay.before_experience
+
+    def die_at_third(self, experience, model):
+        if experience.index == 2:
+            raise KeyboardInterrupt
+        return original(self, experience, model)
+
+    replay_module.Replay.before_experience = die_at_third
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(load_experiment(crash), tracking_uri=tracking_uri, checkpoint_dir=str(ckpt))
+    finally:
+        replay_module.Replay.before_experience = original
+    client = MlflowClient(tracking_uri)
+    killed = [r for r in client.search_runs([client.get_experiment_by_name("cli-test").experiment_id])
+              if r.info.status == "KILLED"]
+    assert len(killed) == 1
+    assert len(client.get_metric_history(killed[0].info.run_id, "acc_seen")) == 2  # nothing logged was lost
+
+    resumed = run_cli(capsys, str(path), "--tracking-uri", tracking_uri, "--checkpoint-dir", str(ckpt), "--resume")
+    assert resumed["mlflow_run_id"] == killed[0].info.run_id
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+    run = client.get_run(resumed["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "acc_seen")) == [1, 2, 3, 4, 5]
+
+
+def test_python_dash_m_cl_lists_strategies():
+    out = subprocess.run([sys.executable, "-m", "cl", "strategies"], capture_output=True, text=True, check=True).stdout
+    for name in ("naive", "joint", "cumulative", "replay"):
+        assert name in out
