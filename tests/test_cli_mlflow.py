@@ -102,6 +102,7 @@ def test_user_strategy_by_module_path(tmp_path, tracking_uri, capsys, monkeypatc
     """))
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_strategies", raising=False)  # another test's module of that name
     path = tmp_path / "plug.yaml"
     path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [{name: 'my_strategies:CountSteps', scale: 2.0}]\n")
     result = run_cli(capsys, str(path), "--no-track")
