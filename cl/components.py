@@ -6,10 +6,11 @@ import torch
 import strategies as _builtin_strategies  # noqa: F401  (registers the built-in strategies)
 import streams as _builtin_streams  # noqa: F401  (registers datasets and scenarios)
 from cl.config import ComponentSpec, ExperimentConfig
-from cl.models import build_model
+from cl.models import MultiHeadClassifier, build_model
 from cl.registry import DATASETS, SCENARIOS, STRATEGIES, _import_path
 from strategies.base import Strategy
 from streams.experience import Stream
+from streams.online import blur, online
 
 
 def _torch_class(module, name: str, kind: str):
@@ -34,7 +35,12 @@ def scheduler_class(name: str):
 def build_stream(cfg: ExperimentConfig) -> Stream:
     dataset = DATASETS.get(cfg.stream.dataset.name)(data_dir=cfg.data_dir, **cfg.stream.dataset.args)
     scenario = SCENARIOS.get(cfg.stream.scenario.name)
-    return scenario(dataset, seed=cfg.seed, **cfg.stream.scenario.args)
+    stream = scenario(dataset, seed=cfg.seed, **cfg.stream.scenario.args)
+    if cfg.stream.blurry:
+        stream = blur(stream, cfg.stream.blurry, seed=cfg.seed)
+    if cfg.stream.online is not None:
+        stream = online(stream, cfg.stream.online.experience_size, seed=cfg.seed)
+    return stream
 
 
 def build_strategies(specs: list[ComponentSpec]) -> list[Strategy]:
@@ -48,7 +54,13 @@ def build_strategies(specs: list[ComponentSpec]) -> list[Strategy]:
 
 
 def build_model_from(cfg: ExperimentConfig, stream: Stream) -> torch.nn.Module:
-    return build_model(cfg.model.name, stream.input_shape, stream.n_classes, **cfg.model.args)
+    """The configured model; `multihead: true` gives it one head per task of the stream."""
+    args = cfg.model.args
+    multihead = args.pop("multihead", False)
+    model = build_model(cfg.model.name, stream.input_shape, stream.n_classes, **args)
+    if multihead:
+        model = MultiHeadClassifier(model, stream.task_classes, stream.n_classes)
+    return model
 
 
 def build_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):

@@ -36,10 +36,17 @@ def _component(value):
     return {"name": value} if isinstance(value, str) else value
 
 
+class OnlineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    experience_size: int = Field(ge=1, description="samples per online experience")
+
+
 class StreamConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dataset: ComponentSpec
     scenario: ComponentSpec = ComponentSpec(name="class_incremental")
+    blurry: float = Field(0.0, ge=0.0, lt=1.0, description="share of each experience handed to the next")
+    online: OnlineConfig | None = None
 
     @field_validator("dataset", "scenario", mode="before")
     @classmethod
@@ -55,6 +62,7 @@ class TrainingConfig(BaseModel):
     optimizer: ComponentSpec = ComponentSpec(name="sgd", lr=0.01)
     scheduler: ComponentSpec | None = None
     scheduler_interval: Literal["epoch", "step"] = "epoch"
+    eval_every: int | None = Field(None, ge=1, description="also evaluate every N iterations (anytime accuracy)")
 
     @field_validator("optimizer", "scheduler", mode="before")
     @classmethod
@@ -237,7 +245,8 @@ def validate_components(cfg: ExperimentConfig, source: str) -> None:
     check_arguments(resolve(SCENARIOS, cfg.stream.scenario, "stream.scenario"), cfg.stream.scenario.args,
                     "stream.scenario", source, {"data", "seed"})
     if cfg.model.name in MODELS or ":" in cfg.model.name:
-        check_arguments(resolve(MODELS, cfg.model, "model"), cfg.model.args, "model", source,
+        args = {k: v for k, v in cfg.model.args.items() if k != "multihead"}
+        check_arguments(resolve(MODELS, cfg.model, "model"), args, "model", source,
                         {"input_shape", "n_classes", "num_classes"})
     for label, specs in cfg.run_specs().items():
         for i, spec in enumerate(specs):

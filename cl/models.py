@@ -96,6 +96,37 @@ class ReducedResNet18(nn.Module):
         return self.head(self.forward_features(x))
 
 
+class MultiHeadClassifier(nn.Module):
+    """A shared backbone with one linear head per task, for task-incremental
+    learning (the multi-head setting of Li and Hoiem 2016 and of GEM's
+    task-aware benchmarks). A sample is classified only among its own task's
+    classes: the output has one column per class of the stream, and columns
+    outside the sample's task are -inf, so cross-entropy and argmax need no
+    special case. Heads exist for every task of the stream from the start;
+    a head receives gradient only from its own task's samples."""
+
+    uses_task_labels = True
+
+    def __init__(self, backbone: nn.Module, task_classes: Sequence[Sequence[int]], n_classes: int):
+        super().__init__()
+        if not hasattr(backbone, "forward_features") or not hasattr(backbone, "num_features"):
+            raise ValueError(f"{type(backbone).__name__} has no forward_features/num_features to share across heads")
+        self.backbone = backbone
+        self.n_classes = n_classes
+        self.heads = nn.ModuleList(nn.Linear(backbone.num_features, len(c)) for c in task_classes)
+        for j, classes in enumerate(task_classes):
+            self.register_buffer(f"classes_{j}", torch.tensor(list(classes)), persistent=False)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        features = self.backbone.forward_features(x)
+        out = features.new_full((len(x), self.n_classes), float("-inf"))
+        for task in torch.unique(t).tolist():
+            rows = (t == task).nonzero().squeeze(1)
+            cols = getattr(self, f"classes_{task}")
+            out[rows.unsqueeze(1), cols.unsqueeze(0)] = self.heads[task](features[rows])
+        return out
+
+
 def create_timm_model(name: str, n_classes: int, input_shape: Sequence[int], pretrained: bool = False,
                       weights: str | None = None, **kwargs) -> nn.Module:
     """A timm model with a fresh `n_classes` head. `pretrained=True` takes timm's

@@ -1,6 +1,7 @@
 """Run an experiment file: one trainer and one MLflow run per compared strategy list."""
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -69,6 +70,7 @@ def _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, p
         model, optimizer, strategies, epochs=cfg.training.epochs, batch_size=cfg.training.batch_size,
         eval_batch_size=cfg.training.eval_batch_size, device=device, seed=cfg.seed, scheduler=scheduler,
         scheduler_interval=cfg.training.scheduler_interval, sinks=sinks, progress=progress,
+        eval_every=cfg.training.eval_every,
         checkpoint_path=str(checkpoint) if checkpoint else None)
     if mlflow_sink is not None and checkpoint is not None:
         # Read when a checkpoint is written, so a resumed run continues the same MLflow run.
@@ -85,16 +87,26 @@ def _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, p
         raise
 
     R = record.accuracy_matrix
-    summary = metrics.summary(R)
+    if stream.one_experience_per_task:
+        summary = metrics.summary(R)
+    else:  # GEM's transfer metrics need experience i to be task i
+        summary = {"acc": metrics.average_accuracy_of_row(R[-1]), "bwt": None, "fwt": None, "forgetting": None}
+    summary["task_aware_acc"] = float(record.task_aware_matrix[-1].mean())
+    if record.curve:
+        summary["anytime_acc"] = metrics.anytime_accuracy([p["acc_seen"] for p in record.curve])
     result = {"name": label, **summary, "accuracy_matrix": R.tolist(),
+              "task_aware_matrix": record.task_aware_matrix.tolist(),
               "train_loss": record.train_loss, "train_time_s": record.train_time_s}
     if mlflow_sink is not None:
         finish_start, waited = time.perf_counter(), mlflow_sink.blocked_s
-        mlflow_sink.log_metrics({**summary, "train_time_s": record.train_time_s}, len(stream))
+        final = {k: v for k, v in summary.items() if v is not None}
+        mlflow_sink.log_metrics({**final, "train_time_s": record.train_time_s}, len(stream.eval_after))
         mlflow_sink.log_artifact("config.yaml", yaml.safe_dump(run_config, sort_keys=False))
         mlflow_sink.log_artifact("accuracy_matrix.csv", matrix_csv(R))
         mlflow_sink.log_artifact("accuracy_matrix.json", matrix_json(R))
         mlflow_sink.log_artifact("accuracy_matrix.png", heatmap_png(R, f"{cfg.name}: {label}"))
+        if record.curve:
+            mlflow_sink.log_artifact("curve.json", json.dumps(record.curve))
         result["mlflow_run_id"] = mlflow_sink.close()
         # What tracking cost this run: waits on the sink while training, plus the final
         # metrics and artifacts (rendering the heatmap included) and draining the queue.

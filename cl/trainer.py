@@ -21,6 +21,7 @@ from streams.experience import Stream, TensorData
 
 HOOKS = ("before_experience", "training_data", "adapt_batch", "extra_loss", "after_backward", "after_step",
          "after_experience", "predict")
+BOUNDARY_HOOKS = ("before_experience", "training_data", "after_experience")
 
 
 class Sink(Protocol):
@@ -31,12 +32,22 @@ class Sink(Protocol):
 
 @dataclass
 class RunRecord:
-    """What a run produced, from which every metric is computed."""
+    """What a run produced, from which every metric is computed.
+
+    `accuracy_matrix[k]` is the accuracy on every task's test set at the k-th
+    evaluation point (row 0: the untrained model); `task_aware_matrix` the
+    same with predictions restricted to each test set's own classes (the
+    task-incremental reading). `curve` holds the periodic evaluations taken
+    every `eval_every` iterations, if asked for.
+    """
 
     accuracy_matrix: np.ndarray
+    task_aware_matrix: np.ndarray
     train_loss: list[float] = field(default_factory=list)
     train_time_s: float = 0.0
     experience_time_s: list[float] = field(default_factory=list)
+    curve: list[dict] = field(default_factory=list)
+    iteration: int = 0
 
     @property
     def completed(self) -> int:
@@ -65,9 +76,10 @@ class LifelongTrainer:
                  *, epochs: int = 1, batch_size: int = 32, eval_batch_size: int = 1024,
                  device: str | torch.device = "cpu", seed: int = 0,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, scheduler_interval: str = "epoch",
-                 sinks: Sequence[Sink] = (), progress: bool = False, checkpoint_path: str | None = None):
-        if epochs < 1 or batch_size < 1 or eval_batch_size < 1:
-            raise ValueError("epochs, batch_size and eval_batch_size must be positive")
+                 sinks: Sequence[Sink] = (), progress: bool = False, checkpoint_path: str | None = None,
+                 eval_every: int | None = None):
+        if epochs < 1 or batch_size < 1 or eval_batch_size < 1 or (eval_every is not None and eval_every < 1):
+            raise ValueError("epochs, batch_size, eval_batch_size and eval_every must be positive")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got '{scheduler_interval}'")
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -81,13 +93,18 @@ class LifelongTrainer:
         self.sinks = list(sinks)
         self.progress = progress
         self.checkpoint_path = checkpoint_path
+        self.eval_every = eval_every
         # Called when a checkpoint is written; its dict is saved beside the state.
         self.checkpoint_meta: Callable[[], dict] = dict
         # Separate generators for data order and augmentation, so adding a strategy
         # that samples does not change which batches the others see.
         self.data_rng = torch.Generator().manual_seed(seed)
         self.aug_rng = torch.Generator().manual_seed(seed + 1)
-        self.hooks = {h: [s for s in self.strategies if overrides(s, h)] for h in HOOKS}
+        # Task-free strategies never see experience boundaries.
+        self.hooks = {h: [s for s in self.strategies if overrides(s, h) and not (s.task_free and h in BOUNDARY_HOOKS)]
+                      for h in HOOKS}
+        # Multi-head models take each sample's task label.
+        self.model_takes_tasks = getattr(model, "uses_task_labels", False)
         self.record: RunRecord | None = None
         self._pending_state: dict | None = None
 
@@ -99,30 +116,41 @@ class LifelongTrainer:
         """
         if self.record is None:
             self._start(stream)
+        rows = {exp: k + 1 for k, exp in enumerate(stream.eval_after)}
         for experience in stream.experiences[self.record.completed:]:
             if stop_after is not None and self.record.completed >= stop_after:
                 break
             self._train_experience(stream, experience)
-            row = self.evaluate(stream)
-            self.record.accuracy_matrix[experience.index + 1] = row
-            self._emit_experience(experience.index + 1, row)
-            if self.checkpoint_path:
-                from cl.checkpoint import save_checkpoint
+            if experience.index in rows:
+                k = rows[experience.index]
+                acc, aware = self.evaluate(stream)
+                self.record.accuracy_matrix[k], self.record.task_aware_matrix[k] = acc, aware
+                self._emit_evaluation(k, acc, aware, self._seen_tasks(stream, experience.index))
+                if self.checkpoint_path:
+                    from cl.checkpoint import save_checkpoint
 
-                save_checkpoint(self.checkpoint_path, self.state_dict(), self.checkpoint_meta())
+                    save_checkpoint(self.checkpoint_path, self.state_dict(), self.checkpoint_meta())
         return self.record
 
     def _start(self, stream: Stream) -> None:
-        T = len(stream)
+        shape = (len(stream.eval_after) + 1, stream.n_tasks)
         for i, s in enumerate(self.strategies):
             s.setup(stream, self.device, self.seed * 1000 + 17 * (i + 1))
-        self.record = RunRecord(np.full((T + 1, T), np.nan))
+        self.record = RunRecord(np.full(shape, np.nan), np.full(shape, np.nan))
         if self._pending_state is not None:
             self._load_pending()
             return
-        row = self.evaluate(stream)
-        self.record.accuracy_matrix[0] = row
-        self._emit({f"acc_task{j}": float(v) for j, v in enumerate(row)}, 0)
+        acc, aware = self.evaluate(stream)
+        self.record.accuracy_matrix[0], self.record.task_aware_matrix[0] = acc, aware
+        self._emit({f"acc_task{j}": float(v) for j, v in enumerate(acc)}, 0)
+
+    @staticmethod
+    def _seen_tasks(stream: Stream, last_experience: int) -> list[int]:
+        """Tasks whose classes some experience up to `last_experience` has trained on."""
+        seen_classes = set()
+        for e in stream.experiences[: last_experience + 1]:
+            seen_classes.update(e.classes)
+        return [j for j, classes in enumerate(stream.task_classes) if seen_classes & set(classes)]
 
     def _train_experience(self, stream: Stream, experience) -> None:
         model, opt, device = self.model, self.optimizer, self.device
@@ -151,7 +179,7 @@ class LifelongTrainer:
                     x, y, t = s.adapt_batch(x, y, t)
                 x = transform(x.to(device, non_blocking=True), train=True, generator=self.aug_rng)
                 y = y.to(device, non_blocking=True)
-                logits = model(x)
+                logits = model(x, t.to(device)) if self.model_takes_tasks else model(x)
                 loss = F.cross_entropy(logits, y)
                 for s in hooks["extra_loss"]:
                     extra = s.extra_loss(model, x, y, t, logits)
@@ -170,6 +198,10 @@ class LifelongTrainer:
                 losses.append(loss.detach())
                 if self.progress:
                     bar.update()
+                self.record.iteration += 1
+                if self.eval_every and self.record.iteration % self.eval_every == 0:
+                    self._evaluate_periodically(stream, experience.index)
+                    model.train()
             if self.scheduler is not None and self.scheduler_interval == "epoch":
                 self.scheduler.step()
         bar.close()
@@ -183,42 +215,60 @@ class LifelongTrainer:
 
     # ------------------------------------------------------------ evaluate
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """Class scores for a preprocessed batch: the first strategy that predicts, else the model."""
         for s in self.hooks["predict"]:
             scores = s.predict(self.model, x)
             if scores is not None:
                 return scores
-        return self.model(x)
+        return self.model(x, t) if self.model_takes_tasks else self.model(x)
 
     @torch.no_grad()
-    def evaluate(self, stream: Stream) -> np.ndarray:
-        """Accuracy on each task's test set of `stream`, in [0, 1]."""
+    def evaluate(self, stream: Stream) -> tuple[np.ndarray, np.ndarray]:
+        """Accuracy on each task's test set of `stream`, in [0, 1]: over all classes
+        (class-incremental), and over the test set's own classes (task-aware)."""
         transform = stream.transform
         was_training = self.model.training
         self.model.eval()
-        accs = []
-        for data in stream.test_sets:
+        accs, aware = [], []
+        for data, classes in zip(stream.test_sets, stream.task_classes):
+            mask = torch.full((stream.n_classes,), float("-inf"), device=self.device)
+            mask[torch.tensor(classes, device=self.device)] = 0.0
             correct = torch.zeros((), dtype=torch.long, device=self.device)
+            correct_aware = torch.zeros((), dtype=torch.long, device=self.device)
             for b in range(0, len(data), self.eval_batch_size):
                 x = transform(data.x[b:b + self.eval_batch_size].to(self.device))
                 y = data.y[b:b + self.eval_batch_size].to(self.device)
-                correct += (self.predict(x).argmax(1) == y).sum()
+                scores = self.predict(x, data.t[b:b + self.eval_batch_size].to(self.device))
+                correct += (scores.argmax(1) == y).sum()
+                correct_aware += ((scores[:, : stream.n_classes] + mask).argmax(1) == y).sum()
             accs.append(correct.item() / max(len(data), 1))
+            aware.append(correct_aware.item() / max(len(data), 1))
         self.model.train(was_training)
-        return np.array(accs)
+        return np.array(accs), np.array(aware)
+
+    def _evaluate_periodically(self, stream: Stream, experience_index: int) -> None:
+        acc, _ = self.evaluate(stream)
+        seen = self._seen_tasks(stream, experience_index)
+        point = {"iteration": self.record.iteration, "experience": experience_index, "acc": acc.tolist(),
+                 "acc_seen": float(acc[seen].mean()) if seen else float("nan")}
+        self.record.curve.append(point)
+        metrics = {f"curve_acc_task{j}": float(v) for j, v in enumerate(acc)}
+        metrics["curve_acc_seen"] = point["acc_seen"]
+        self._emit(metrics, self.record.iteration)
 
     # ------------------------------------------------------------- records
     def _emit(self, metrics: dict[str, float], step: int) -> None:
         for sink in self.sinks:
             sink.log_metrics(metrics, step)
 
-    def _emit_experience(self, i: int, row: np.ndarray) -> None:
-        metrics = {f"acc_task{j}": float(v) for j, v in enumerate(row)}
-        metrics["acc_seen"] = float(row[:i].mean())
+    def _emit_evaluation(self, k: int, acc: np.ndarray, aware: np.ndarray, seen: list[int]) -> None:
+        metrics = {f"acc_task{j}": float(v) for j, v in enumerate(acc)}
+        metrics["acc_seen"] = float(acc[seen].mean()) if seen else float("nan")
+        metrics["task_aware_acc_seen"] = float(aware[seen].mean()) if seen else float("nan")
         metrics["train_loss"] = self.record.train_loss[-1]
         metrics["experience_train_time_s"] = self.record.experience_time_s[-1]
-        self._emit(metrics, i)
+        self._emit(metrics, k)
 
     # ---------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
@@ -233,8 +283,10 @@ class LifelongTrainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "record": None if rec is None else {
                 "accuracy_matrix": torch.from_numpy(rec.accuracy_matrix.copy()),
+                "task_aware_matrix": torch.from_numpy(rec.task_aware_matrix.copy()),
                 "train_loss": list(rec.train_loss), "train_time_s": rec.train_time_s,
-                "experience_time_s": list(rec.experience_time_s)},
+                "experience_time_s": list(rec.experience_time_s), "curve": list(rec.curve),
+                "iteration": rec.iteration},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -265,6 +317,9 @@ class LifelongTrainer:
                 raise ValueError(f"checkpoint's accuracy matrix has shape {matrix.shape}, this stream needs "
                                  f"{self.record.accuracy_matrix.shape}")
             self.record.accuracy_matrix[:] = matrix
+            self.record.task_aware_matrix[:] = rec["task_aware_matrix"].numpy()
+            self.record.curve = list(rec["curve"])
+            self.record.iteration = int(rec["iteration"])
             self.record.train_loss = list(rec["train_loss"])
             self.record.train_time_s = float(rec["train_time_s"])
             self.record.experience_time_s = list(rec["experience_time_s"])

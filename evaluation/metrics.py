@@ -25,6 +25,11 @@ def average_accuracy(R) -> float:
     return float(R[-1].mean())
 
 
+def average_accuracy_of_row(row) -> float:
+    """Mean accuracy over every task's test set in one evaluation (ACC for any stream)."""
+    return float(np.mean(np.asarray(row, dtype=float)))
+
+
 def backward_transfer(R) -> float:
     """BWT (Lopez-Paz and Ranzato 2017): how learning later tasks changed earlier ones,
     BWT = 1/(T-1) sum_{j<T} (R[T, j] - R[j, j]) in 1-based tasks. Negative is forgetting.
@@ -71,6 +76,16 @@ def average_incremental_accuracy(R) -> float:
     experience, of the accuracy on the tasks seen so far, 1/T sum_i seen_accuracy(R, i)."""
     R = _check(R)
     return float(np.mean([seen_accuracy(R, i) for i in range(1, R.shape[1] + 1)]))
+
+
+def anytime_accuracy(seen_accuracies) -> float:
+    """Anytime average accuracy: the mean accuracy on the tasks seen so far over
+    evaluations taken at regular intervals during training, the normalised area
+    under the accuracy curve (A_AUC, Koh et al. 2022)."""
+    values = np.asarray(seen_accuracies, dtype=float)
+    if values.size == 0:
+        raise ValueError("anytime accuracy needs at least one periodic evaluation")
+    return float(np.nanmean(values))
 
 
 def summary(R) -> dict[str, float]:

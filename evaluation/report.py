@@ -80,7 +80,8 @@ def results_table(runs: Sequence[dict]) -> str:
         if not out:
             out.append(head)
         row = f"{run['name'][:14]:<14}" + "".join(f"{v:>8.3f}" for v in R[-1])
-        row += f"{run['acc']:>8.3f}{run['bwt']:>8.3f}{run['fwt']:>8.3f}{run['forgetting']:>8.3f}"
+        row += "".join(f"{run[k]:>8.3f}" if run[k] is not None else f"{'-':>8}"
+                       for k in ("acc", "bwt", "fwt", "forgetting"))
         row += f"{run['train_time_s']:>9.2f}"
         out.append(row)
     return "\n".join(out)

@@ -143,13 +143,18 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Experience:
-    """One step of a stream: its index, task label, classes and data."""
+    """One step of a stream: its index, task label, classes and data.
+
+    `task_index` is the test set (accuracy-matrix column) this experience
+    trains, or None when it mixes several tasks (a power-law phase).
+    """
 
     index: int
     task_label: int
     classes: list[int]
     train: TensorData
-    test: TensorData
+    test: TensorData | None = None
+    task_index: int | None = None
 
     @property
     def n_train(self) -> int:
@@ -157,16 +162,19 @@ class Experience:
 
     @property
     def n_test(self) -> int:
-        return len(self.test)
+        return 0 if self.test is None else len(self.test)
 
 
 @dataclass(frozen=True)
 class Stream:
     """The ordered experiences of a scenario, with every task's test set.
 
-    `test_sets[j]` is the test set of experience j; the trainer evaluates on all
-    of them after every experience, seen or not (forward transfer needs the
-    unseen ones).
+    `test_sets[j]` is task j's test set, a column of the accuracy matrix; the
+    trainer evaluates on all of them, seen or not (forward transfer needs the
+    unseen ones). By default experience i trains task i. `eval_after` lists
+    the experiences after which the matrix gets a row (default: every one; an
+    online stream evaluates at the end of each task). `schedule` describes how
+    the stream was generated, for `cl describe`.
     """
 
     name: str
@@ -175,6 +183,20 @@ class Stream:
     input_shape: tuple[int, ...]
     n_classes: int
     class_order: list[int]
+    test_sets: list[TensorData] = None
+    task_classes: list[list[int]] = None
+    eval_after: list[int] = None
+    schedule: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.test_sets is None:
+            object.__setattr__(self, "test_sets", [e.test for e in self.experiences])
+        if self.task_classes is None:
+            object.__setattr__(self, "task_classes", [sorted(torch.unique(d.y).tolist()) for d in self.test_sets])
+        if self.eval_after is None:
+            object.__setattr__(self, "eval_after", list(range(len(self.experiences))))
+        if len(self.task_classes) != len(self.test_sets):
+            raise ValueError("a stream needs the classes of every test set")
 
     def __len__(self) -> int:
         return len(self.experiences)
@@ -186,19 +208,30 @@ class Stream:
         return self.experiences[i]
 
     @property
-    def test_sets(self) -> list[TensorData]:
-        return [e.test for e in self.experiences]
+    def n_tasks(self) -> int:
+        return len(self.test_sets)
+
+    @property
+    def one_experience_per_task(self) -> bool:
+        """Experience i trains task i and is evaluated after: the setting of the GEM metrics."""
+        return (len(self.experiences) == self.n_tasks and self.eval_after == list(range(self.n_tasks))
+                and all(e.task_index == i for i, e in enumerate(self.experiences)))
 
     def describe(self) -> dict:
         return {
             "name": self.name,
             "n_experiences": len(self),
+            "n_tasks": self.n_tasks,
             "n_classes": self.n_classes,
             "input_shape": list(self.input_shape),
             "class_order": self.class_order,
+            "test_sets": [{"task": j, "classes": c, "n_test": len(d)}
+                          for j, (c, d) in enumerate(zip(self.task_classes, self.test_sets))],
             "experiences": [
-                {"index": e.index, "task_label": e.task_label, "classes": e.classes,
-                 "n_train": e.n_train, "n_test": e.n_test}
+                {"index": e.index, "task_label": e.task_label, "task_index": e.task_index, "classes": e.classes,
+                 "n_train": e.n_train}
                 for e in self.experiences
             ],
+            "eval_after": self.eval_after,
+            "schedule": self.schedule,
         }

@@ -57,5 +57,5 @@ def class_incremental(data: Dataset, n_experiences: int | None = None,
         task = i if task_labels else 0
         train = data.train.subset(torch.isin(data.train.y, wanted).nonzero().squeeze(1)).with_task(task)
         test = data.test.subset(torch.isin(data.test.y, wanted).nonzero().squeeze(1)).with_task(task)
-        experiences.append(Experience(i, task, sorted(classes), train, test))
+        experiences.append(Experience(i, task, sorted(classes), train, test, task_index=i))
     return Stream(f"split-{data.name}", experiences, data.transform, data.input_shape, data.n_classes, order)
