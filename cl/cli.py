@@ -1,9 +1,10 @@
-"""Command line: `cl run FILE`, `cl strategies`, `cl models`, `cl datasets`."""
+"""Command line: `cl run FILE`, `cl describe FILE`, `cl streams`, `cl strategies`, `cl models`, `cl datasets`."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -24,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue runs from their checkpoints in --checkpoint-dir")
     for name in ("strategies", "models", "datasets", "scenarios"):
         sub.add_parser(name, help=f"list the registered {name}")
+    sub.add_parser("streams", help="list the registered scenarios and stream options, one line each")
+    describe = sub.add_parser("describe", help="print the stream an experiment file builds, without training")
+    describe.add_argument("file", help="experiment YAML file")
+    describe.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    describe.add_argument("--json", action="store_true", help="print the description as JSON")
     return p
 
 
@@ -33,11 +39,64 @@ def _list(kind: str) -> int:
 
     registry = {"strategies": STRATEGIES, "models": MODELS, "datasets": DATASETS, "scenarios": SCENARIOS}[kind]
     for name, obj in registry.items().items():
-        doc = (obj.__doc__ or "").strip().split("\n")[0]
-        print(f"{name:<20} {doc}")
+        print(f"{name:<20} {_summary(obj.__doc__)}")
     if kind == "models":
         print(f"{'<timm name>':<20} any timm model, e.g. vit_tiny_patch16_224 (pretrained: true, or weights: FILE)")
     return 0
+
+
+def _summary(doc: str | None, width: int = 100) -> str:
+    """The first sentence of a docstring, on one line."""
+    text = " ".join((doc or "").strip().split("\n\n")[0].split())
+    end = re.search(r"(?<!\bal)\.(?=\s+[A-Z`]|$)", text)  # "et al." does not end a sentence
+    text = text if end is None else text[: end.start() + 1]
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _streams() -> int:
+    _list("scenarios")
+    print(f"{'(stream) blurry':<20} share of each experience handed to the next one (blurry boundaries)")
+    print(f"{'(stream) online':<20} {{experience_size: N}}: cut every experience into small ones, seen once each")
+    return 0
+
+
+def _describe(args) -> int:
+    from cl.components import build_stream
+    from cl.config import load_experiment
+
+    cfg = load_experiment(args.file, args.overrides)
+    stream = build_stream(cfg)
+    info = stream.describe()
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{info['name']}: {info['n_experiences']} experiences, {info['n_tasks']} test sets, "
+          f"{info['n_classes']} classes, input {tuple(info['input_shape'])}")
+    print(f"class order: {info['class_order']}")
+    print(f"evaluated after experiences: {_ranges(info['eval_after'])}")
+    print(f"{'exp':>5} {'task_label':>10} {'task':>5} {'n_train':>8}  classes")
+    shown = info["experiences"] if len(info["experiences"]) <= 40 else info["experiences"][:20] + [None] + \
+        info["experiences"][-20:]
+    for e in shown:
+        if e is None:
+            print(f"{'...':>5}")
+            continue
+        task = "-" if e["task_index"] is None else e["task_index"]
+        print(f"{e['index']:>5} {e['task_label']:>10} {task:>5} {e['n_train']:>8}  {e['classes']}")
+    print("test sets: " + ", ".join(f"task{t['task']} {t['classes']} n={t['n_test']}" for t in info["test_sets"]))
+    schedule = {k: v for k, v in info["schedule"].items() if k not in ("focus", "recurrences")}
+    if schedule:
+        print(f"schedule: {json.dumps(schedule)}")
+    if "recurrences" in info["schedule"]:
+        print(f"recurrences of earlier tasks: {len(info['schedule']['recurrences'])} "
+              f"over {len(info['schedule']['focus'])} phases")
+    return 0
+
+
+def _ranges(values: list[int]) -> str:
+    if len(values) <= 12:
+        return ", ".join(map(str, values))
+    return ", ".join(map(str, values[:6])) + f", ... ({len(values)} in all) ..., " + ", ".join(map(str, values[-3:]))
 
 
 def _run(args) -> int:
@@ -80,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "describe":
+            return _describe(args)
+        if args.command == "streams":
+            return _streams()
         return _list(args.command)
     except (ConfigError, DatasetNotFoundError, CheckpointError, TrackingError, UnknownComponentError,
             ValueError, FileNotFoundError) as err:

@@ -1,6 +1,8 @@
 """Build the objects of a run from validated config specs."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 import strategies as _builtin_strategies  # noqa: F401  (registers the built-in strategies)
@@ -33,14 +35,23 @@ def scheduler_class(name: str):
 
 
 def build_stream(cfg: ExperimentConfig) -> Stream:
-    dataset = DATASETS.get(cfg.stream.dataset.name)(data_dir=cfg.data_dir, **cfg.stream.dataset.args)
     scenario = SCENARIOS.get(cfg.stream.scenario.name)
-    stream = scenario(dataset, seed=cfg.seed, **cfg.stream.scenario.args)
+    if scenario_takes_data(scenario):
+        dataset = DATASETS.get(cfg.stream.dataset.name)(data_dir=cfg.data_dir, **cfg.stream.dataset.args)
+        stream = scenario(dataset, seed=cfg.seed, **cfg.stream.scenario.args)
+    else:  # a scenario that builds its own datasets (multi_dataset)
+        stream = scenario(data_dir=cfg.data_dir, seed=cfg.seed, **cfg.stream.scenario.args)
     if cfg.stream.blurry:
         stream = blur(stream, cfg.stream.blurry, seed=cfg.seed)
     if cfg.stream.online is not None:
         stream = online(stream, cfg.stream.online.experience_size, seed=cfg.seed)
     return stream
+
+
+def scenario_takes_data(scenario) -> bool:
+    """Whether a scenario is a function of one dataset (its first parameter is `data`)."""
+    params = list(inspect.signature(scenario).parameters)
+    return bool(params) and params[0] == "data"
 
 
 def build_strategies(specs: list[ComponentSpec]) -> list[Strategy]:

@@ -43,7 +43,7 @@ class OnlineConfig(BaseModel):
 
 class StreamConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    dataset: ComponentSpec
+    dataset: ComponentSpec | None = None
     scenario: ComponentSpec = ComponentSpec(name="class_incremental")
     blurry: float = Field(0.0, ge=0.0, lt=1.0, description="share of each experience handed to the next")
     online: OnlineConfig | None = None
@@ -240,10 +240,19 @@ def validate_components(cfg: ExperimentConfig, source: str) -> None:
         except UnknownComponentError as err:
             raise ConfigError(f"{source}: {where}.name: {err}") from None
 
-    check_arguments(resolve(DATASETS, cfg.stream.dataset, "stream.dataset"), cfg.stream.dataset.args,
-                    "stream.dataset", source, {"data_dir"})
-    check_arguments(resolve(SCENARIOS, cfg.stream.scenario, "stream.scenario"), cfg.stream.scenario.args,
-                    "stream.scenario", source, {"data", "seed"})
+    from cl.components import scenario_takes_data
+
+    scenario = resolve(SCENARIOS, cfg.stream.scenario, "stream.scenario")
+    check_arguments(scenario, cfg.stream.scenario.args, "stream.scenario", source, {"data", "seed", "data_dir"})
+    if scenario_takes_data(scenario):
+        if cfg.stream.dataset is None:
+            raise ConfigError(f"{source}: stream.dataset: required key is missing "
+                              f"(scenario '{cfg.stream.scenario.name}' splits one dataset)")
+        check_arguments(resolve(DATASETS, cfg.stream.dataset, "stream.dataset"), cfg.stream.dataset.args,
+                        "stream.dataset", source, {"data_dir"})
+    elif cfg.stream.dataset is not None:
+        raise ConfigError(f"{source}: stream.dataset: scenario '{cfg.stream.scenario.name}' takes its datasets "
+                          f"as its own argument; remove stream.dataset")
     if cfg.model.name in MODELS or ":" in cfg.model.name:
         args = {k: v for k, v in cfg.model.args.items() if k != "multihead"}
         check_arguments(resolve(MODELS, cfg.model, "model"), args, "model", source,

@@ -96,6 +96,40 @@ class ReducedResNet18(nn.Module):
         return self.head(self.forward_features(x))
 
 
+@MODELS.register("byte_gpt")
+class ByteGPT(nn.Module):
+    """A small decoder-only transformer language model over bytes (GPT-2 layout,
+    Radford et al. 2019, at the scale of nanoGPT's character models): token and
+    learned position embeddings, pre-norm causal self-attention blocks, a final
+    LayerNorm and a linear head over the vocabulary. Input (N, L) token ids,
+    output (N, L, vocabulary) next-token logits."""
+
+    def __init__(self, input_shape: Sequence[int], n_classes: int, n_layer: int = 2, n_head: int = 4,
+                 d_model: int = 128, dropout: float = 0.0):
+        super().__init__()
+        block_size = input_shape[0]
+        self.tok = nn.Embedding(n_classes, d_model)
+        self.pos = nn.Embedding(block_size, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, n_head, 4 * d_model, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, n_classes, bias=False)
+        self.num_features = d_model
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(block_size), persistent=False)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        L = x.shape[1]
+        h = self.tok(x) + self.pos(torch.arange(L, device=x.device))
+        return self.norm(self.blocks(h, mask=self.causal[:L, :L], is_causal=True))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
 class MultiHeadClassifier(nn.Module):
     """A shared backbone with one linear head per task, for task-incremental
     learning (the multi-head setting of Li and Hoiem 2016 and of GEM's

@@ -58,7 +58,7 @@ def _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, p
     sinks, mlflow_sink = [], None
     if track:
         tags = {"strategy": label, "strategies": ",".join(s.name for s in specs), "stream": stream.name,
-                "dataset": cfg.stream.dataset.name, "model": cfg.model.name, "seed": str(cfg.seed),
+                "dataset": cfg.stream.dataset.name if cfg.stream.dataset else cfg.stream.scenario.name, "model": cfg.model.name, "seed": str(cfg.seed),
                 "lab_version": cl.__version__, "device": str(device)}
         mlflow_sink = MLflowSink(cfg.name, f"{label}-seed{cfg.seed}", flatten(run_config), tags, tracking_uri,
                                  resume_run_id=meta.get("mlflow_run_id"))

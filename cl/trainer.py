@@ -54,6 +54,13 @@ class RunRecord:
         return len(self.train_loss)
 
 
+def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over classes; for sequence outputs (N, L, V) over every position."""
+    if logits.dim() > 2:
+        return F.cross_entropy(logits.flatten(0, -2), y.flatten())
+    return F.cross_entropy(logits, y)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -180,7 +187,7 @@ class LifelongTrainer:
                 x = transform(x.to(device, non_blocking=True), train=True, generator=self.aug_rng)
                 y = y.to(device, non_blocking=True)
                 logits = model(x, t.to(device)) if self.model_takes_tasks else model(x)
-                loss = F.cross_entropy(logits, y)
+                loss = classification_loss(logits, y)
                 for s in hooks["extra_loss"]:
                     extra = s.extra_loss(model, x, y, t, logits)
                     if extra is not None:
@@ -240,10 +247,12 @@ class LifelongTrainer:
                 x = transform(data.x[b:b + self.eval_batch_size].to(self.device))
                 y = data.y[b:b + self.eval_batch_size].to(self.device)
                 scores = self.predict(x, data.t[b:b + self.eval_batch_size].to(self.device))
-                correct += (scores.argmax(1) == y).sum()
-                correct_aware += ((scores[:, : stream.n_classes] + mask).argmax(1) == y).sum()
-            accs.append(correct.item() / max(len(data), 1))
-            aware.append(correct_aware.item() / max(len(data), 1))
+                # [..., :n] and argmax(-1) serve both one label per sample and one per token.
+                correct += (scores.argmax(-1) == y).sum()
+                correct_aware += ((scores[..., : stream.n_classes] + mask).argmax(-1) == y).sum()
+            n = max(data.y.numel(), 1)
+            accs.append(correct.item() / n)
+            aware.append(correct_aware.item() / n)
         self.model.train(was_training)
         return np.array(accs), np.array(aware)
 

@@ -85,3 +85,21 @@ def test_blurry_stream_runs(base):
     assert record.accuracy_matrix.shape == (6, 5)
     # Old tasks' samples handed forward keep some of them alive after naive fine-tuning.
     assert record.accuracy_matrix[-1, :4].max() > 0.0
+
+
+def test_language_model_on_a_token_stream(tmp_path):
+    from cl.models import ByteGPT
+    from streams import token_stream
+
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "abc.txt").write_text("abcdefgh" * 400)
+    (tmp_path / "text" / "xyz.txt").write_text("zyxwvuts" * 400)
+    stream = token_stream(["abc", "xyz"], block_size=16, stride=4, data_dir=str(tmp_path))
+    torch.manual_seed(0)
+    model = ByteGPT(stream.input_shape, stream.n_classes, n_layer=1, d_model=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    record = LifelongTrainer(model, opt, [Naive()], epochs=2, batch_size=16).fit(stream)
+    R = record.accuracy_matrix
+    assert R[0].max() < 0.1  # untrained: chance is 1/256
+    assert R[1, 0] > 0.9 and R[2, 1] > 0.9  # each periodic text is learned byte by byte
+    assert np.isfinite(record.train_loss).all()

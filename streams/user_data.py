@@ -1,0 +1,116 @@
+"""Datasets from users: numpy arrays, a folder of images per class, any torch Dataset.
+
+Each is loaded once into the lab's in-memory tensors (uint8 images where the
+data are 8-bit images), so training stays on the fast tensor path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cl.registry import DATASETS, _import_path
+from streams.experience import BatchTransform, Dataset, TensorData
+from streams.interop import _materialise
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _as_images(x: np.ndarray, where: str) -> torch.Tensor:
+    x = np.asarray(x)
+    if x.ndim == 3:  # (N, H, W): one channel
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):  # (N, H, W, C)
+        x = x.transpose(0, 3, 1, 2)
+    elif x.ndim != 2 and x.ndim != 4:
+        raise ValueError(f"{where}: expected inputs of shape (N, D), (N, H, W), (N, C, H, W) or (N, H, W, C), "
+                         f"got {x.shape}")
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _transform_for(x: torch.Tensor, mean, std) -> BatchTransform:
+    # uint8 images are scaled to [0, 1]; other arrays are taken as they are.
+    scale = 255.0 if x.dtype == torch.uint8 else 1.0
+    if mean is None and x.dtype == torch.uint8 and x.dim() == 4:
+        flat = x[:10_000].float().div(255).transpose(0, 1).reshape(x.shape[1], -1)
+        mean, std = flat.mean(1).tolist(), flat.std(1).clamp_min(1e-6).tolist()
+    return BatchTransform(mean, std, scale=scale)
+
+
+@DATASETS.register("numpy")
+def numpy_arrays(path: str, data_dir: str | None = None, mean: list[float] | None = None,
+                 std: list[float] | None = None) -> Dataset:
+    """Arrays in an .npz file with keys x_train, y_train, x_test, y_test (labels 0..K-1).
+    A relative `path` is taken under the data root."""
+    from streams.sources import data_root
+
+    file = Path(path) if Path(path).is_absolute() else data_root(data_dir) / path
+    if not file.is_file():
+        raise FileNotFoundError(f"numpy dataset: {file} does not exist")
+    with np.load(file, allow_pickle=False) as z:
+        missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
+        if missing:
+            raise ValueError(f"numpy dataset {file}: missing arrays {sorted(missing)} (has {z.files})")
+        x_train, x_test = _as_images(z["x_train"], str(file)), _as_images(z["x_test"], str(file))
+        y_train, y_test = torch.from_numpy(z["y_train"].astype(np.int64)), torch.from_numpy(z["y_test"].astype(np.int64))
+    return Dataset(file.stem, TensorData(x_train, y_train), TensorData(x_test, y_test),
+                   _transform_for(x_train, mean, std))
+
+
+def _read_folder(root: Path, classes: list[str], size: int | None, channels: int) -> TensorData:
+    from PIL import Image
+
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        for f in files:
+            with Image.open(f) as img:
+                img = img.convert("L" if channels == 1 else "RGB")
+                if size is not None:
+                    img = img.resize((size, size), Image.BILINEAR)
+                arr = np.asarray(img)
+            xs.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+            ys.append(label)
+    if not xs:
+        raise ValueError(f"image folder {root}: no images found in class folders {classes}")
+    shapes = {x.shape for x in xs}
+    if len(shapes) > 1:
+        raise ValueError(f"image folder {root}: images have different sizes {sorted(shapes)[:3]}; set `size`")
+    return TensorData(torch.from_numpy(np.stack(xs)), torch.tensor(ys))
+
+
+@DATASETS.register("image_folder")
+def image_folder(root: str, data_dir: str | None = None, size: int | None = None, channels: int = 3,
+                 mean: list[float] | None = None, std: list[float] | None = None) -> Dataset:
+    """A folder of images per class, as torchvision's ImageFolder: `root/train/<class>/*.png`
+    and `root/test/<class>/*.png`; class labels follow the sorted folder names of train/.
+    Images are resized to `size` x `size` when given. A relative `root` is taken under the data root."""
+    from streams.sources import data_root
+
+    base = Path(root) if Path(root).is_absolute() else data_root(data_dir) / root
+    train_dir, test_dir = base / "train", base / "test"
+    for d in (train_dir, test_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"image folder dataset: {d} does not exist (expected train/ and test/ under {base})")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    train = _read_folder(train_dir, classes, size, channels)
+    test = _read_folder(test_dir, classes, size, channels)
+    return Dataset(base.name, train, test, _transform_for(train.x, mean, std), class_names=classes)
+
+
+@DATASETS.register("torch_dataset")
+def torch_dataset(factory: str, data_dir: str | None = None, num_workers: int = 0, kwargs: dict | None = None,
+                  mean: list[float] | None = None, std: list[float] | None = None) -> Dataset:
+    """Any map-style `torch.utils.data.Dataset` of (input, label) items: `factory` is a
+    `module:callable` path returning `(train_dataset, test_dataset)`; it gets `data_dir`
+    and `kwargs`. Items are read once through a DataLoader (with `num_workers`) into tensors."""
+    from streams.sources import data_root
+
+    make = _import_path(factory, "torch_dataset factory")
+    splits = make(data_dir=str(data_root(data_dir)), **(kwargs or {}))
+    if not (isinstance(splits, (tuple, list)) and len(splits) == 2):
+        raise ValueError(f"torch_dataset: {factory} must return (train_dataset, test_dataset)")
+    (x, y), (xt, yt) = (_materialise(s, num_workers=num_workers) for s in splits)
+    return Dataset(factory.rsplit(":", 1)[-1], TensorData(x, y), TensorData(xt, yt), _transform_for(x, mean, std))
