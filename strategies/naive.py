@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from cl.registry import STRATEGIES
 from strategies.base import Strategy
-from streams.experience import Experience, Stream, TensorData
+from streams.experience import Experience, Stream, TensorData, concat_data
 
 
 @STRATEGIES.register("naive")
@@ -18,7 +18,7 @@ class Cumulative(Strategy):
     an upper bound that ignores the memory constraint."""
 
     def training_data(self, experience: Experience, stream: Stream, data: TensorData) -> TensorData:
-        return TensorData.concat([e.train for e in stream.experiences[: experience.index]] + [data])
+        return concat_data([e.train for e in stream.experiences[: experience.index]] + [data])
 
 
 @STRATEGIES.register("joint")
@@ -29,5 +29,5 @@ class Joint(Strategy):
 
     def training_data(self, experience: Experience, stream: Stream, data: TensorData) -> TensorData:
         if experience.index == 0:
-            return TensorData.concat([e.train for e in stream.experiences])
+            return concat_data([e.train for e in stream.experiences])
         return data.subset(slice(0, 0))

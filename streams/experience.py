@@ -59,6 +59,14 @@ class TensorData:
         )
 
 
+def concat_data(parts):
+    """Concatenate TensorData (or LazyData) parts, whichever kind they are."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        raise ValueError("concat_data needs at least one non-empty part")
+    return type(parts[0]).concat(parts)
+
+
 class BatchTransform:
     """Raw batch -> model input, applied to a whole batch at once on its device.
 

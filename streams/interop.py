@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from cl.registry import SCENARIOS
 from streams.experience import BatchTransform, Experience, Stream, TensorData
 
 
@@ -49,3 +50,19 @@ def from_avalanche(benchmark, num_workers: int = 0) -> Stream:
     return Stream(name, experiences, BatchTransform(scale=1.0), tuple(first.shape[1:]), n_classes,
                   list(dict.fromkeys(order)), test_sets=test_sets, task_classes=task_classes,
                   schedule={"kind": "avalanche", "benchmark": type(benchmark).__name__})
+
+
+@SCENARIOS.register("avalanche")
+def avalanche(benchmark: str, args: dict | None = None, root_argument: str | None = "dataset_root",
+              num_workers: int = 0, data_dir: str | None = None, seed: int = 0) -> Stream:
+    """An avalanche-lib benchmark from an experiment file: `benchmark` is a `module:callable`
+    path (e.g. `avalanche.benchmarks.classic:SplitMNIST`) called with `args`, and with the
+    lab's data root as `root_argument` unless that is null or given in `args`."""
+    from cl.registry import _import_path
+    from streams.sources import data_root
+
+    make = _import_path(benchmark, "avalanche benchmark")
+    kwargs = dict(args or {})
+    if root_argument and root_argument not in kwargs:
+        kwargs[root_argument] = str(data_root(data_dir))
+    return from_avalanche(make(**kwargs), num_workers=num_workers)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from streams.experience import Experience, Stream, TensorData
+from streams.experience import Experience, Stream, concat_data
 
 
 def online(stream: Stream, experience_size: int, seed: int = 0) -> Stream:
@@ -52,7 +52,7 @@ def blur(stream: Stream, overlap: float, seed: int = 0) -> Stream:
     experiences = []
     for i, e in enumerate(stream.experiences):
         incoming = moved[i - 1]  # moved[-1] is the last experience's share, given to the first
-        train = TensorData.concat([kept[i], incoming])
+        train = concat_data([kept[i], incoming])
         experiences.append(Experience(i, e.task_label, sorted(torch.unique(train.y).tolist()), train, e.test,
                                       task_index=e.task_index))
     schedule = {**stream.schedule, "blurry": {"overlap": overlap}}

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from cl.registry import SCENARIOS
-from streams.experience import Dataset, Experience, Stream, TensorData
+from streams.experience import Dataset, Experience, Stream, TensorData, concat_data
 from streams.scenarios import _class_order, _split_sizes
 
 
@@ -96,7 +96,7 @@ def power_law(data: Dataset, n_tasks: int = 5, n_phases: int = 50, exponent: flo
     experiences = []
     for p, focus in enumerate(schedule["focus"]):
         parts = [draw(focus, phase_size)] + [draw(j, recurrence_size) for j in by_phase.get(p, [])]
-        train = TensorData.concat(parts)
+        train = concat_data(parts)
         experiences.append(Experience(p, 0, sorted(torch.unique(train.y).tolist()), train,
                                       task_index=focus if p not in by_phase else None))
     return Stream(f"{control}-{data.name}", experiences, data.transform, data.input_shape, data.n_classes, order,

@@ -13,6 +13,7 @@ import torch
 from cl.registry import DATASETS, _import_path
 from streams.experience import BatchTransform, Dataset, TensorData
 from streams.interop import _materialise
+from streams.lazy import LazyData
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -100,17 +101,35 @@ def image_folder(root: str, data_dir: str | None = None, size: int | None = None
     return Dataset(base.name, train, test, _transform_for(train.x, mean, std), class_names=classes)
 
 
+def _labels(dataset, num_workers: int) -> torch.Tensor:
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets).long()
+    return _materialise(dataset, num_workers=num_workers)[1]  # reads every item once, keeps the labels
+
+
+def _lazy(dataset, num_workers: int) -> LazyData:
+    return LazyData(dataset, _labels(dataset, num_workers), num_workers=num_workers)
+
+
 @DATASETS.register("torch_dataset")
 def torch_dataset(factory: str, data_dir: str | None = None, num_workers: int = 0, kwargs: dict | None = None,
-                  mean: list[float] | None = None, std: list[float] | None = None) -> Dataset:
+                  in_memory: bool = True, mean: list[float] | None = None, std: list[float] | None = None) -> Dataset:
     """Any map-style `torch.utils.data.Dataset` of (input, label) items: `factory` is a
     `module:callable` path returning `(train_dataset, test_dataset)`; it gets `data_dir`
-    and `kwargs`. Items are read once through a DataLoader (with `num_workers`) into tensors."""
+    and `kwargs`. With `in_memory` (the default) items are read once through a DataLoader
+    (with `num_workers`) into tensors; otherwise they are read batch by batch during
+    training by a DataLoader with `num_workers` workers (for data too big for memory;
+    give `mean` and `std`, they are not estimated)."""
     from streams.sources import data_root
 
     make = _import_path(factory, "torch_dataset factory")
     splits = make(data_dir=str(data_root(data_dir)), **(kwargs or {}))
     if not (isinstance(splits, (tuple, list)) and len(splits) == 2):
         raise ValueError(f"torch_dataset: {factory} must return (train_dataset, test_dataset)")
+    name = factory.rsplit(":", 1)[-1]
+    if not in_memory:
+        train, test = (_lazy(s, num_workers) for s in splits)
+        return Dataset(name, train, test, BatchTransform(mean, std, scale=255.0 if train.x.dtype == torch.uint8 else 1.0))
     (x, y), (xt, yt) = (_materialise(s, num_workers=num_workers) for s in splits)
-    return Dataset(factory.rsplit(":", 1)[-1], TensorData(x, y), TensorData(xt, yt), _transform_for(x, mean, std))
+    return Dataset(name, TensorData(x, y), TensorData(xt, yt), _transform_for(x, mean, std))

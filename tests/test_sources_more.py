@@ -158,3 +158,63 @@ def test_scenario_needing_no_dataset_rejects_one(tmp_path, capsys):
     path.write_text("name: x\nstream: {scenario: class_incremental}\nmodel: mlp\nstrategies: [naive]\n")
     assert main(["describe", str(path)]) == 2
     assert "stream.dataset: required key is missing" in capsys.readouterr().err
+
+
+def test_avalanche_scenario_from_an_experiment_file(tmp_path, mnist_root, capsys):
+    path = tmp_path / "av.yaml"
+    path.write_text(textwrap.dedent(f"""
+        name: av
+        data_dir: {mnist_root}
+        stream:
+          scenario: {{name: avalanche, benchmark: "avalanche.benchmarks.classic:SplitMNIST",
+                     args: {{n_experiences: 5, seed: 0, fixed_class_order: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}}}}
+        model: mlp
+        strategies: [naive]
+    """))
+    assert main(["describe", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [e["classes"] for e in info["experiences"]] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert [e["n_train"] for e in info["experiences"]] == [12665, 12089, 11263, 12183, 11800]
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """scikit-learn's digits served item by item, as a user's on-disk dataset would be."""
+
+    def __init__(self, data):
+        self.data, self.targets = data, data.y
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data.x[i], int(self.data.y[i])
+
+
+def make_digits(data_dir):
+    from streams import digits
+
+    d = digits()
+    return DigitsDataset(d.train), DigitsDataset(d.test)
+
+
+@pytest.mark.parametrize("strategy", ["naive", "replay", "cumulative"])
+def test_dataloader_path_trains_exactly_like_the_tensor_path(strategy):
+    from cl.models import MLP
+    from cl.trainer import LifelongTrainer
+    from strategies import Cumulative, Naive, Replay
+    from streams import digits, torch_dataset
+    from streams.lazy import LazyData
+
+    def run(data):
+        stream = class_incremental(data, n_experiences=5)
+        torch.manual_seed(0)
+        model = MLP(stream.input_shape, stream.n_classes, hidden=(32,))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        s = {"naive": Naive, "cumulative": Cumulative, "replay": lambda: Replay(50, 8, "class_balanced")}[strategy]()
+        return LifelongTrainer(model, opt, [s], batch_size=16).fit(stream).accuracy_matrix
+
+    ref = digits()
+    lazy = torch_dataset("test_sources_more:make_digits", in_memory=False, num_workers=2,
+                         mean=ref.transform.mean.tolist(), std=ref.transform.std.tolist())
+    assert isinstance(lazy.train, LazyData) and lazy.input_shape == (1, 8, 8)
+    np.testing.assert_allclose(run(lazy), run(ref), atol=1e-6)
