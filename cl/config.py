@@ -27,13 +27,14 @@ class ComponentSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value):
+        return {"name": value} if isinstance(value, str) else value
+
     @property
     def args(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
-
-
-def _component(value):
-    return {"name": value} if isinstance(value, str) else value
 
 
 class OnlineConfig(BaseModel):
@@ -48,11 +49,6 @@ class StreamConfig(BaseModel):
     blurry: float = Field(0.0, ge=0.0, lt=1.0, description="share of each experience handed to the next")
     online: OnlineConfig | None = None
 
-    @field_validator("dataset", "scenario", mode="before")
-    @classmethod
-    def _names(cls, v):
-        return _component(v)
-
 
 class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -63,11 +59,6 @@ class TrainingConfig(BaseModel):
     scheduler: ComponentSpec | None = None
     scheduler_interval: Literal["epoch", "step"] = "epoch"
     eval_every: int | None = Field(None, ge=1, description="also evaluate every N iterations (anytime accuracy)")
-
-    @field_validator("optimizer", "scheduler", mode="before")
-    @classmethod
-    def _names(cls, v):
-        return _component(v)
 
 
 class ExperimentConfig(BaseModel):
@@ -84,22 +75,11 @@ class ExperimentConfig(BaseModel):
     strategies: list[ComponentSpec] | None = None
     runs: dict[str, list[ComponentSpec]] | None = None
 
-    @field_validator("model", mode="before")
-    @classmethod
-    def _model_name(cls, v):
-        return _component(v)
-
-    @field_validator("strategies", mode="before")
-    @classmethod
-    def _strategy_names(cls, v):
-        return None if v is None else [_component(s) for s in v]
-
     @field_validator("runs", mode="before")
     @classmethod
-    def _run_names(cls, v):
-        if not isinstance(v, dict):
-            return v
-        return {k: [_component(s) for s in (ss if isinstance(ss, list) else [ss])] for k, ss in v.items()}
+    def _single_strategy_runs(cls, v):
+        # `runs: {naive: naive}` is a run of one strategy.
+        return {k: ss if isinstance(ss, list) else [ss] for k, ss in v.items()} if isinstance(v, dict) else v
 
     @field_validator("device")
     @classmethod

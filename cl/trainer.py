@@ -191,6 +191,7 @@ class LifelongTrainer:
         bar = tqdm(total=steps_per_epoch * self.epochs, disable=not self.progress, leave=False, file=sys.stderr,
                    desc=f"experience {experience.index + 1}/{len(stream)}", mininterval=0.5)
         losses: list[torch.Tensor] = []
+        eval_s = 0.0  # periodic evaluations inside the loop are not training time
         for _ in range(self.epochs):
             for x_in, y_in, t_in in batches(data, self.batch_size, shuffle=True, generator=self.data_rng):
                 x, y, t = x_in, y_in, t_in
@@ -219,14 +220,16 @@ class LifelongTrainer:
                     bar.update()
                 self.record.iteration += 1
                 if self.eval_every and self.record.iteration % self.eval_every == 0:
+                    eval_start = time.perf_counter()
                     self._evaluate_periodically(stream, experience.index)
                     model.train()
+                    eval_s += time.perf_counter() - eval_start
             if self.scheduler is not None and self.scheduler_interval == "epoch":
                 self.scheduler.step()
         bar.close()
         for s in hooks["after_experience"]:
             s.after_experience(experience, model, data)
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start - eval_s
         self.record.train_time_s += elapsed
         self.record.experience_time_s.append(elapsed)
         # The mean over batches of the (adapted) batch loss.
