@@ -82,12 +82,25 @@ def _read_folder(root: Path, classes: list[str], size: int | None, channels: int
     return TensorData(torch.from_numpy(np.stack(xs)), torch.tensor(ys))
 
 
+def _lazy_folder(folder: Path, size: int | None, channels: int, num_workers: int) -> LazyData:
+    from torchvision import datasets, transforms
+
+    steps = [transforms.Grayscale(1) if channels == 1 else transforms.Lambda(lambda im: im.convert("RGB"))]
+    if size is not None:
+        steps.append(transforms.Resize((size, size)))
+    steps.append(transforms.PILToTensor())
+    return _lazy(datasets.ImageFolder(str(folder), transform=transforms.Compose(steps)), num_workers)
+
+
 @DATASETS.register("image_folder")
 def image_folder(root: str, data_dir: str | None = None, size: int | None = None, channels: int = 3,
+                 in_memory: bool = True, num_workers: int = 2,
                  mean: list[float] | None = None, std: list[float] | None = None) -> Dataset:
     """A folder of images per class, as torchvision's ImageFolder: `root/train/<class>/*.png`
     and `root/test/<class>/*.png`; class labels follow the sorted folder names of train/.
-    Images are resized to `size` x `size` when given. A relative `root` is taken under the data root."""
+    Images are resized to `size` x `size` when given. A relative `root` is taken under the data root.
+    With `in_memory: false` images are decoded batch by batch during training by a DataLoader
+    with `num_workers` workers (for folders too big for memory; give `mean` and `std`)."""
     from streams.sources import data_root
 
     base = Path(root) if Path(root).is_absolute() else data_root(data_dir) / root
@@ -96,6 +109,9 @@ def image_folder(root: str, data_dir: str | None = None, size: int | None = None
         if not d.is_dir():
             raise FileNotFoundError(f"image folder dataset: {d} does not exist (expected train/ and test/ under {base})")
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not in_memory:
+        train, test = (_lazy_folder(d, size, channels, num_workers) for d in (train_dir, test_dir))
+        return Dataset(base.name, train, test, BatchTransform(mean, std), class_names=classes)
     train = _read_folder(train_dir, classes, size, channels)
     test = _read_folder(test_dir, classes, size, channels)
     return Dataset(base.name, train, test, _transform_for(train.x, mean, std), class_names=classes)

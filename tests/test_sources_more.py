@@ -39,6 +39,9 @@ def test_image_folder(tmp_path):
     assert data.class_names == ["cat", "dog"]
     assert data.train.x.shape == (6, 3, 8, 8) and data.train.y.tolist() == [0, 0, 0, 1, 1, 1]
     assert data.train.x[0, 0].float().mean() == 255 and data.train.x[3, 2].float().mean() == 255
+    lazy = image_folder("pets", data_dir=str(tmp_path), size=8, in_memory=False, num_workers=0)
+    assert lazy.train.y.tolist() == data.train.y.tolist() and lazy.input_shape == (3, 8, 8)
+    assert torch.equal(lazy.train.x[torch.tensor([0, 4])], data.train.x[[0, 4]])
     with pytest.raises(ValueError, match="different sizes"):
         image_folder(str(tmp_path / "pets"))
     with pytest.raises(FileNotFoundError, match="expected train/ and test/"):
