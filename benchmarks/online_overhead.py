@@ -44,8 +44,11 @@ def main() -> None:
     times = record.experience_time_s
     first, last = statistics.mean(times[:100]), statistics.mean(times[-100:])
     print(f"online Split-MNIST, {len(stream)} experiences of {args.experience_size} samples, {args.strategy}")
-    print(f"  mean seconds per experience: first 100 = {first * 1e3:.2f} ms, last 100 = {last * 1e3:.2f} ms, "
+    print(f"  mean time per experience: first 100 = {first * 1e3:.2f} ms, last 100 = {last * 1e3:.2f} ms, "
           f"last/first = {last / first:.2f}")
+    med_first, med_last = statistics.median(times[:100]), statistics.median(times[-100:])
+    print(f"  median time per experience: first 100 = {med_first * 1e3:.2f} ms, last 100 = {med_last * 1e3:.2f} ms, "
+          f"last/first = {med_last / med_first:.2f}")
     print(f"  median over all = {statistics.median(times) * 1e3:.2f} ms; training {record.train_time_s:.1f} s, "
           f"wall {wall:.1f} s; final ACC {record.accuracy_matrix[-1].mean():.4f}")
 
