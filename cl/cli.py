@@ -113,8 +113,9 @@ def _run(args) -> int:
                           progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
     print(f"{cfg.name} (seed {cfg.seed}, {len(runs)} run{'s' if len(runs) > 1 else ''})")
     print(results_table(runs))
-    if not args.no_track:
-        print(f"MLflow runs: {', '.join(r['name'] + '=' + r['mlflow_run_id'] for r in runs)}")
+    tracked = [f"{r['name']}={r['mlflow_run_id']}" for r in runs if r["mlflow_run_id"]]
+    if tracked:
+        print(f"MLflow runs: {', '.join(tracked)}")
     if args.json:
         wall = time.perf_counter() - start
         out = runs[0] if len(runs) == 1 else {"experiment": cfg.name, "seed": cfg.seed, "runs": runs,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import cl
 from cl.checkpoint import load_checkpoint
 from cl.components import build_model_from, build_optimizer, build_stream, build_strategies
 from cl.config import ExperimentConfig, flatten
-from cl.tracking import ConsoleSink, MLflowSink, StoreWarmup
+from cl.tracking import ConsoleSink, MLflowSink, StoreWarmup, TrackingError
 from cl.trainer import LifelongTrainer, resolve_device
 from evaluation import metrics
 from evaluation.report import heatmap_png, matrix_csv, matrix_json
@@ -57,8 +58,9 @@ def _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, p
 
     sinks, mlflow_sink = [], None
     if track:
+        dataset = cfg.stream.dataset.name if cfg.stream.dataset else cfg.stream.scenario.name
         tags = {"strategy": label, "strategies": ",".join(s.name for s in specs), "stream": stream.name,
-                "dataset": cfg.stream.dataset.name if cfg.stream.dataset else cfg.stream.scenario.name, "model": cfg.model.name, "seed": str(cfg.seed),
+                "dataset": dataset, "model": cfg.model.name, "seed": str(cfg.seed),
                 "lab_version": cl.__version__, "device": str(device)}
         mlflow_sink = MLflowSink(cfg.name, f"{label}-seed{cfg.seed}", flatten(run_config), tags, tracking_uri,
                                  resume_run_id=meta.get("mlflow_run_id"))
@@ -74,7 +76,7 @@ def _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, p
         checkpoint_path=str(checkpoint) if checkpoint else None)
     if mlflow_sink is not None and checkpoint is not None:
         # Read when a checkpoint is written, so a resumed run continues the same MLflow run.
-        trainer.checkpoint_meta = lambda: {"mlflow_run_id": mlflow_sink.run_id}
+        trainer.checkpoint_meta = lambda: {"mlflow_run_id": None if mlflow_sink.failed else mlflow_sink.run_id}
     if state is not None:
         trainer.load_state_dict(state)
 
@@ -107,7 +109,11 @@ def _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, p
         mlflow_sink.log_artifact("accuracy_matrix.png", heatmap_png(R, f"{cfg.name}: {label}"))
         if record.curve:
             mlflow_sink.log_artifact("curve.json", json.dumps(record.curve))
-        result["mlflow_run_id"] = mlflow_sink.close()
+        try:
+            result["mlflow_run_id"] = mlflow_sink.close()
+        except TrackingError as err:  # the results stand without the store: report them anyway
+            print(f"cl: warning: {err}; this run's results are not in MLflow", file=sys.stderr)
+            result["mlflow_run_id"], result["tracking_error"] = None, str(err)
         # What tracking cost this run: waits on the sink while training, plus the final
         # metrics and artifacts (rendering the heatmap included) and draining the queue.
         result["tracking_time_s"] = waited + time.perf_counter() - finish_start

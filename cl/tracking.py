@@ -70,6 +70,10 @@ class MLflowSink:
         self._put(("tags", tags))
 
     @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    @property
     def run_id(self) -> str:
         t = time.perf_counter()
         self._ready.wait()

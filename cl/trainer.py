@@ -54,21 +54,6 @@ class RunRecord:
         return len(self.train_loss)
 
 
-def batches(data, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):
-    """(x, y, t) batches: by indexing tensors in memory, or through a DataLoader for lazy data."""
-    if not isinstance(data, TensorData):
-        yield from data.batches(batch_size, shuffle, generator)
-        return
-    n = len(data)
-    order = torch.randperm(n, generator=generator) if shuffle else None
-    for b in range(0, n, batch_size):
-        if order is None:
-            yield data.x[b:b + batch_size], data.y[b:b + batch_size], data.t[b:b + batch_size]
-        else:
-            idx = order[b:b + batch_size]
-            yield data.x[idx], data.y[idx], data.t[idx]
-
-
 def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over classes; for sequence outputs (N, L, V) over every position."""
     if logits.dim() > 2:
@@ -193,7 +178,7 @@ class LifelongTrainer:
         losses: list[torch.Tensor] = []
         eval_s = 0.0  # periodic evaluations inside the loop are not training time
         for _ in range(self.epochs):
-            for x_in, y_in, t_in in batches(data, self.batch_size, shuffle=True, generator=self.data_rng):
+            for x_in, y_in, t_in in data.batches(self.batch_size, shuffle=True, generator=self.data_rng):
                 x, y, t = x_in, y_in, t_in
                 for s in hooks["adapt_batch"]:
                     x, y, t = s.adapt_batch(x, y, t)
@@ -258,7 +243,7 @@ class LifelongTrainer:
             mask[torch.tensor(classes, device=self.device)] = 0.0
             correct = torch.zeros((), dtype=torch.long, device=self.device)
             correct_aware = torch.zeros((), dtype=torch.long, device=self.device)
-            for x, y, t in batches(data, self.eval_batch_size, shuffle=False):
+            for x, y, t in data.batches(self.eval_batch_size, shuffle=False):
                 x, y = transform(x.to(self.device)), y.to(self.device)
                 scores = self.predict(x, t.to(self.device))
                 # [..., :n] and argmax(-1) serve both one label per sample and one per token.

@@ -29,6 +29,8 @@ class Replay(Strategy):
                  policy: Literal["reservoir", "class_balanced"] = "reservoir"):
         if replay_batch_size < 1:
             raise ValueError(f"replay_batch_size must be positive, got {replay_batch_size}")
+        if policy not in ("reservoir", "class_balanced"):
+            raise ValueError(f"policy must be 'reservoir' or 'class_balanced', got '{policy}'")
         self.memory_size = memory_size
         self.replay_batch_size = replay_batch_size
         self.policy = policy

@@ -47,6 +47,17 @@ class TensorData:
     def classes(self) -> list[int]:
         return torch.unique(self.y).tolist()
 
+    def batches(self, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):
+        """(x, y, t) batches by indexing, in an order drawn from `generator` or as stored."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else None
+        for b in range(0, n, batch_size):
+            if order is None:
+                yield self.x[b:b + batch_size], self.y[b:b + batch_size], self.t[b:b + batch_size]
+            else:
+                idx = order[b:b + batch_size]
+                yield self.x[idx], self.y[idx], self.t[idx]
+
     @staticmethod
     def concat(parts: Sequence["TensorData"]) -> "TensorData":
         parts = [p for p in parts if len(p)]

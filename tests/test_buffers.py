@@ -108,3 +108,14 @@ def test_sample_draws_only_stored_items():
 def test_capacity_must_be_positive():
     with pytest.raises(ValueError, match="capacity"):
         ReservoirBuffer(0)
+
+
+def test_replay_rejects_bad_arguments():
+    from strategies import Replay
+
+    with pytest.raises(ValueError, match="policy"):
+        Replay(policy="fifo")
+    with pytest.raises(ValueError, match="replay_batch_size"):
+        Replay(replay_batch_size=0)
+    with pytest.raises(ValueError, match="capacity"):
+        Replay(memory_size=0)

@@ -167,3 +167,24 @@ def test_python_dash_m_cl_lists_strategies():
     out = subprocess.run([sys.executable, "-m", "cl", "strategies"], capture_output=True, text=True, check=True).stdout
     for name in ("naive", "joint", "cumulative", "replay"):
         assert name in out
+
+
+def test_unusable_tracking_store_fails_before_training(tmp_path, capsys):
+    path = tmp_path / "one.yaml"
+    path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [naive]\n")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the store's folder should be")
+    assert main(["run", str(path), "--tracking-uri", f"sqlite:///{blocker}/mlflow.db", "--no-progress"]) == 2
+    assert "could not be opened" in capsys.readouterr().err
+
+
+def test_tracking_failure_after_training_keeps_the_results(tmp_path, tracking_uri, capsys, monkeypatch):
+    def broken_log_artifact(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("mlflow.tracking.MlflowClient.log_artifact", broken_log_artifact)
+    path = tmp_path / "one.yaml"
+    path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [naive]\n")
+    result = run_cli(capsys, str(path), "--tracking-uri", tracking_uri)
+    assert result["mlflow_run_id"] is None and "disk full" in result["tracking_error"]
+    assert len(result["accuracy_matrix"]) == 6
