@@ -96,6 +96,12 @@ class ExperimentConfig(BaseModel):
             raise ValueError("'runs' is empty")
         return self
 
+    @model_validator(mode="after")
+    def _online_is_one_pass(self):
+        if self.stream.online is not None and self.training.epochs != 1:
+            raise ValueError("an online stream is seen once: training.epochs must be 1")
+        return self
+
     def run_specs(self) -> dict[str, list[ComponentSpec]]:
         """Label -> strategies of every run this experiment makes."""
         if self.runs is not None:

@@ -110,3 +110,9 @@ def test_apply_overrides_creates_missing_mappings():
 def test_flatten_for_mlflow_params():
     flat = flatten({"a": {"b": 1, "c": [1, 2]}, "d": [{"name": "x", "k": 2}]})
     assert flat == {"a.b": 1, "a.c": [1, 2], "d.0.name": "x", "d.0.k": 2}
+
+
+def test_online_stream_must_be_one_pass(tmp_path):
+    path = write(tmp_path, BASE.replace("epochs: 1", "epochs: 3") + "")
+    msg = error_of(path, ["stream.online.experience_size=10"])
+    assert "online stream is seen once" in msg
