@@ -31,7 +31,7 @@ class Strategy:
     task_free: bool = False
 
     def setup(self, stream: Stream, device: torch.device, seed: int) -> None:
-        """Called once before the first experience (not again on resume)."""
+        """Called once per run before training; on resume, before the saved state is loaded."""
         self.rng = torch.Generator().manual_seed(seed)
         self.device = device
 
