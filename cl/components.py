@@ -9,7 +9,7 @@ import strategies as _builtin_strategies  # noqa: F401  (registers the built-in 
 import streams as _builtin_streams  # noqa: F401  (registers datasets and scenarios)
 from cl.config import ComponentSpec, ExperimentConfig
 from cl.models import MultiHeadClassifier, build_model
-from cl.registry import DATASETS, SCENARIOS, STRATEGIES, _import_path
+from cl.registry import DATASETS, SCENARIOS, STRATEGIES, import_path
 from strategies.base import Strategy
 from streams.experience import Stream
 from streams.online import blur, online
@@ -17,7 +17,7 @@ from streams.online import blur, online
 
 def _torch_class(module, name: str, kind: str):
     if ":" in name:
-        return _import_path(name, kind)
+        return import_path(name, kind)
     by_lower = {n.lower(): getattr(module, n) for n in dir(module) if isinstance(getattr(module, n), type)}
     if name.lower() not in by_lower:
         raise LookupError(f"unknown {kind} '{name}' (not in {module.__name__}; or give a 'module:Class' path)")

@@ -49,7 +49,7 @@ class Registry(Generic[T]):
         if name in self._items:
             return self._items[name]
         if ":" in name:
-            return _import_path(name, self.kind)
+            return import_path(name, self.kind)
         for ep in self._entry_points():
             if ep.name == name:
                 return ep.load()
@@ -62,7 +62,7 @@ class Registry(Generic[T]):
         return name in self._items or any(ep.name == name for ep in self._entry_points())
 
 
-def _import_path(path: str, kind: str):
+def import_path(path: str, kind: str):
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)

@@ -132,7 +132,7 @@ class LifelongTrainer:
                 k = rows[experience.index]
                 acc, aware = self.evaluate(stream)
                 self.record.accuracy_matrix[k], self.record.task_aware_matrix[k] = acc, aware
-                self._emit_evaluation(k, acc, aware, self._seen_tasks(stream, experience.index))
+                self._emit_evaluation(k, acc, aware, stream.seen_tasks(experience.index))
                 if self.checkpoint_path:
                     from cl.checkpoint import save_checkpoint
 
@@ -150,14 +150,6 @@ class LifelongTrainer:
         acc, aware = self.evaluate(stream)
         self.record.accuracy_matrix[0], self.record.task_aware_matrix[0] = acc, aware
         self._emit({f"acc_task{j}": float(v) for j, v in enumerate(acc)}, 0)
-
-    @staticmethod
-    def _seen_tasks(stream: Stream, last_experience: int) -> list[int]:
-        """Tasks whose classes some experience up to `last_experience` has trained on."""
-        seen_classes = set()
-        for e in stream.experiences[: last_experience + 1]:
-            seen_classes.update(e.classes)
-        return [j for j, classes in enumerate(stream.task_classes) if seen_classes & set(classes)]
 
     def _train_experience(self, stream: Stream, experience) -> None:
         model, opt, device = self.model, self.optimizer, self.device
@@ -257,7 +249,7 @@ class LifelongTrainer:
 
     def _evaluate_periodically(self, stream: Stream, experience_index: int) -> None:
         acc, _ = self.evaluate(stream)
-        seen = self._seen_tasks(stream, experience_index)
+        seen = stream.seen_tasks(experience_index)
         point = {"iteration": self.record.iteration, "experience": experience_index, "acc": acc.tolist(),
                  "acc_seen": float(acc[seen].mean()) if seen else float("nan")}
         self.record.curve.append(point)

@@ -9,6 +9,7 @@ it; a `Stream` is the ordered experiences and every task's test set.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -229,6 +230,20 @@ class Stream:
     @property
     def n_tasks(self) -> int:
         return len(self.test_sets)
+
+    def seen_tasks(self, last_experience: int) -> list[int]:
+        """Tasks whose classes some experience up to `last_experience` (inclusive) trains on."""
+        return self._seen_tasks_by_experience[last_experience]
+
+    @cached_property
+    def _seen_tasks_by_experience(self) -> list[list[int]]:
+        # One pass over the stream instead of one per evaluation (online streams have thousands).
+        out, seen_classes, seen = [], set(), []
+        for e in self.experiences:
+            seen_classes.update(e.classes)
+            seen = [j for j, classes in enumerate(self.task_classes) if seen_classes.intersection(classes)]
+            out.append(seen)
+        return out
 
     @property
     def one_experience_per_task(self) -> bool:

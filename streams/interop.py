@@ -58,10 +58,10 @@ def avalanche(benchmark: str, args: dict | None = None, root_argument: str | Non
     """An avalanche-lib benchmark from an experiment file: `benchmark` is a `module:callable`
     path (e.g. `avalanche.benchmarks.classic:SplitMNIST`) called with `args`, and with the
     lab's data root as `root_argument` unless that is null or given in `args`."""
-    from cl.registry import _import_path
+    from cl.registry import import_path
     from streams.sources import data_root
 
-    make = _import_path(benchmark, "avalanche benchmark")
+    make = import_path(benchmark, "avalanche benchmark")
     kwargs = dict(args or {})
     if root_argument and root_argument not in kwargs:
         kwargs[root_argument] = str(data_root(data_dir))

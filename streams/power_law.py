@@ -22,7 +22,7 @@ import torch
 
 from cl.registry import SCENARIOS
 from streams.experience import Dataset, Experience, Stream, TensorData, concat_data
-from streams.scenarios import _class_order, _split_sizes
+from streams.scenarios import class_incremental
 
 
 def power_law_schedule(n_tasks: int, n_phases: int, exponent: float, p0: float, seed: int,
@@ -64,16 +64,12 @@ def power_law(data: Dataset, n_tasks: int = 5, n_phases: int = 50, exponent: flo
     """A power-law environment over the class-incremental tasks of `data` (see the module
     docstring); `control: uniform` gives the same budget of recurrences spread uniformly.
     Every phase is an experience, evaluated on every task's test set."""
-    order = _class_order(data.n_classes, class_order, shuffle_classes, seed)
-    sizes = _split_sizes(data.n_classes, n_tasks, None)
+    # The tasks are those of the class-incremental split; the schedule decides when each is met.
+    tasks = class_incremental(data, n_experiences=n_tasks, class_order=class_order,
+                              shuffle_classes=shuffle_classes, seed=seed)
+    pools = [e.train for e in tasks]
     schedule = power_law_schedule(n_tasks, n_phases, exponent, p0, seed, control)
     g = torch.Generator().manual_seed(seed + 1)
-    pools, tests, start = [], [], 0
-    for size in sizes:
-        wanted = torch.tensor(order[start:start + size])
-        start += size
-        pools.append(data.train.subset(torch.isin(data.train.y, wanted).nonzero().squeeze(1)))
-        tests.append(data.test.subset(torch.isin(data.test.y, wanted).nonzero().squeeze(1)))
     # Each task's samples are drawn in a shuffled cycle, so a phase never repeats a sample
     # before the whole pool has been seen.
     cursors = [0] * n_tasks
@@ -99,8 +95,8 @@ def power_law(data: Dataset, n_tasks: int = 5, n_phases: int = 50, exponent: flo
         train = concat_data(parts)
         experiences.append(Experience(p, 0, sorted(torch.unique(train.y).tolist()), train,
                                       task_index=focus if p not in by_phase else None))
-    return Stream(f"{control}-{data.name}", experiences, data.transform, data.input_shape, data.n_classes, order,
-                  test_sets=tests, schedule=schedule)
+    return Stream(f"{control}-{data.name}", experiences, data.transform, data.input_shape, data.n_classes,
+                  tasks.class_order, test_sets=tasks.test_sets, task_classes=tasks.task_classes, schedule=schedule)
 
 
 def recurrence_rates(schedule: dict) -> dict[int, tuple[int, int]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cl.registry import DATASETS, _import_path
+from cl.registry import DATASETS, import_path
 from streams.experience import BatchTransform, Dataset, TensorData
 from streams.interop import _materialise
 from streams.lazy import LazyData
@@ -139,7 +139,7 @@ def torch_dataset(factory: str, data_dir: str | None = None, num_workers: int = 
     give `mean` and `std`, they are not estimated)."""
     from streams.sources import data_root
 
-    make = _import_path(factory, "torch_dataset factory")
+    make = import_path(factory, "torch_dataset factory")
     splits = make(data_dir=str(data_root(data_dir)), **(kwargs or {}))
     if not (isinstance(splits, (tuple, list)) and len(splits) == 2):
         raise ValueError(f"torch_dataset: {factory} must return (train_dataset, test_dataset)")

@@ -79,12 +79,13 @@ def test_task_aware_accuracy_beats_class_incremental_for_naive(base):
     assert record.task_aware_matrix[-1].mean() > record.accuracy_matrix[-1].mean() + 0.2
 
 
-def test_blurry_stream_runs(base):
+def test_blurry_boundaries_keep_the_previous_task_alive(base):
+    plain = trainer_for(base, [Naive()]).fit(base).accuracy_matrix
     stream = blur(base, 0.2)
-    record = trainer_for(stream, [Naive()]).fit(stream)
-    assert record.accuracy_matrix.shape == (6, 5)
-    # Old tasks' samples handed forward keep some of them alive after naive fine-tuning.
-    assert record.accuracy_matrix[-1, :4].max() > 0.0
+    blurred = trainer_for(stream, [Naive()]).fit(stream).accuracy_matrix
+    assert blurred.shape == (6, 5)
+    # The last experience also holds 20% of task 3's samples, so naive fine-tuning keeps task 3.
+    assert plain[-1, 3] < 0.1 and blurred[-1, 3] > 0.5
 
 
 def test_language_model_on_a_token_stream(tmp_path):
