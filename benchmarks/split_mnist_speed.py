@@ -7,6 +7,11 @@ accuracies and the ratios. Also measures what MLflow tracking costs a lab
 run: the same run with and without tracking, against a store that exists.
 
     python benchmarks/split_mnist_speed.py [--workload replay|naive] [--rounds 5] [--no-avalanche]
+                                           [--baseline DIR]
+
+`--baseline DIR` also times another checkout of the lab (e.g. `git worktree add
+../baseline main`) in the same rounds, so a change is compared with main in
+one sitting ("lab@baseline").
 
 Needs the reference scripts and MNIST: ../shared/bench and CL_DATA_DIR (default ../shared/data).
 """
@@ -36,10 +41,13 @@ def reference(script: str, workload: str, data: str, env: dict) -> tuple[float, 
     return float(m.group(2)), float(m.group(1))
 
 
-def lab(workload: str, env: dict, tracking_uri: str | None = None) -> dict:
+def lab(workload: str, env: dict, tracking_uri: str | None = None, root: Path = ROOT) -> dict:
     cmd = [sys.executable, "-m", "cl", "run", f"experiments/split_mnist/{workload}.yaml", "--json", "--no-progress"]
     cmd += ["--tracking-uri", tracking_uri] if tracking_uri else ["--no-track"]
-    return json.loads(run(cmd, env).strip().splitlines()[-1])
+    if root != ROOT:  # that checkout's packages, not the installed ones
+        env = {**env, "PYTHONPATH": str(root)}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=root).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -47,36 +55,58 @@ def main() -> None:
     p.add_argument("--workload", default="replay", choices=["replay", "naive"])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-avalanche", action="store_true")
+    p.add_argument("--baseline", type=Path, default=None, help="another checkout of the lab to time alongside")
     args = p.parse_args()
     data = os.environ.get("CL_DATA_DIR", str(ROOT.parent / "shared" / "data"))
     env = {**os.environ, "CL_DATA_DIR": data}
 
-    times: dict[str, list[float]] = {"bare": [], "lab": [], "avalanche": [], "lab+mlflow": []}
+    times: dict[str, list[float]] = {"bare": [], "lab": [], "lab@baseline": [], "avalanche": [], "lab+mlflow": []}
     accs: dict[str, float] = {}
     tracking_share = []
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         lab(args.workload, env, uri)  # create the store once: its one-off setup is not a run's cost
-        for r in range(args.rounds):
-            times["bare"].append((b := reference("bare_split_mnist.py", args.workload, data, env))[0])
-            accs["bare"] = b[1]
+        def run_bare():
+            seconds, accs["bare"] = reference("bare_split_mnist.py", args.workload, data, env)
+            times["bare"].append(seconds)
+
+        def run_lab():
             res = lab(args.workload, env)
             times["lab"].append(res["train_time_s"])
             accs["lab"] = res["acc"]
-            tracked = lab(args.workload, env, uri)
-            times["lab+mlflow"].append(tracked["wall_time_s"])
-            tracking_share.append(tracked["tracking_time_s"] / tracked["wall_time_s"])
-            if not args.no_avalanche:
-                times["avalanche"].append((a := reference("avalanche_split_mnist.py", args.workload, data, env))[0])
-                accs["avalanche"] = a[1]
+
+        def run_baseline():
+            res = lab(args.workload, env, root=args.baseline.resolve())
+            times["lab@baseline"].append(res["train_time_s"])
+            accs["lab@baseline"] = res["acc"]
+
+        def run_tracked():
+            res = lab(args.workload, env, uri)
+            times["lab+mlflow"].append(res["wall_time_s"])
+            tracking_share.append(res["tracking_time_s"] / res["wall_time_s"])
+
+        def run_avalanche():
+            seconds, accs["avalanche"] = reference("avalanche_split_mnist.py", args.workload, data, env)
+            times["avalanche"].append(seconds)
+
+        contenders = [run_bare, run_lab] + ([run_baseline] if args.baseline else []) + [run_tracked]
+        contenders += [] if args.no_avalanche else [run_avalanche]
+        for r in range(args.rounds):
+            # Each round starts one place further along, so no contender always runs right
+            # after the same other one (position in a round skewed single sittings).
+            for run_one in contenders[r % len(contenders):] + contenders[: r % len(contenders)]:
+                run_one()
             print(f"round {r + 1}: " + ", ".join(f"{k}={v[-1]:.2f}s" for k, v in times.items() if v), flush=True)
 
     med = {k: statistics.median(v) for k, v in times.items() if v}
     print(f"\nSplit-MNIST {args.workload}, {args.rounds} rounds, median training seconds:")
-    for k in ("bare", "lab", "avalanche"):
+    for k in ("bare", "lab", "lab@baseline", "avalanche"):
         if k in med:
-            print(f"  {k:<10} {med[k]:7.2f} s   final accuracy {accs[k]:.4f}")
-    print(f"  lab / bare      = {med['lab'] / med['bare']:.3f}  (target <= 1.15)")
+            print(f"  {k:<12} {med[k]:7.2f} s   final accuracy {accs[k]:.4f}")
+    print(f"  lab / bare      = {med['lab'] / med['bare']:.3f}  (target <= 1.05)")
+    if "lab@baseline" in med:
+        print(f"  baseline / bare = {med['lab@baseline'] / med['bare']:.3f};  lab / baseline = "
+              f"{med['lab'] / med['lab@baseline']:.3f}")
     if "avalanche" in med:
         print(f"  avalanche / lab = {med['avalanche'] / med['lab']:.2f}  (target >= 2.5)")
     print(f"  MLflow tracking: median {100 * statistics.median(tracking_share):.2f}% of a tracked run's wall time "

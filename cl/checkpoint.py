@@ -1,10 +1,16 @@
 """Checkpoints: a run's state dicts in one torch file, written atomically.
 
-Only state dicts are saved (tensors, numbers, lists, dicts), never pickled
-objects, so files load with `weights_only=True` across torch versions.
+Only state dicts are saved (tensors, numbers, strings, lists, dicts), never
+pickled objects, so files load with `weights_only=True` across torch
+versions; state that is not plain is refused when it is saved, naming where
+it is, rather than found "corrupt" at resume. The resolved configuration and
+its hash are saved beside the state, so a resume with a changed
+configuration is refused with the keys that differ.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -12,10 +18,43 @@ import torch
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or not one of the lab's."""
+    """A checkpoint that is missing, unreadable, not one of the lab's, or not for this run."""
 
 
-FORMAT = "cl-lab-checkpoint/1"
+FORMAT = "cl-lab-checkpoint/2"
+_PLAIN = (torch.Tensor, int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def check_plain(obj, where: str) -> None:
+    """Raise CheckpointError if `obj` holds anything `torch.load(weights_only=True)` cannot read back."""
+    if isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int, float, bool, type(None))):
+                raise CheckpointError(f"{where}: key {k!r} is a {type(k).__name__}; use strings or numbers")
+            check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+        return
+    raise CheckpointError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which a checkpoint "
+                          f"cannot hold (it loads with weights_only=True): keep state as tensors, numbers, "
+                          f"strings, lists and dicts")
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'key: saved -> current' for every flattened key whose value differs."""
+    from cl.config import flatten
+
+    a, b = flatten(saved), flatten(current)
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")]
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict, meta: dict | None = None) -> Path:
@@ -38,5 +77,17 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     except Exception as err:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {type(err).__name__}: {err}") from err
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} was not written by this lab (expected format {FORMAT})")
+        found = blob.get("format") if isinstance(blob, dict) else None
+        raise CheckpointError(f"checkpoint {path} was not written by this version of the lab "
+                              f"(expected format {FORMAT}, found {found or 'none'})")
     return blob["state"], blob["meta"]
+
+
+def check_same_config(path: str | os.PathLike, meta: dict, config: dict) -> None:
+    """Refuse to resume from a checkpoint written under another configuration."""
+    if meta.get("config_hash") in (None, config_hash(config)):
+        return
+    diffs = config_differences(meta.get("config", {}), config)
+    raise CheckpointError(f"checkpoint {path} was written with a different configuration; changed: "
+                          f"{'; '.join(diffs) or '(unknown keys)'}. Resume with the original settings, "
+                          f"or start afresh without --resume")

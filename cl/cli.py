@@ -74,15 +74,15 @@ def _describe(args) -> int:
           f"{info['n_classes']} classes, input {tuple(info['input_shape'])}")
     print(f"class order: {info['class_order']}")
     print(f"evaluated after experiences: {_ranges(info['eval_after'])}")
-    print(f"{'exp':>5} {'task_label':>10} {'task':>5} {'n_train':>8}  classes")
+    print(f"{'exp':>5} {'task_label':>10} {'tasks':>7} {'n_train':>8}  classes")
     shown = info["experiences"] if len(info["experiences"]) <= 40 else info["experiences"][:20] + [None] + \
         info["experiences"][-20:]
     for e in shown:
         if e is None:
             print(f"{'...':>5}")
             continue
-        task = "-" if e["task_index"] is None else e["task_index"]
-        print(f"{e['index']:>5} {e['task_label']:>10} {task:>5} {e['n_train']:>8}  {e['classes']}")
+        tasks = "+".join(map(str, e["tasks"])) or "-"  # the tasks whose samples it holds, its own first
+        print(f"{e['index']:>5} {e['task_label']:>10} {tasks:>7} {e['n_train']:>8}  {e['classes']}")
     print("test sets: " + ", ".join(f"task{t['task']} {t['classes']} n={t['n_test']}" for t in info["test_sets"]))
     schedule = {k: v for k, v in info["schedule"].items() if k not in ("focus", "recurrences")}
     if schedule:

@@ -1,63 +1,52 @@
-"""Build the objects of a run from validated config specs."""
+"""Build the objects of a run from validated config specs.
+
+Every constructor gets its arguments as `coerce_arguments` converted them
+(the same check `cl.config` ran when the file was loaded), so what was
+validated is what is used.
+"""
 from __future__ import annotations
 
 import inspect
 
 import torch
 
-import strategies as _builtin_strategies  # noqa: F401  (registers the built-in strategies)
-import streams as _builtin_streams  # noqa: F401  (registers datasets and scenarios)
-from cl.config import ComponentSpec, ExperimentConfig
+from cl.config import SCENARIO_INJECTED, ComponentSpec, ExperimentConfig, coerce_arguments
 from cl.models import MultiHeadClassifier, build_model
-from cl.registry import DATASETS, SCENARIOS, STRATEGIES, import_path
+from cl.registry import DATASETS, SCENARIOS, STRATEGIES, optimizer_class, scenario_takes_data, scheduler_class
 from strategies.base import Strategy
-from streams.experience import Stream
+from streams.experience import Dataset, Stream
 from streams.online import blur, online
 
 
-def _torch_class(module, name: str, kind: str):
-    if ":" in name:
-        return import_path(name, kind)
-    by_lower = {n.lower(): getattr(module, n) for n in dir(module) if isinstance(getattr(module, n), type)}
-    if name.lower() not in by_lower:
-        raise LookupError(f"unknown {kind} '{name}' (not in {module.__name__}; or give a 'module:Class' path)")
-    return by_lower[name.lower()]
+def build_dataset(spec: ComponentSpec | dict, data_dir: str | None, source: str = "experiment") -> Dataset:
+    spec = spec if isinstance(spec, ComponentSpec) else ComponentSpec.model_validate(spec)
+    make = DATASETS.get(spec.name)
+    return make(data_dir=data_dir, **coerce_arguments(make, spec.args, "stream.dataset", source, {"data_dir"}))
 
 
-def optimizer_class(name: str):
-    """A torch.optim class by case-insensitive name ('sgd', 'adamw') or a `module:Class` path."""
-    return _torch_class(torch.optim, name, "optimizer")
-
-
-def scheduler_class(name: str):
-    """A torch.optim.lr_scheduler class by case-insensitive name or a `module:Class` path."""
-    return _torch_class(torch.optim.lr_scheduler, name, "scheduler")
-
-
-def build_stream(cfg: ExperimentConfig) -> Stream:
+def build_stream(cfg: ExperimentConfig, source: str = "experiment") -> Stream:
+    """The stream of the file, with its own seed (`stream.seed`, default the run's)."""
     scenario = SCENARIOS.get(cfg.stream.scenario.name)
+    args = coerce_arguments(scenario, cfg.stream.scenario.args, "stream.scenario", source, SCENARIO_INJECTED)
+    seed = cfg.stream_seed
     if scenario_takes_data(scenario):
-        dataset = DATASETS.get(cfg.stream.dataset.name)(data_dir=cfg.data_dir, **cfg.stream.dataset.args)
-        stream = scenario(dataset, seed=cfg.seed, **cfg.stream.scenario.args)
-    else:  # a scenario that builds its own datasets (multi_dataset)
-        stream = scenario(data_dir=cfg.data_dir, seed=cfg.seed, **cfg.stream.scenario.args)
+        stream = scenario(build_dataset(cfg.stream.dataset, cfg.data_dir, source), seed=seed, **args)
+    else:  # a scenario that builds its own datasets (multi_dataset, token_stream, avalanche)
+        if "load_dataset" in inspect.signature(scenario).parameters:
+            args["load_dataset"] = lambda spec: build_dataset(spec, cfg.data_dir, source)
+        stream = scenario(data_dir=cfg.data_dir, seed=seed, **args)
     if cfg.stream.blurry:
-        stream = blur(stream, cfg.stream.blurry, seed=cfg.seed)
+        stream = blur(stream, cfg.stream.blurry, seed=seed)
     if cfg.stream.online is not None:
-        stream = online(stream, cfg.stream.online.experience_size, seed=cfg.seed)
+        stream = online(stream, cfg.stream.online.experience_size, seed=seed)
     return stream
 
 
-def scenario_takes_data(scenario) -> bool:
-    """Whether a scenario is a function of one dataset (its first parameter is `data`)."""
-    params = list(inspect.signature(scenario).parameters)
-    return bool(params) and params[0] == "data"
-
-
-def build_strategies(specs: list[ComponentSpec]) -> list[Strategy]:
+def build_strategies(specs: list[ComponentSpec], source: str = "experiment") -> list[Strategy]:
     built = []
-    for spec in specs:
-        strategy = STRATEGIES.get(spec.name)(**spec.args)
+    for i, spec in enumerate(specs):
+        cls = STRATEGIES.get(spec.name)
+        strategy = cls(**coerce_arguments(cls, spec.args, f"strategies.{i}", source))
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy '{spec.name}' built a {type(strategy).__name__}, not a strategies.Strategy")
         built.append(strategy)
@@ -66,7 +55,7 @@ def build_strategies(specs: list[ComponentSpec]) -> list[Strategy]:
 
 def build_model_from(cfg: ExperimentConfig, stream: Stream) -> torch.nn.Module:
     """The configured model; `multihead: true` gives it one head per task of the stream."""
-    args = cfg.model.args
+    args = dict(cfg.model.args)
     multihead = args.pop("multihead", False)
     model = build_model(cfg.model.name, stream.input_shape, stream.n_classes, **args)
     if multihead:
@@ -74,9 +63,19 @@ def build_model_from(cfg: ExperimentConfig, stream: Stream) -> torch.nn.Module:
     return model
 
 
-def build_optimizer(cfg: ExperimentConfig, model: torch.nn.Module):
-    opt = optimizer_class(cfg.training.optimizer.name)(model.parameters(), **cfg.training.optimizer.args)
-    sched = None
-    if cfg.training.scheduler is not None:
-        sched = scheduler_class(cfg.training.scheduler.name)(opt, **cfg.training.scheduler.args)
-    return opt, sched
+def build_optimizer(cfg: ExperimentConfig, model: torch.nn.Module, source: str = "experiment"):
+    """The optimizer over the model's parameters, and a scheduler factory `(optimizer, steps) ->
+    scheduler` (None without a scheduler), where `steps` replaces arguments given as 'steps'."""
+    opt_cls = optimizer_class(cfg.training.optimizer.name)
+    opt_args = coerce_arguments(opt_cls, cfg.training.optimizer.args, "training.optimizer", source, {"params"})
+    optimizer = opt_cls(model.parameters(), **opt_args)
+    spec = cfg.training.scheduler
+    if spec is None:
+        return optimizer, None
+    sched_cls = scheduler_class(spec.name)
+
+    def make_scheduler(opt: torch.optim.Optimizer, steps: int | None = None):
+        args = {k: steps if v == "steps" else v for k, v in spec.args.items()}
+        return sched_cls(opt, **coerce_arguments(sched_cls, args, "training.scheduler", source, {"optimizer"}))
+
+    return optimizer, make_scheduler

@@ -48,6 +48,8 @@ class StreamConfig(BaseModel):
     scenario: ComponentSpec = ComponentSpec(name="class_incremental")
     blurry: float = Field(0.0, ge=0.0, lt=1.0, description="share of each experience handed to the next")
     online: OnlineConfig | None = None
+    seed: int | None = Field(None, description="seed of the stream (class order, permutations, blur, "
+                                               "online cuts); default: the run's seed")
 
 
 class TrainingConfig(BaseModel):
@@ -58,7 +60,21 @@ class TrainingConfig(BaseModel):
     optimizer: ComponentSpec = ComponentSpec(name="sgd", lr=0.01)
     scheduler: ComponentSpec | None = None
     scheduler_interval: Literal["epoch", "step"] = "epoch"
+    scheduler_scope: Literal["run", "experience"] = Field(
+        "run", description="'experience': the scheduler is rebuilt, from the LR it started with, at every "
+                           "experience; an argument given as the string 'steps' gets the number of scheduler "
+                           "steps that experience will take")
     eval_every: int | None = Field(None, ge=1, description="also evaluate every N iterations (anytime accuracy)")
+    checkpoint_every: int | None = Field(None, ge=1, description="with --checkpoint-dir, also checkpoint every "
+                                                                  "N iterations inside an experience")
+    lr_log_every: int = Field(50, ge=1, description="log the LR of every parameter group every N iterations")
+
+    @model_validator(mode="after")
+    def _steps_need_experience_scope(self):
+        if self.scheduler is not None and self.scheduler_scope == "run" and "steps" in self.scheduler.args.values():
+            raise ValueError("a scheduler argument of 'steps' needs scheduler_scope: experience "
+                             "(the run's total steps are not known before it runs)")
+        return self
 
 
 class ExperimentConfig(BaseModel):
@@ -101,6 +117,10 @@ class ExperimentConfig(BaseModel):
         if self.stream.online is not None and self.training.epochs != 1:
             raise ValueError("an online stream is seen once: training.epochs must be 1")
         return self
+
+    @property
+    def stream_seed(self) -> int:
+        return self.seed if self.stream.seed is None else self.stream.seed
 
     def run_specs(self) -> dict[str, list[ComponentSpec]]:
         """Label -> strategies of every run this experiment makes."""
@@ -182,12 +202,30 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
 
 
 # ------------------------------------------------ component argument checks
-def check_arguments(target: Callable, args: dict, where: str, source: str, injected: set[str] = frozenset()) -> None:
-    """Check `args` against `target`'s signature: unknown names and, where annotated, types."""
+def _is_callable_hint(hint) -> bool:
+    """Whether an annotation asks for a callable (`Callable`, `Callable[...]`, `X | Callable`)."""
+    import collections.abc
+
+    if hint is typing.Callable or hint is collections.abc.Callable:
+        return True
+    origin = typing.get_origin(hint)
+    if origin is collections.abc.Callable:
+        return True
+    return any(_is_callable_hint(a) for a in typing.get_args(hint)) if origin is not None else False
+
+
+def coerce_arguments(target: Callable, args: dict, where: str, source: str,
+                     injected: set[str] = frozenset()) -> dict[str, Any]:
+    """Check `args` against `target`'s signature and return them converted to the annotated
+    types (YAML's `1e-3` string becomes the float an optimizer needs). Unknown names, wrong
+    types and unresolvable `module:attr` values for callable arguments are ConfigErrors that
+    name the file, the key and what was expected."""
+    from cl.registry import UnknownComponentError, import_path
+
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError):
-        return
+        return dict(args)
     params = {n: p for n, p in sig.parameters.items()
               if n not in injected and n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
@@ -199,26 +237,39 @@ def check_arguments(target: Callable, args: dict, where: str, source: str, injec
         hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
     except Exception:  # unresolvable annotations: check names only
         hints = {}
+    out = {k: v for k, v in args.items() if k != "name"}
     fields = {}
     for n, p in params.items():
-        if n in args:
-            default = ... if p.default is p.empty else p.default
-            fields[n] = (hints.get(n, Any), default)
+        if n not in out:
+            continue
+        hint = hints.get(n, Any)
+        if _is_callable_hint(hint) and isinstance(out[n], str):
+            if ":" not in out[n]:
+                raise ConfigError(f"{source}: {where}.{n}: expected a 'package.module:function' path, "
+                                  f"got {out[n]!r}")
+            try:
+                out[n] = import_path(out[n], f"{where}.{n}")
+            except UnknownComponentError as err:
+                raise ConfigError(f"{source}: {where}.{n}: {err}") from None
+        default = ... if p.default is p.empty else p.default
+        fields[n] = (hint, default)
     if not fields:
-        return
+        return out
     model = create_model("Args", __config__=ConfigDict(arbitrary_types_allowed=True), **fields)
     try:
-        model.model_validate({k: v for k, v in args.items() if k in fields})
+        checked = model.model_validate({k: out[k] for k in fields})
     except ValidationError as err:
         e = err.errors()[0]
         key = ".".join(str(p) for p in e["loc"])
         raise ConfigError(f"{source}: {where}.{key}: {e['msg']} (got {e.get('input')!r})") from None
+    out.update({k: getattr(checked, k) for k in fields})
+    return out
 
 
 def validate_components(cfg: ExperimentConfig, source: str) -> None:
     """Resolve every component name and check its arguments, before any data is loaded."""
-    from cl.components import optimizer_class, scheduler_class
-    from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES, UnknownComponentError
+    from cl.registry import (DATASETS, MODELS, SCENARIOS, STRATEGIES, UnknownComponentError, optimizer_class,
+                             scenario_takes_data, scheduler_class)
 
     def resolve(registry, spec, where):
         try:
@@ -226,35 +277,39 @@ def validate_components(cfg: ExperimentConfig, source: str) -> None:
         except UnknownComponentError as err:
             raise ConfigError(f"{source}: {where}.name: {err}") from None
 
-    from cl.components import scenario_takes_data
-
     scenario = resolve(SCENARIOS, cfg.stream.scenario, "stream.scenario")
-    check_arguments(scenario, cfg.stream.scenario.args, "stream.scenario", source, {"data", "seed", "data_dir"})
+    coerce_arguments(scenario, cfg.stream.scenario.args, "stream.scenario", source, SCENARIO_INJECTED)
     if scenario_takes_data(scenario):
         if cfg.stream.dataset is None:
             raise ConfigError(f"{source}: stream.dataset: required key is missing "
                               f"(scenario '{cfg.stream.scenario.name}' splits one dataset)")
-        check_arguments(resolve(DATASETS, cfg.stream.dataset, "stream.dataset"), cfg.stream.dataset.args,
-                        "stream.dataset", source, {"data_dir"})
+        coerce_arguments(resolve(DATASETS, cfg.stream.dataset, "stream.dataset"), cfg.stream.dataset.args,
+                         "stream.dataset", source, {"data_dir"})
     elif cfg.stream.dataset is not None:
         raise ConfigError(f"{source}: stream.dataset: scenario '{cfg.stream.scenario.name}' takes its datasets "
                           f"as its own argument; remove stream.dataset")
     if cfg.model.name in MODELS or ":" in cfg.model.name:
         args = {k: v for k, v in cfg.model.args.items() if k != "multihead"}
-        check_arguments(resolve(MODELS, cfg.model, "model"), args, "model", source,
-                        {"input_shape", "n_classes", "num_classes"})
+        coerce_arguments(resolve(MODELS, cfg.model, "model"), args, "model", source, MODEL_INJECTED)
     for label, specs in cfg.run_specs().items():
         for i, spec in enumerate(specs):
             where = f"runs.{label}.{i}" if cfg.runs is not None else f"strategies.{i}"
-            check_arguments(resolve(STRATEGIES, spec, where), spec.args, where, source)
+            coerce_arguments(resolve(STRATEGIES, spec, where), spec.args, where, source)
     try:
-        check_arguments(optimizer_class(cfg.training.optimizer.name), cfg.training.optimizer.args,
-                        "training.optimizer", source, {"params"})
+        coerce_arguments(optimizer_class(cfg.training.optimizer.name), cfg.training.optimizer.args,
+                         "training.optimizer", source, {"params"})
         if cfg.training.scheduler is not None:
-            check_arguments(scheduler_class(cfg.training.scheduler.name), cfg.training.scheduler.args,
-                            "training.scheduler", source, {"optimizer"})
+            # 'steps' is filled in per experience; check the rest with a stand-in number.
+            args = {k: 1 if v == "steps" else v for k, v in cfg.training.scheduler.args.items()}
+            coerce_arguments(scheduler_class(cfg.training.scheduler.name), args, "training.scheduler", source,
+                             {"optimizer"})
     except LookupError as err:
         raise ConfigError(f"{source}: training: {err}") from None
+
+
+#: Arguments the lab passes to a scenario, a model itself; a file may not set them.
+SCENARIO_INJECTED = frozenset({"data", "seed", "data_dir", "load_dataset"})
+MODEL_INJECTED = frozenset({"input_shape", "n_classes", "num_classes"})
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""Models: the MLP and reduced ResNet-18 of the CL literature, plus any timm model
-or `torch.nn.Module` class path.
+"""Models: the MLP and reduced ResNet-18 of the CL literature, a byte-level GPT, plus
+any timm model or `torch.nn.Module` class path.
 
-Every lab model exposes the timm feature API, `forward_features(x)` and
-`forward_head(features)`, so feature-based strategies (nearest-mean
-classifiers, prompts) work the same on all of them.
+Every lab model has timm's feature API with timm's meaning: `forward_features(x)`
+gives the unpooled features, `forward_head(f, pre_logits=True)` pools them into
+the pre-logit vector and `forward_head(f)` gives the logits; `get_classifier()`
+is the final linear layer and `num_features` its input width. So one helper
+(`strategies.context.pooled_features`) serves lab and timm models alike.
 """
 from __future__ import annotations
 
@@ -16,10 +18,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from cl.registry import MODELS
 
 
-@MODELS.register("mlp")
 class MLP(nn.Module):
     """A fully connected ReLU network on flattened inputs; the MNIST model of
     GEM (Lopez-Paz and Ranzato 2017) is `hidden=[100, 100]`, that of avalanche's
@@ -42,8 +42,11 @@ class MLP(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.head(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -66,7 +69,6 @@ class _BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-@MODELS.register("reduced_resnet18")
 class ReducedResNet18(nn.Module):
     """The reduced ResNet-18 of GEM (Lopez-Paz and Ranzato 2017), also Mammoth's
     and A-GEM's CIFAR backbone: four stages of two basic blocks with widths
@@ -87,16 +89,19 @@ class ReducedResNet18(nn.Module):
         self.head = nn.Linear(planes, n_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1)
+        return self.blocks(self.stem(x))
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return pooled if pre_logits else self.head(pooled)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
 
 
-@MODELS.register("byte_gpt")
 class ByteGPT(nn.Module):
     """A small decoder-only transformer language model over bytes (GPT-2 layout,
     Radford et al. 2019, at the scale of nanoGPT's character models): token and
@@ -123,8 +128,11 @@ class ByteGPT(nn.Module):
         h = self.tok(x) + self.pos(torch.arange(L, device=x.device))
         return self.norm(self.blocks(h, mask=self.causal[:L, :L], is_causal=True))
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.head(x)  # one feature vector per position, no pooling
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
@@ -143,22 +151,35 @@ class MultiHeadClassifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, task_classes: Sequence[Sequence[int]], n_classes: int):
         super().__init__()
-        if not hasattr(backbone, "forward_features") or not hasattr(backbone, "num_features"):
-            raise ValueError(f"{type(backbone).__name__} has no forward_features/num_features to share across heads")
+        if not all(hasattr(backbone, a) for a in ("forward_features", "forward_head", "num_features")):
+            raise ValueError(f"{type(backbone).__name__} has no timm feature API (forward_features, forward_head, "
+                             f"num_features) to share across heads")
         self.backbone = backbone
         self.n_classes = n_classes
-        self.heads = nn.ModuleList(nn.Linear(backbone.num_features, len(c)) for c in task_classes)
+        # timm calls the width of the pooled pre-logits `head_hidden_size` where it differs.
+        self.num_features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        self.heads = nn.ModuleList(nn.Linear(self.num_features, len(c)) for c in task_classes)
         for j, classes in enumerate(task_classes):
             self.register_buffer(f"classes_{j}", torch.tensor(list(classes)), persistent=False)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        features = self.backbone.forward_features(x)
-        out = features.new_full((len(x), self.n_classes), float("-inf"))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, t: torch.Tensor | None = None) -> torch.Tensor:
+        features = self.backbone.forward_head(x, pre_logits=True)
+        if pre_logits:
+            return features
+        if t is None:
+            raise ValueError("a multi-head model needs each sample's task label to pick its head")
+        out = features.new_full((len(features), self.n_classes), float("-inf"))
         for task in torch.unique(t).tolist():
             rows = (t == task).nonzero().squeeze(1)
             cols = getattr(self, f"classes_{task}")
             out[rows.unsqueeze(1), cols.unsqueeze(0)] = self.heads[task](features[rows])
         return out
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x), t=t)
 
 
 def create_timm_model(name: str, n_classes: int, input_shape: Sequence[int], pretrained: bool = False,
@@ -169,7 +190,7 @@ def create_timm_model(name: str, n_classes: int, input_shape: Sequence[int], pre
     import timm
 
     if name not in timm.list_models() and name not in timm.list_pretrained():
-        raise ValueError(f"model '{name}' is neither a lab model ({', '.join(MODELS.names())}) nor a timm model")
+        raise ValueError(f"model '{name}' is neither a lab model ({', '.join(sorted(MODELS))}) nor a timm model")
     kwargs.setdefault("in_chans", input_shape[0])
     model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=n_classes, **kwargs)
     if weights is not None:
@@ -196,8 +217,10 @@ def build_model(name: str, input_shape: Sequence[int], n_classes: int, **kwargs)
 
     `input_shape` and `n_classes` are passed to a model whose constructor takes
     them (under those names or timm's `num_classes`)."""
-    if name in MODELS or ":" in name:
-        cls = MODELS.get(name)
+    from cl.registry import MODELS as registry
+
+    if name in registry or ":" in name:
+        cls = registry.get(name)
         params = inspect.signature(cls).parameters
         accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         extra = {}
@@ -206,3 +229,7 @@ def build_model(name: str, input_shape: Sequence[int], n_classes: int, **kwargs)
                 extra[key] = value
         return cls(**extra, **kwargs)
     return create_timm_model(name, n_classes, input_shape, **kwargs)
+
+
+#: The lab's own models by name; `cl.registry.MODELS` starts from these.
+MODELS = {"mlp": MLP, "reduced_resnet18": ReducedResNet18, "byte_gpt": ByteGPT}

@@ -1,8 +1,10 @@
-"""Find components by name: a registry name, a `module:attr` path, or an entry point.
+"""Find components by name: a built-in name, a `module:attr` path, or an entry point.
 
 Every pluggable kind (datasets, scenarios, strategies, models) has one
-`Registry`. A user plugs their own component without editing the lab, in
-one of three ways:
+`Registry`. The lab's own components are listed by the package that holds
+them (`streams.DATASETS`, `streams.SCENARIOS`, `strategies.STRATEGIES`,
+`cl.models.MODELS`); those packages never import `cl`. A user plugs their own
+component without editing the lab, in one of three ways:
 
 - pass `my_package.my_module:MyStrategy` where a name is expected;
 - declare an entry point in their package's metadata under the group
@@ -12,6 +14,7 @@ one of three ways:
 from __future__ import annotations
 
 import importlib
+import inspect
 from importlib.metadata import entry_points
 from typing import Callable, Generic, TypeVar
 
@@ -23,15 +26,20 @@ class UnknownComponentError(LookupError):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, builtin: Callable[[], dict[str, T]]):
         self.kind = kind
-        self._items: dict[str, T] = {}
+        self._builtin = builtin  # imported on first use, so listing one kind loads only that
+        self._extra: dict[str, T] = {}
+
+    @property
+    def _items(self) -> dict[str, T]:
+        return {**self._builtin(), **self._extra}
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(obj: T) -> T:
-            if name in self._items and self._items[name] is not obj:
+            if self._items.get(name, obj) is not obj:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
-            self._items[name] = obj
+            self._extra[name] = obj
             return obj
 
         return add
@@ -46,8 +54,9 @@ class Registry(Generic[T]):
         return entry_points(group=f"cl.{self.kind}")
 
     def get(self, name: str) -> T:
-        if name in self._items:
-            return self._items[name]
+        items = self._items
+        if name in items:
+            return items[name]
         if ":" in name:
             return import_path(name, self.kind)
         for ep in self._entry_points():
@@ -63,6 +72,7 @@ class Registry(Generic[T]):
 
 
 def import_path(path: str, kind: str):
+    """The object a `module:attr` path names (attr may be dotted)."""
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -76,7 +86,58 @@ def import_path(path: str, kind: str):
     return obj
 
 
-DATASETS: Registry = Registry("datasets")
-SCENARIOS: Registry = Registry("scenarios")
-STRATEGIES: Registry = Registry("strategies")
-MODELS: Registry = Registry("models")
+def _streams(name: str):
+    def load():
+        import streams
+
+        return getattr(streams, name)
+
+    return load
+
+
+def _strategies():
+    import strategies
+
+    return strategies.STRATEGIES
+
+
+def _models():
+    from cl import models
+
+    return models.MODELS
+
+
+DATASETS: Registry = Registry("datasets", _streams("DATASETS"))
+SCENARIOS: Registry = Registry("scenarios", _streams("SCENARIOS"))
+STRATEGIES: Registry = Registry("strategies", _strategies)
+MODELS: Registry = Registry("models", _models)
+
+
+# ------------------------------------------------------- torch components
+def _torch_class(module, name: str, kind: str):
+    if ":" in name:
+        return import_path(name, kind)
+    by_lower = {n.lower(): getattr(module, n) for n in dir(module) if isinstance(getattr(module, n), type)}
+    if name.lower() not in by_lower:
+        raise LookupError(f"unknown {kind} '{name}' (not in {module.__name__}; or give a 'module:Class' path)")
+    return by_lower[name.lower()]
+
+
+def optimizer_class(name: str):
+    """A torch.optim class by case-insensitive name ('sgd', 'adamw') or a `module:Class` path."""
+    import torch.optim
+
+    return _torch_class(torch.optim, name, "optimizer")
+
+
+def scheduler_class(name: str):
+    """A torch.optim.lr_scheduler class by case-insensitive name or a `module:Class` path."""
+    import torch.optim.lr_scheduler
+
+    return _torch_class(torch.optim.lr_scheduler, name, "scheduler")
+
+
+def scenario_takes_data(scenario) -> bool:
+    """Whether a scenario is a function of one dataset (its first parameter is `data`)."""
+    params = list(inspect.signature(scenario).parameters)
+    return bool(params) and params[0] == "data"

@@ -12,12 +12,13 @@ import torch
 import yaml
 
 import cl
-from cl.checkpoint import load_checkpoint
+from cl.checkpoint import check_same_config, config_hash, load_checkpoint
 from cl.components import build_model_from, build_optimizer, build_stream, build_strategies
 from cl.config import ExperimentConfig, flatten
 from cl.tracking import ConsoleSink, MLflowSink, StoreWarmup, TrackingError
-from cl.trainer import LifelongTrainer, resolve_device
+from cl.trainer import LifelongTrainer, RunRecord, resolve_device
 from evaluation import metrics
+from evaluation.evaluators import perplexity
 from evaluation.report import heatmap_png, matrix_csv, matrix_json
 
 
@@ -55,6 +56,8 @@ def _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, p
     run_config["strategies"] = [s.model_dump(mode="json") for s in specs]
     checkpoint = Path(checkpoint_dir) / f"{label}.pt" if checkpoint_dir else None
     state, meta = (load_checkpoint(checkpoint) if resume and checkpoint and checkpoint.exists() else (None, {}))
+    if state is not None:
+        check_same_config(checkpoint, meta, run_config)
 
     sinks, mlflow_sink = [], None
     if track:
@@ -68,15 +71,21 @@ def _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, p
     if progress:
         sinks.append(ConsoleSink(label))
 
+    training = cfg.training
     trainer = LifelongTrainer(
-        model, optimizer, strategies, epochs=cfg.training.epochs, batch_size=cfg.training.batch_size,
-        eval_batch_size=cfg.training.eval_batch_size, device=device, seed=cfg.seed, scheduler=scheduler,
-        scheduler_interval=cfg.training.scheduler_interval, sinks=sinks, progress=progress,
-        eval_every=cfg.training.eval_every,
-        checkpoint_path=str(checkpoint) if checkpoint else None)
-    if mlflow_sink is not None and checkpoint is not None:
-        # Read when a checkpoint is written, so a resumed run continues the same MLflow run.
-        trainer.checkpoint_meta = lambda: {"mlflow_run_id": None if mlflow_sink.failed else mlflow_sink.run_id}
+        model, optimizer, strategies, epochs=training.epochs, batch_size=training.batch_size,
+        eval_batch_size=training.eval_batch_size, device=device, seed=cfg.seed, scheduler=scheduler,
+        scheduler_interval=training.scheduler_interval, scheduler_scope=training.scheduler_scope,
+        sinks=sinks, progress=progress, eval_every=training.eval_every, lr_log_every=training.lr_log_every,
+        checkpoint_path=str(checkpoint) if checkpoint else None, checkpoint_every=training.checkpoint_every)
+    if checkpoint is not None:
+        # Read when a checkpoint is written: the configuration it belongs to, and the MLflow
+        # run a resumed run continues.
+        def checkpoint_meta():
+            run_id = None if mlflow_sink is None or mlflow_sink.failed else mlflow_sink.run_id
+            return {"config": run_config, "config_hash": config_hash(run_config), "mlflow_run_id": run_id}
+
+        trainer.checkpoint_meta = checkpoint_meta
     if state is not None:
         trainer.load_state_dict(state)
 
@@ -88,25 +97,26 @@ def _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, p
             mlflow_sink.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
 
+    summary = summarise(record, stream)
     R = record.accuracy_matrix
-    if stream.one_experience_per_task:
-        summary = metrics.summary(R)
-    else:  # GEM's transfer metrics need experience i to be task i
-        summary = {"acc": metrics.average_accuracy_of_row(R[-1]), "bwt": None, "fwt": None, "forgetting": None}
-    summary["task_aware_acc"] = float(record.task_aware_matrix[-1].mean())
-    if record.curve:
-        summary["anytime_acc"] = metrics.anytime_accuracy([p["acc_seen"] for p in record.curve])
     result = {"name": label, **summary, "accuracy_matrix": R.tolist(),
-              "task_aware_matrix": record.task_aware_matrix.tolist(),
-              "train_loss": record.train_loss, "train_time_s": record.train_time_s}
+              "matrices": {k: v.tolist() for k, v in record.matrices.items()},
+              "train_loss": record.train_loss, "loss_terms": record.loss_terms,
+              "train_time_s": record.train_time_s, "eval_time_s": record.eval_time_s}
+    if record.task_aware_matrix is not None:
+        result["task_aware_matrix"] = record.task_aware_matrix.tolist()
     if mlflow_sink is not None:
         finish_start, waited = time.perf_counter(), mlflow_sink.blocked_s
         final = {k: v for k, v in summary.items() if v is not None}
-        mlflow_sink.log_metrics({**final, "train_time_s": record.train_time_s}, len(stream.eval_after))
+        mlflow_sink.log_metrics({**final, "train_time_s": record.train_time_s, "eval_time_s": record.eval_time_s},
+                                len(stream.eval_after), "summary")
         mlflow_sink.log_artifact("config.yaml", yaml.safe_dump(run_config, sort_keys=False))
         mlflow_sink.log_artifact("accuracy_matrix.csv", matrix_csv(R))
         mlflow_sink.log_artifact("accuracy_matrix.json", matrix_json(R))
         mlflow_sink.log_artifact("accuracy_matrix.png", heatmap_png(R, f"{cfg.name}: {label}"))
+        mlflow_sink.log_artifact("matrices.json", json.dumps(
+            {k: {"higher_is_better": record.higher_is_better[k], "matrix": v.tolist()}
+             for k, v in record.matrices.items()}))
         if record.curve:
             mlflow_sink.log_artifact("curve.json", json.dumps(record.curve))
         try:
@@ -121,3 +131,20 @@ def _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, p
         result["mlflow_run_id"] = None
     result["wall_time_s"] = time.perf_counter() - wall_start
     return result
+
+
+def summarise(record: RunRecord, stream) -> dict[str, float | None]:
+    """The scalar metrics of every matrix the run recorded, each where the stream supports it
+    (`evaluation.metrics.applicable_metrics`): final score, BWT, FWT, forgetting, average
+    incremental score, and anytime accuracy when the run evaluated periodically. A loss
+    matrix also gives the perplexity of its final row."""
+    seen = stream.seen_at_rows
+    applicable = metrics.applicable_metrics(stream.rows_follow_tasks, seen)
+    out: dict[str, float | None] = {}
+    for key, matrix in record.matrices.items():
+        out.update(metrics.summary(matrix, key, record.higher_is_better[key], seen, applicable))
+    if "loss" in record.matrices:
+        out["perplexity"] = float(perplexity(record.matrices["loss"][-1].mean()))
+    if record.curve and "acc_seen" in record.curve[0]:
+        out["anytime_acc"] = metrics.anytime_accuracy([p["acc_seen"] for p in record.curve])
+    return out

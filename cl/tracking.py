@@ -26,16 +26,18 @@ class TrackingError(RuntimeError):
 
 
 class ConsoleSink:
-    """One line per experience on stderr, written through tqdm so progress bars stay intact."""
+    """One line per evaluated experience on stderr (the scores on the tasks seen so far and
+    the training loss), written through tqdm so progress bars stay intact."""
 
     def __init__(self, label: str):
         self.label = label
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step == 0:
+    def log_metrics(self, metrics: dict[str, float], step: int, kind: str = "evaluation") -> None:
+        if kind != "evaluation" or step == 0:
             return
-        tqdm.write(f"[{self.label}] experience {step}: acc_seen={metrics['acc_seen']:.4f} "
-                   f"train_loss={metrics['train_loss']:.4f}", file=sys.stderr)
+        shown = {k: v for k, v in metrics.items() if k.endswith("_seen") or k == "train_loss"}
+        tqdm.write(f"[{self.label}] experience {step}: " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()),
+                   file=sys.stderr)
 
 
 class MLflowSink:
@@ -60,7 +62,7 @@ class MLflowSink:
         self._queue.put(item)
         self.blocked_s += time.perf_counter() - t
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, kind: str = "evaluation") -> None:
         self._put(("metrics", metrics, step))
 
     def log_artifact(self, name: str, data: bytes | str) -> None:

@@ -1,11 +1,13 @@
 """The lifelong trainer: owns the loop over experiences, epochs and batches.
 
-It asks strategies (see `strategies.base.Strategy` for the hooks), records the
-accuracy matrix, and emits per-experience records to tracking sinks. It knows
-nothing about configs, MLflow or the CLI.
+It asks strategies (see `strategies.base` for the hooks and their
+precedence), records one matrix per evaluator, and emits records to
+tracking sinks. It knows nothing about configs, MLflow or the CLI.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,42 +18,86 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from strategies.base import Strategy, overrides
+from evaluation.evaluators import Evaluator, default_evaluators
+from strategies.base import SINGLE_OWNER_HOOKS, Strategy, overrides
+from strategies.context import Batch, Context, model_call
 from streams.experience import Stream, TensorData
 
-HOOKS = ("before_experience", "training_data", "adapt_batch", "extra_loss", "after_backward", "after_step",
-         "after_experience", "predict")
+HOOKS = ("configure_optimizer", "before_experience", "training_data", "before_iteration", "adapt_batch",
+         "extra_loss", "after_backward", "after_step", "after_experience")
 BOUNDARY_HOOKS = ("before_experience", "training_data", "after_experience")
+DEFAULT_LOSS = "ce"
 
 
 class Sink(Protocol):
-    """Where the trainer sends records; must not block the training path for long."""
+    """Where the trainer sends records; must not block the training path for long.
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    `kind` says what a record is: "evaluation" (a matrix row; step = row),
+    "curve" (a periodic evaluation; step = iteration), "lr" (learning rates;
+    step = iteration)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int, kind: str = "evaluation") -> None: ...
 
 
 @dataclass
 class RunRecord:
     """What a run produced, from which every metric is computed.
 
-    `accuracy_matrix[k]` is the accuracy on every task's test set at the k-th
-    evaluation point (row 0: the untrained model); `task_aware_matrix` the
-    same with predictions restricted to each test set's own classes (the
-    task-incremental reading). `curve` holds the periodic evaluations taken
-    every `eval_every` iterations, if asked for.
+    `matrices[key][k, j]` is the score of evaluator `key` on task j's test set at
+    the k-th evaluation (row 0: the untrained model); `higher_is_better[key]`
+    its direction. `loss_terms[name]` is each named loss term's mean per
+    experience (NaN where it was not used); `main_loss` names the main term.
+    `curve` holds the evaluations taken every `eval_every` iterations, and
+    `lr_curve` (iteration, LR of every parameter group) every `lr_log_every`.
     """
 
-    accuracy_matrix: np.ndarray
-    task_aware_matrix: np.ndarray
-    train_loss: list[float] = field(default_factory=list)
+    matrices: dict[str, np.ndarray]
+    higher_is_better: dict[str, bool]
+    loss_terms: dict[str, list[float]] = field(default_factory=dict)
+    main_loss: str = DEFAULT_LOSS
+    completed: int = 0
     train_time_s: float = 0.0
+    eval_time_s: float = 0.0
     experience_time_s: list[float] = field(default_factory=list)
     curve: list[dict] = field(default_factory=list)
+    lr_curve: list[list] = field(default_factory=list)
     iteration: int = 0
 
     @property
-    def completed(self) -> int:
-        return len(self.train_loss)
+    def accuracy_matrix(self) -> np.ndarray:
+        return self.matrices["acc"]
+
+    @property
+    def task_aware_matrix(self) -> np.ndarray | None:
+        return self.matrices.get("task_aware_acc")
+
+    @property
+    def train_loss(self) -> list[float]:
+        return self.loss_terms.get(self.main_loss, [float("nan")] * self.completed)
+
+    def add_loss_terms(self, means: dict[str, float]) -> None:
+        """Append one experience's term means, keeping every term's list aligned with experiences."""
+        for name in set(self.loss_terms) | set(means):
+            history = self.loss_terms.setdefault(name, [float("nan")] * (self.completed - 1))
+            history.append(means.get(name, float("nan")))
+
+    def state_dict(self) -> dict:
+        return {"matrices": {k: torch.from_numpy(v.copy()) for k, v in self.matrices.items()},
+                "higher_is_better": dict(self.higher_is_better), "loss_terms": copy.deepcopy(self.loss_terms),
+                "main_loss": self.main_loss, "completed": self.completed, "train_time_s": self.train_time_s,
+                "eval_time_s": self.eval_time_s, "experience_time_s": list(self.experience_time_s),
+                "curve": copy.deepcopy(self.curve), "lr_curve": copy.deepcopy(self.lr_curve),
+                "iteration": self.iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, matrix in state["matrices"].items():
+            if key not in self.matrices or tuple(matrix.shape) != self.matrices[key].shape:
+                have = {k: v.shape for k, v in self.matrices.items()}
+                raise ValueError(f"checkpoint's {key} matrix has shape {tuple(matrix.shape)}; this run has {have}")
+            self.matrices[key][:] = matrix.numpy()
+        for name in ("loss_terms", "main_loss", "completed", "train_time_s", "eval_time_s", "experience_time_s",
+                     "curve", "lr_curve", "iteration"):
+            setattr(self, name, copy.deepcopy(state[name]))
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -70,256 +116,438 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def derive_seed(seed: int, name: str) -> int:
+    """A 63-bit seed for the part of a run called `name`, independent of every other name."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+def strategy_seeds(seed: int, strategies: Sequence[Strategy]) -> dict[int, int]:
+    """A seed per strategy from the run seed, its class and how many of that class came
+    before it, so adding or reordering other strategies leaves its draws unchanged."""
+    seen: dict[str, int] = {}
+    out = {}
+    for s in strategies:
+        name = f"{type(s).__module__}.{type(s).__qualname__}"
+        k = seen[name] = seen.get(name, -1) + 1
+        out[id(s)] = derive_seed(seed, f"{name}#{k}")
+    return out
+
+
+def _fits_on_device(data, device: torch.device) -> bool:
+    if device.type != "cuda" or not isinstance(data, TensorData):
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(v.numel() * v.element_size() for v in (data.x, data.y, data.t)) < free // 4
+
+
 class LifelongTrainer:
     """Trains one model through a stream of experiences.
 
     For each experience: strategy hooks, `epochs` passes over the (possibly
     strategy-replaced) training data in shuffled batches of `batch_size`, then
-    evaluation on every task's test set, seen or not. The untrained model is
-    evaluated once first (row 0 of the accuracy matrix).
+    evaluation of every evaluator on every task's test set, seen or not. The
+    untrained model is evaluated once first (row 0 of every matrix).
+
+    `scheduler` is an LR scheduler, or a factory `(optimizer, steps) -> scheduler`;
+    with `scheduler_scope="experience"` the factory is called at every experience,
+    from the LR the run started with, with the number of scheduler steps the
+    experience takes. `checkpoint_path` is written after every experience and,
+    with `checkpoint_every`, every that many iterations.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategies: Sequence[Strategy],
                  *, epochs: int = 1, batch_size: int = 32, eval_batch_size: int = 1024,
-                 device: str | torch.device = "cpu", seed: int = 0,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, scheduler_interval: str = "epoch",
-                 sinks: Sequence[Sink] = (), progress: bool = False, checkpoint_path: str | None = None,
-                 eval_every: int | None = None):
-        if epochs < 1 or batch_size < 1 or eval_batch_size < 1 or (eval_every is not None and eval_every < 1):
-            raise ValueError("epochs, batch_size, eval_batch_size and eval_every must be positive")
+                 device: str | torch.device = "cpu", seed: int = 0, scheduler=None,
+                 scheduler_interval: str = "epoch", scheduler_scope: str = "run",
+                 evaluators: Sequence[Evaluator] | None = None, sinks: Sequence[Sink] = (), progress: bool = False,
+                 checkpoint_path: str | None = None, checkpoint_every: int | None = None,
+                 eval_every: int | None = None, lr_log_every: int = 50):
+        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                            ("eval_every", eval_every), ("checkpoint_every", checkpoint_every),
+                            ("lr_log_every", lr_log_every)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got '{scheduler_interval}'")
+        if scheduler_scope not in ("run", "experience"):
+            raise ValueError(f"scheduler_scope must be 'run' or 'experience', got '{scheduler_scope}'")
+        is_instance = isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+        if is_instance and scheduler_scope == "experience":
+            raise ValueError("scheduler_scope='experience' rebuilds the scheduler: give a factory "
+                             "(optimizer, steps) -> scheduler, not a scheduler")
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.model = model.to(self.device)
         self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.scheduler_interval = scheduler_interval
+        self.scheduler = scheduler if is_instance else None
+        self._scheduler_factory: Callable | None = None if is_instance else scheduler
+        self.scheduler_interval, self.scheduler_scope = scheduler_interval, scheduler_scope
         self.strategies = list(strategies)
         self.epochs, self.batch_size, self.eval_batch_size = epochs, batch_size, eval_batch_size
         self.seed = seed
+        self.evaluators = list(evaluators) if evaluators is not None else None
         self.sinks = list(sinks)
         self.progress = progress
-        self.checkpoint_path = checkpoint_path
-        self.eval_every = eval_every
+        self.checkpoint_path, self.checkpoint_every = checkpoint_path, checkpoint_every
+        self.eval_every, self.lr_log_every = eval_every, lr_log_every
         # Called when a checkpoint is written; its dict is saved beside the state.
         self.checkpoint_meta: Callable[[], dict] = dict
-        # Separate generators for data order and augmentation, so adding a strategy
-        # that samples does not change which batches the others see.
+
+        # Separate generators for data order, augmentation of the incoming rows, of appended
+        # (replayed) rows, and of strategies' own `ctx.prepare(augment=True)`: adding a
+        # strategy that samples or appends never changes what the others draw.
         self.data_rng = torch.Generator().manual_seed(seed)
         self.aug_rng = torch.Generator().manual_seed(seed + 1)
-        # Task-free strategies never see experience boundaries.
+        self.aug_appended_rng = torch.Generator().manual_seed(derive_seed(seed, "augment appended rows"))
+        aux = torch.Generator().manual_seed(derive_seed(seed, "strategy augmentation"))
+
         self.hooks = {h: [s for s in self.strategies if overrides(s, h) and not (s.task_free and h in BOUNDARY_HOOKS)]
                       for h in HOOKS}
-        # Multi-head models take each sample's task label.
-        self.model_takes_tasks = getattr(model, "uses_task_labels", False)
+        self.owner: dict[str, Strategy | None] = {h: self._single_owner(h) for h in SINGLE_OWNER_HOOKS}
+        lr_owners = [type(s).__name__ for s in self.strategies if s.owns_lr]
+        if len(lr_owners) > 1 or (lr_owners and scheduler is not None):
+            owners = lr_owners + (["training.scheduler"] if scheduler is not None else [])
+            raise ValueError(f"the learning rate has more than one owner: {', '.join(owners)}; keep one")
+        self.needs_features = any(s.needs_features for s in self.strategies)
+
+        self.ctx = Context(self.model, optimizer, self.device, aux_generator=aux)
+        self.ctx.scheduler = self.scheduler
+        self.ctx.forward_owner = self.owner["forward"]
+        self.ctx._seeds = strategy_seeds(seed, self.strategies)
         self.record: RunRecord | None = None
         self._pending_state: dict | None = None
+        self._start_state: dict | None = None
+        self._test_on_device: tuple[int, TensorData] | None = None
+
+    def _single_owner(self, hook: str) -> Strategy | None:
+        owners = [s for s in self.strategies if overrides(s, hook)]
+        if len(owners) > 1:
+            names = ", ".join(type(s).__name__ for s in owners)
+            raise ValueError(f"hook '{hook}' has one owner per run, but {names} all implement it")
+        return owners[0] if owners else None
 
     # ------------------------------------------------------------------ run
     def fit(self, stream: Stream, stop_after: int | None = None) -> RunRecord:
         """Train through `stream` (from where a loaded checkpoint left off) and return the record.
 
-        `stop_after=k` stops once k experiences are done, as an interrupted run would.
-        """
+        `stop_after=k` stops once k experiences are done, as an interrupted run would."""
+        resume = None
         if self.record is None:
-            self._start(stream)
+            resume = self._start(stream)
         rows = {exp: k + 1 for k, exp in enumerate(stream.eval_after)}
         for experience in stream.experiences[self.record.completed:]:
             if stop_after is not None and self.record.completed >= stop_after:
                 break
-            self._train_experience(stream, experience)
+            self._train_experience(stream, experience, resume)
+            resume = None
             if experience.index in rows:
-                k = rows[experience.index]
-                acc, aware = self.evaluate(stream)
-                self.record.accuracy_matrix[k], self.record.task_aware_matrix[k] = acc, aware
-                self._emit_evaluation(k, acc, aware, stream.seen_tasks(experience.index))
-                if self.checkpoint_path:
-                    from cl.checkpoint import save_checkpoint
-
-                    save_checkpoint(self.checkpoint_path, self.state_dict(), self.checkpoint_meta())
+                self._evaluate_row(stream, rows[experience.index], experience.index)
+            if self.checkpoint_path:
+                self._save_checkpoint()
         return self.record
 
-    def _start(self, stream: Stream) -> None:
+    def _start(self, stream: Stream) -> dict | None:
+        """Set up strategies and the optimizer for `stream`, then restore a pending checkpoint
+        or evaluate the untrained model. Returns a mid-experience position to resume from."""
+        ctx = self.ctx
+        ctx.stream, ctx.transform = stream, stream.transform
+        if self.evaluators is None:
+            self.evaluators = default_evaluators(stream.task_classes, stream.n_classes, stream.is_sequence)
         shape = (len(stream.eval_after) + 1, stream.n_tasks)
-        for i, s in enumerate(self.strategies):
-            s.setup(stream, self.device, self.seed * 1000 + 17 * (i + 1))
-        self.record = RunRecord(np.full(shape, np.nan), np.full(shape, np.nan))
+        self.record = RunRecord({e.key: np.full(shape, np.nan) for e in self.evaluators},
+                                {e.key: e.higher_is_better for e in self.evaluators},
+                                main_loss=getattr(self.owner["loss"], "loss_name", None) or DEFAULT_LOSS)
+        for s in self.strategies:
+            s.setup(ctx)
+        if self.hooks["configure_optimizer"]:
+            groups = [dict(g) for g in self.optimizer.param_groups]
+            for s in self.hooks["configure_optimizer"]:
+                groups = s.configure_optimizer(ctx, groups)
+            # The same optimizer class and settings over the strategies' parameter groups.
+            self.optimizer = ctx.optimizer = type(self.optimizer)(groups, **self.optimizer.defaults)
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        if self._scheduler_factory is not None and self.scheduler_scope == "run":
+            self.scheduler = ctx.scheduler = self._scheduler_factory(self.optimizer, None)
         if self._pending_state is not None:
-            self._load_pending()
-            return
-        acc, aware = self.evaluate(stream)
-        self.record.accuracy_matrix[0], self.record.task_aware_matrix[0] = acc, aware
-        self._emit({f"acc_task{j}": float(v) for j, v in enumerate(acc)}, 0)
+            state, self._pending_state = self._pending_state, None
+            progress = state["in_progress"]
+            self._load_state(progress["start"] if progress else state)
+            return None if progress is None else {**progress, "current": state}
+        values = self.evaluate(stream)
+        for key, row in values.items():
+            self.record.matrices[key][0] = row
+        self._emit({f"{key}_task{j}": float(v) for key, row in values.items() for j, v in enumerate(row)}, 0)
+        return None
 
-    def _train_experience(self, stream: Stream, experience) -> None:
-        model, opt, device = self.model, self.optimizer, self.device
-        transform = stream.transform
-        hooks = self.hooks
+    def _train_experience(self, stream: Stream, experience, resume: dict | None = None) -> None:
+        ctx, hooks, model = self.ctx, self.hooks, self.model
         start = time.perf_counter()
-        for s in hooks["before_experience"]:
-            s.before_experience(experience, model)
-        data: TensorData = experience.train
+        if self.checkpoint_every and resume is None:
+            self._start_state = copy.deepcopy(self.state_dict())
+        ctx.experience, ctx.training, ctx.iteration = experience, True, self.record.iteration
+        data = experience.train
         for s in hooks["training_data"]:
-            replaced = s.training_data(experience, stream, data)
+            replaced = s.training_data(ctx, data)
             data = data if replaced is None else replaced
+        if _fits_on_device(data, self.device):
+            data = data.to(self.device)
+        steps_per_epoch = -(-len(data) // self.batch_size)
+        ctx.step, ctx.epoch, ctx.steps_in_experience = 0, 0, steps_per_epoch * self.epochs
         model.train()
-        n = len(data)
-        steps_per_epoch = -(-n // self.batch_size)
-        bar = tqdm(total=steps_per_epoch * self.epochs, disable=not self.progress, leave=False, file=sys.stderr,
-                   desc=f"experience {experience.index + 1}/{len(stream)}", mininterval=0.5)
-        losses: list[torch.Tensor] = []
+        for s in hooks["before_experience"]:
+            s.before_experience(ctx)
+        if self._scheduler_factory is not None and self.scheduler_scope == "experience":
+            for group in self.optimizer.param_groups:  # rewind: every experience starts from the first LR
+                group["lr"] = group["initial_lr"]
+            steps = ctx.steps_in_experience if self.scheduler_interval == "step" else self.epochs
+            self.scheduler = ctx.scheduler = self._scheduler_factory(self.optimizer, steps)
+
+        sums: dict[str, torch.Tensor] = {}
+        n_steps, first_epoch, first_batch, spent_before = 0, 0, 0, 0.0
+        if resume is not None:  # the preamble above was replayed from the experience's start
+            self._start_state = resume["start"]
+            self._load_state(resume["current"])
+            sums = {k: torch.tensor(v, device=self.device) for k, v in resume["loss_sums"].items()}
+            n_steps, first_epoch, first_batch = resume["steps"], resume["epoch"], resume["batch"]
+            spent_before = resume["elapsed"]
+            self.data_rng.set_state(resume["epoch_rng"])
+            start = time.perf_counter()
+        bar = tqdm(total=ctx.steps_in_experience, initial=first_epoch * steps_per_epoch + first_batch,
+                   disable=not self.progress, leave=False, file=sys.stderr, mininterval=0.5,
+                   desc=f"experience {experience.index + 1}/{len(stream)}")
         eval_s = 0.0  # periodic evaluations inside the loop are not training time
-        for _ in range(self.epochs):
-            for x_in, y_in, t_in in data.batches(self.batch_size, shuffle=True, generator=self.data_rng):
-                x, y, t = x_in, y_in, t_in
-                for s in hooks["adapt_batch"]:
-                    x, y, t = s.adapt_batch(x, y, t)
-                x = transform(x.to(device, non_blocking=True), train=True, generator=self.aug_rng)
-                y = y.to(device, non_blocking=True)
-                logits = model(x, t.to(device)) if self.model_takes_tasks else model(x)
-                loss = classification_loss(logits, y)
-                for s in hooks["extra_loss"]:
-                    extra = s.extra_loss(model, x, y, t, logits)
-                    if extra is not None:
-                        loss = loss + extra
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for s in hooks["after_backward"]:
-                    s.after_backward(model)
-                opt.step()
-                if self.scheduler is not None and self.scheduler_interval == "step":
-                    self.scheduler.step()
-                for s in hooks["after_step"]:
-                    s.after_step(model, x_in, y_in, t_in)
-                # Kept on the device: reading it every step would synchronise a GPU.
-                losses.append(loss.detach())
-                if self.progress:
-                    bar.update()
+        for epoch in range(first_epoch, self.epochs):
+            ctx.epoch = epoch
+            skip = first_batch if epoch == first_epoch else 0
+            epoch_rng = self.data_rng.get_state() if self.checkpoint_every else None
+            ctx.step = epoch * steps_per_epoch + skip
+            for b, (x, y, t) in enumerate(data.batches(self.batch_size, True, self.data_rng, skip), start=skip):
+                ctx.iteration = self.record.iteration
+                losses = self._train_batch(x, y, t)
+                for name, value in losses.items():
+                    sums[name] = value.detach() if name not in sums else sums[name] + value.detach()
+                n_steps += 1
                 self.record.iteration += 1
-                if self.eval_every and self.record.iteration % self.eval_every == 0:
+                ctx.step += 1
+                bar.update()
+                it = self.record.iteration
+                if self.eval_every and it % self.eval_every == 0:
                     eval_start = time.perf_counter()
                     self._evaluate_periodically(stream, experience.index)
-                    model.train()
                     eval_s += time.perf_counter() - eval_start
+                if self.checkpoint_every and it % self.checkpoint_every == 0 and ctx.step < ctx.steps_in_experience:
+                    spent = spent_before + time.perf_counter() - start - eval_s
+                    self._save_checkpoint({"epoch": epoch, "batch": b + 1, "epoch_rng": epoch_rng, "steps": n_steps,
+                                           "loss_sums": {k: float(v) for k, v in sums.items()}, "elapsed": spent})
             if self.scheduler is not None and self.scheduler_interval == "epoch":
                 self.scheduler.step()
         bar.close()
         for s in hooks["after_experience"]:
-            s.after_experience(experience, model, data)
-        elapsed = time.perf_counter() - start - eval_s
+            s.after_experience(ctx, data)
+        elapsed = spent_before + time.perf_counter() - start - eval_s
         self.record.train_time_s += elapsed
         self.record.experience_time_s.append(elapsed)
-        # The mean over batches of the (adapted) batch loss.
-        self.record.train_loss.append(torch.stack(losses).mean().item() if losses else float("nan"))
+        self.record.completed += 1
+        # One host sync for every term: the means over the experience's batches.
+        names = list(sums)
+        means = torch.stack([sums[k] for k in names]).div(n_steps).tolist() if names else []
+        self.record.add_loss_terms(dict(zip(names, means)))
+
+    def _train_batch(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One iteration: hooks, prepare, forward, named losses, backward, step. Returns the terms."""
+        ctx, hooks = self.ctx, self.hooks
+        for s in hooks["before_iteration"]:
+            s.before_iteration(ctx)
+        if ctx.iteration % self.lr_log_every == 0:
+            self._log_lrs(ctx.iteration)
+        batch = Batch(x, y, t, len(y))
+        for s in hooks["adapt_batch"]:
+            s.adapt_batch(ctx, batch)
+        self._prepare(batch)
+        self._forward(batch)
+        owner = self.owner["loss"]
+        main = owner.loss(ctx, batch) if owner is not None else classification_loss(batch.logits, batch.y)
+        batch.losses = {self.record.main_loss: main, **batch.losses}
+        for s in hooks["extra_loss"]:
+            extra = s.extra_loss(ctx, batch)
+            if extra is None:
+                continue
+            for name, term in (extra.items() if isinstance(extra, dict) else [(type(s).__name__.lower(), extra)]):
+                if name in batch.losses:
+                    raise ValueError(f"two loss terms are named '{name}' (the second from {type(s).__name__})")
+                batch.losses[name] = term
+        loss = sum(batch.losses.values()) if len(batch.losses) > 1 else main
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for s in hooks["after_backward"]:
+            s.after_backward(ctx, batch)
+        self.optimizer.step()
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self.scheduler.step()
+        for s in hooks["after_step"]:
+            s.after_step(ctx, batch)
+        return batch.losses
+
+    def _prepare(self, batch: Batch) -> None:
+        """Move the batch to the device and transform it. Appended rows are augmented with a
+        generator of their own, so what the incoming rows draw does not depend on replay."""
+        device, transform = self.device, self.ctx.transform
+        x = batch.x_raw.to(device, non_blocking=True)
+        n = batch.n_incoming
+        if batch.n_appended and getattr(transform, "augments", False):
+            batch.x = torch.cat([transform(x[:n], train=True, generator=self.aug_rng),
+                                 transform(x[n:], train=True, generator=self.aug_appended_rng)])
+        else:
+            batch.x = transform(x, train=True, generator=self.aug_rng)
+        batch.y = batch.y.to(device, non_blocking=True)
+        batch.t = batch.t.to(device, non_blocking=True)
+        for key, fields in batch.fields.items():
+            batch.fields[key] = {k: v.to(device, non_blocking=True) for k, v in fields.items()}
+
+    def _forward(self, batch: Batch) -> None:
+        owner, model = self.owner["forward"], self.model
+        if owner is not None:
+            owner.forward(self.ctx, batch)
+        elif self.needs_features:
+            raw = model.forward_features(batch.x)
+            batch.features = model.forward_head(raw, pre_logits=True)
+            batch.logits = (model.forward_head(raw, t=batch.t) if getattr(model, "uses_task_labels", False)
+                            else model.forward_head(raw))
+        else:
+            batch.logits = model_call(model, batch.x, batch.t)
+
+    def _log_lrs(self, iteration: int) -> None:
+        lrs = self.ctx.lrs
+        self.record.lr_curve.append([iteration, lrs])
+        metrics = {"lr": lrs[0]} if len(lrs) == 1 else {f"lr_group{k}": lr for k, lr in enumerate(lrs)}
+        self._emit(metrics, iteration, kind="lr")
 
     # ------------------------------------------------------------ evaluate
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        """Class scores for a preprocessed batch: the first strategy that predicts, else the model."""
-        for s in self.hooks["predict"]:
-            scores = s.predict(self.model, x)
-            if scores is not None:
-                return scores
-        return self.model(x, t) if self.model_takes_tasks else self.model(x)
-
-    @torch.no_grad()
-    def evaluate(self, stream: Stream) -> tuple[np.ndarray, np.ndarray]:
-        """Accuracy on each task's test set of `stream`, in [0, 1]: over all classes
-        (class-incremental), and over the test set's own classes (task-aware)."""
-        transform = stream.transform
-        was_training = self.model.training
-        self.model.eval()
-        accs, aware = [], []
-        for data, classes in zip(stream.test_sets, stream.task_classes):
-            mask = torch.full((stream.n_classes,), float("-inf"), device=self.device)
-            mask[torch.tensor(classes, device=self.device)] = 0.0
-            correct = torch.zeros((), dtype=torch.long, device=self.device)
-            correct_aware = torch.zeros((), dtype=torch.long, device=self.device)
+    def evaluate(self, stream: Stream) -> dict[str, np.ndarray]:
+        """Every evaluator's score on each task's test set, in one pass over all of them:
+        per-sample values are summed per task on the device and read back once."""
+        start = time.perf_counter()
+        ctx, train_model = self.ctx, self.model
+        owner = self.owner["eval_model"]
+        model = (owner.eval_model(ctx) if owner is not None else None) or train_model
+        # Each module's own mode, so a strategy's frozen BatchNorm stays frozen after evaluation.
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        ctx.model, ctx.training = model, False
+        data, task_ids = self._test_data(stream)
+        sums = torch.zeros(len(self.evaluators), stream.n_tasks, device=self.device)
+        predictor, offset = self.owner["predict"], 0
+        try:
             for x, y, t in data.batches(self.eval_batch_size, shuffle=False):
-                x, y = transform(x.to(self.device)), y.to(self.device)
-                scores = self.predict(x, t.to(self.device))
-                # [..., :n] and argmax(-1) serve both one label per sample and one per token.
-                correct += (scores.argmax(-1) == y).sum()
-                correct_aware += ((scores[..., : stream.n_classes] + mask).argmax(-1) == y).sum()
-            n = max(data.y.numel(), 1)
-            accs.append(correct.item() / n)
-            aware.append(correct_aware.item() / n)
-        self.model.train(was_training)
-        return np.array(accs), np.array(aware)
+                ids = task_ids[offset:offset + len(y)]
+                offset += len(y)
+                x, y, t = ctx.transform(x.to(self.device)), y.to(self.device), t.to(self.device)
+                scores = predictor.predict(ctx, x, t) if predictor is not None else ctx.forward(x, t)
+                for i, evaluator in enumerate(self.evaluators):
+                    sums[i].index_add_(0, ids, evaluator.per_sample(scores, y, ids).to(sums.dtype))
+            totals = np.array(sums.tolist())  # the one host sync of the pass
+        finally:
+            ctx.model, ctx.training = train_model, True
+            for m, mode in modes:
+                m.training = mode
+        sizes = np.array([len(d) for d in stream.test_sets], dtype=float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values = {e.key: totals[i] / sizes for i, e in enumerate(self.evaluators)}
+        self.record.eval_time_s += time.perf_counter() - start
+        return values
 
-    def _evaluate_periodically(self, stream: Stream, experience_index: int) -> None:
-        acc, _ = self.evaluate(stream)
+    def _test_data(self, stream: Stream) -> tuple:
+        """The concatenated test sets and their task ids, on the device when it holds them."""
+        data, ids = stream.test_all, stream.test_task_ids
+        if self.device.type == "cpu":
+            return data, ids
+        if self._test_on_device is None or self._test_on_device[0] != id(stream):
+            on = data.to(self.device) if _fits_on_device(data, self.device) else data
+            self._test_on_device = (id(stream), on)
+        return self._test_on_device[1], ids.to(self.device)
+
+    def _evaluate_row(self, stream: Stream, k: int, experience_index: int) -> None:
+        values = self.evaluate(stream)
+        for key, row in values.items():
+            self.record.matrices[key][k] = row
         seen = stream.seen_tasks(experience_index)
-        point = {"iteration": self.record.iteration, "experience": experience_index, "acc": acc.tolist(),
-                 "acc_seen": float(acc[seen].mean()) if seen else float("nan")}
-        self.record.curve.append(point)
-        metrics = {f"curve_acc_task{j}": float(v) for j, v in enumerate(acc)}
-        metrics["curve_acc_seen"] = point["acc_seen"]
-        self._emit(metrics, self.record.iteration)
-
-    # ------------------------------------------------------------- records
-    def _emit(self, metrics: dict[str, float], step: int) -> None:
-        for sink in self.sinks:
-            sink.log_metrics(metrics, step)
-
-    def _emit_evaluation(self, k: int, acc: np.ndarray, aware: np.ndarray, seen: list[int]) -> None:
-        metrics = {f"acc_task{j}": float(v) for j, v in enumerate(acc)}
-        metrics["acc_seen"] = float(acc[seen].mean()) if seen else float("nan")
-        metrics["task_aware_acc_seen"] = float(aware[seen].mean()) if seen else float("nan")
+        metrics = {}
+        for key, row in values.items():
+            metrics.update({f"{key}_task{j}": float(v) for j, v in enumerate(row)})
+            metrics[f"{key}_seen"] = float(row[seen].mean()) if seen else float("nan")
         metrics["train_loss"] = self.record.train_loss[-1]
+        for name, history in self.record.loss_terms.items():
+            if name != self.record.main_loss:
+                metrics[f"train_loss_{name}"] = history[-1]
         metrics["experience_train_time_s"] = self.record.experience_time_s[-1]
         self._emit(metrics, k)
 
+    def _evaluate_periodically(self, stream: Stream, experience_index: int) -> None:
+        values = self.evaluate(stream)
+        seen = stream.seen_tasks(experience_index)
+        point = {"iteration": self.record.iteration, "experience": experience_index}
+        metrics = {}
+        for key, row in values.items():
+            point[key] = row.tolist()
+            point[f"{key}_seen"] = float(row[seen].mean()) if seen else float("nan")
+            metrics.update({f"curve_{key}_task{j}": float(v) for j, v in enumerate(row)})
+            metrics[f"curve_{key}_seen"] = point[f"{key}_seen"]
+        self.record.curve.append(point)
+        self._emit(metrics, self.record.iteration, kind="curve")
+
+    def _emit(self, metrics: dict[str, float], step: int, kind: str = "evaluation") -> None:
+        for sink in self.sinks:
+            sink.log_metrics(metrics, step, kind)
+
     # ---------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
-        rec = self.record
+        """The run's state at an experience boundary (plain tensors, numbers, lists and dicts)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "strategies": [s.state_dict() for s in self.strategies],
             "rng": {"data": self.data_rng.get_state(), "aug": self.aug_rng.get_state(),
+                    "aug_appended": self.aug_appended_rng.get_state(), "aux": self.ctx.aux_generator.get_state(),
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "record": None if rec is None else {
-                "accuracy_matrix": torch.from_numpy(rec.accuracy_matrix.copy()),
-                "task_aware_matrix": torch.from_numpy(rec.task_aware_matrix.copy()),
-                "train_loss": list(rec.train_loss), "train_time_s": rec.train_time_s,
-                "experience_time_s": list(rec.experience_time_s), "curve": list(rec.curve),
-                "iteration": rec.iteration},
+            "record": None if self.record is None else self.record.state_dict(),
+            "in_progress": None,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a checkpoint; strategies are restored when `fit` sets them up for the stream."""
+        """Restore a checkpoint; it is applied when `fit` has set the run up for its stream."""
         if len(state["strategies"]) != len(self.strategies):
             raise ValueError(f"checkpoint has {len(state['strategies'])} strategies, this run has "
                              f"{len(self.strategies)}: it was saved by a different experiment")
+        self._pending_state = state
+        self.record = None
+
+    def _load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.data_rng.set_state(state["rng"]["data"])
-        self.aug_rng.set_state(state["rng"]["aug"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self._pending_state = state
-        self.record = None
-
-    def _load_pending(self) -> None:
-        state, self._pending_state = self._pending_state, None
+        rng = state["rng"]
+        self.data_rng.set_state(rng["data"])
+        self.aug_rng.set_state(rng["aug"])
+        self.aug_appended_rng.set_state(rng["aug_appended"])
+        self.ctx.aux_generator.set_state(rng["aux"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         for s, s_state in zip(self.strategies, state["strategies"]):
             s.load_state_dict(s_state)
-        rec = state["record"]
-        if rec is not None:
-            matrix = rec["accuracy_matrix"].numpy()
-            if matrix.shape != self.record.accuracy_matrix.shape:
-                raise ValueError(f"checkpoint's accuracy matrix has shape {matrix.shape}, this stream needs "
-                                 f"{self.record.accuracy_matrix.shape}")
-            self.record.accuracy_matrix[:] = matrix
-            self.record.task_aware_matrix[:] = rec["task_aware_matrix"].numpy()
-            self.record.curve = list(rec["curve"])
-            self.record.iteration = int(rec["iteration"])
-            self.record.train_loss = list(rec["train_loss"])
-            self.record.train_time_s = float(rec["train_time_s"])
-            self.record.experience_time_s = list(rec["experience_time_s"])
+        if state["record"] is not None:
+            self.record.load_state_dict(state["record"])
+
+    def _save_checkpoint(self, in_progress: dict | None = None) -> None:
+        from cl.checkpoint import check_plain, save_checkpoint
+
+        state = self.state_dict()
+        for i, (s, s_state) in enumerate(zip(self.strategies, state["strategies"])):
+            check_plain(s_state, f"strategy {i} ({type(s).__name__}) state")
+        if in_progress is not None:
+            state["in_progress"] = {**in_progress, "start": self._start_state}
+        save_checkpoint(self.checkpoint_path, state, self.checkpoint_meta())

@@ -1,69 +1,133 @@
 """The `Strategy` base class: optional hooks that change what the trainer does.
 
-A strategy overrides only the hooks it needs; the trainer calls each hook on
-every strategy of the run in list order, and skips hooks a strategy does not
-override (so an unused hook costs nothing per batch). Strategies get what
-they need as arguments and keep their own state; nothing is shared through
-attributes of the trainer.
+A strategy overrides only the hooks it needs; hooks it does not override are
+never called, so an unused hook costs nothing per batch. Every hook gets the
+run's `Context` (model, optimizer, device, stream, experience, counters, and
+helpers: `ctx.prepare`, `ctx.forward`, `ctx.features`, `ctx.set_lr`); batch
+hooks also get the mutable `Batch`. Strategies keep their own state and
+receive everything else as arguments.
 
-Hook order for one experience::
+Call order for one experience::
 
-    before_experience -> training_data ->
-        [per batch: adapt_batch -> forward -> extra_loss -> backward ->
-         after_backward -> optimizer step -> after_step] ->
-    after_experience -> evaluation (predict)
+    training_data -> before_experience ->
+      per batch: before_iteration -> adapt_batch -> [prepare] -> forward -> loss ->
+                 extra_loss -> backward -> after_backward -> optimizer step ->
+                 [per-iteration LR scheduler step] -> after_step
+    -> after_experience -> evaluation (eval_model, predict)
+
+`setup` and `configure_optimizer` run once, before the first experience.
+`before_experience` runs once the training data is decided (so
+`ctx.steps_in_experience` is known) and the model is in train mode, so a
+strategy may put parts of it back in eval mode (frozen BatchNorm, a frozen
+query network): the trainer will not undo it, evaluation included.
+
+Precedence when several strategies of a run answer the same hook:
+
+- In list order, each seeing what the earlier ones did: `training_data`
+  (each gets the data the previous one returned), `before_experience`,
+  `before_iteration`, `adapt_batch` (rows appended earlier are in the batch),
+  `extra_loss` (all terms are added; two terms of the same name are an error),
+  `after_backward` (gradient projections apply in order), `after_step`,
+  `after_experience`.
+- One owner only; a second is an error when the trainer is built: `forward`,
+  `loss`, `eval_model`, `predict`, and the learning rate (a strategy with
+  `owns_lr = True`, or the experiment's `training.scheduler`). They compose
+  with each other: `predict` and `ctx.features` run on the evaluation model,
+  so a nearest-mean predictor uses slow weights when both are in the run.
+
+State: `state_dict()` must return plain tensors, numbers, strings, lists and
+dicts, because checkpoints load with `torch.load(weights_only=True)`;
+anything else is refused when the checkpoint is written. `self.rng` is a CPU
+generator seeded from the run seed and the strategy's class (not its
+position in the list); it is saved and restored by the base class.
+
+Task-free strategies (`task_free = True`) are never called at boundaries
+(`before_experience`, `training_data`, `after_experience`) and must not read
+`ctx.experience`: on an online stream they see only batches.
 """
 from __future__ import annotations
 
 import torch
 
-from streams.experience import Experience, Stream, TensorData
+from strategies.context import Batch, Context
+from streams.experience import TensorData
 
 
 class Strategy:
-    """Base class of every continual-learning strategy.
+    """Base class of every continual-learning strategy (see the module docstring for the rules)."""
 
-    `self.rng` is a CPU generator seeded per run and per strategy, so sampling
-    (replay draws, buffer updates) is reproducible and survives a checkpoint.
-    """
-
-    #: Task-free strategies are never told where experiences begin or end.
+    #: Never told where experiences begin or end.
     task_free: bool = False
+    #: Sets the learning rate itself (`ctx.set_lr`); excludes `training.scheduler` and other owners.
+    owns_lr: bool = False
+    #: The trainer fills `batch.features` (pooled pre-logits) for the training batch.
+    needs_features: bool = False
+    #: When this strategy owns `loss`: the name its term is logged under (default "ce" otherwise).
+    loss_name: str | None = None
 
-    def setup(self, stream: Stream, device: torch.device, seed: int) -> None:
-        """Called once per run before training; on resume, before the saved state is loaded."""
-        self.rng = torch.Generator().manual_seed(seed)
-        self.device = device
+    # ------------------------------------------------------------- once per run
+    def setup(self, ctx: Context) -> None:
+        """Before training; on resume, before the saved state is loaded. Create parameters here."""
+        self.rng = torch.Generator().manual_seed(ctx.strategy_seed(self))
 
-    def before_experience(self, experience: Experience, model: torch.nn.Module) -> None:
-        """Before training on `experience`."""
+    def configure_optimizer(self, ctx: Context, param_groups: list[dict]) -> list[dict]:
+        """Return the optimizer's parameter groups: add groups (prompts, extra heads), split
+        the model's, or give a group its own `lr` or an `lr_scale` that LR owners respect."""
+        return param_groups
 
-    def training_data(self, experience: Experience, stream: Stream, data: TensorData) -> TensorData | None:
-        """Return the data to train on for `experience` instead of `data`, or None to keep it."""
+    # ------------------------------------------------------- per experience
+    def training_data(self, ctx: Context, data: TensorData) -> TensorData | None:
+        """The data to train on for `ctx.experience` instead of `data`, or None to keep it.
+        Must depend only on the experience, the stream and this strategy's state."""
         return None
 
-    def adapt_batch(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor):
-        """Change a raw training batch (e.g. append replayed samples); return (x, y, t)."""
-        return x, y, t
+    def before_experience(self, ctx: Context) -> None:
+        """Before training on `ctx.experience`, with the model in train mode and
+        `ctx.steps_in_experience` known."""
 
-    def extra_loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
-                   logits: torch.Tensor) -> torch.Tensor | None:
-        """A loss term added to the cross-entropy of the (adapted, preprocessed) batch, or None."""
+    def after_experience(self, ctx: Context, data: TensorData) -> None:
+        """After training on `ctx.experience`; `data` is what was trained on."""
+
+    # ------------------------------------------------------------ per batch
+    def before_iteration(self, ctx: Context) -> None:
+        """At the start of every iteration (e.g. set the LR for `ctx.iteration`)."""
+
+    def adapt_batch(self, ctx: Context, batch: Batch) -> None:
+        """Change the raw batch before it is prepared, e.g. `batch.append(...)` replayed rows."""
+
+    def forward(self, ctx: Context, batch: Batch) -> None:
+        """Owner only: set `batch.logits` (and `batch.features`, if known) from `batch.x` and
+        `batch.t`, replacing the model's own forward pass (prompting a frozen backbone).
+        Called for training batches, evaluation and `ctx.forward`; loss terms it adds to
+        `batch.losses` count only for training batches."""
+        raise NotImplementedError
+
+    def loss(self, ctx: Context, batch: Batch) -> torch.Tensor:
+        """Owner only: the main training loss of the batch, replacing cross-entropy."""
+        raise NotImplementedError
+
+    def extra_loss(self, ctx: Context, batch: Batch) -> torch.Tensor | dict[str, torch.Tensor] | None:
+        """Loss terms added to the main one: a dict of named terms, or one tensor (named after
+        the class), or None. Each term is logged by its name."""
         return None
 
-    def after_backward(self, model: torch.nn.Module) -> None:
+    def after_backward(self, ctx: Context, batch: Batch) -> None:
         """After gradients are computed, before the optimizer step (e.g. project gradients)."""
 
-    def after_step(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
-        """After the optimizer step; x, y, t is the incoming raw batch before adaptation."""
+    def after_step(self, ctx: Context, batch: Batch) -> None:
+        """After the optimizer step; `batch.logits` are those the step was taken on."""
 
-    def after_experience(self, experience: Experience, model: torch.nn.Module, data: TensorData) -> None:
-        """After training on `experience`; `data` is what was trained on."""
-
-    def predict(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """Class scores for a preprocessed batch, for classifiers that are not the linear head; None to use it."""
+    # ------------------------------------------------------------ evaluation
+    def eval_model(self, ctx: Context) -> torch.nn.Module | None:
+        """Owner only: the model to evaluate instead of the trained one (e.g. slow weights)."""
         return None
 
+    def predict(self, ctx: Context, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Owner only: class scores for prepared inputs, for a classifier that is not the
+        model's head (nearest-mean). `ctx.model` is the evaluation model."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"rng": self.rng.get_state()}
 
@@ -74,6 +138,10 @@ class Strategy:
         return type(self).__name__
 
 
+#: Hooks of which a run may have one implementation only.
+SINGLE_OWNER_HOOKS = ("forward", "loss", "eval_model", "predict")
+
+
 def overrides(strategy: Strategy, hook: str) -> bool:
-    """Whether `strategy` implements `hook` itself rather than inheriting the no-op."""
+    """Whether `strategy` implements `hook` itself rather than inheriting the base's."""
     return getattr(type(strategy), hook) is not getattr(Strategy, hook)

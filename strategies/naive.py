@@ -1,33 +1,30 @@
 """Fine-tuning baselines: Naive (the lower bound), Cumulative and Joint (upper bounds)."""
 from __future__ import annotations
 
-from cl.registry import STRATEGIES
 from strategies.base import Strategy
-from streams.experience import Experience, Stream, TensorData, concat_data
+from strategies.context import Context
+from streams.experience import TensorData, concat_data
 
 
-@STRATEGIES.register("naive")
 class Naive(Strategy):
     """Plain fine-tuning on each experience in turn, with no defence against
     catastrophic forgetting (McCloskey and Cohen 1989): the lower bound."""
 
 
-@STRATEGIES.register("cumulative")
 class Cumulative(Strategy):
     """Retrain on the union of every experience seen so far at each experience:
     an upper bound that ignores the memory constraint."""
 
-    def training_data(self, experience: Experience, stream: Stream, data: TensorData) -> TensorData:
-        return concat_data([e.train for e in stream.experiences[: experience.index]] + [data])
+    def training_data(self, ctx: Context, data: TensorData) -> TensorData:
+        return concat_data([e.train for e in ctx.stream.experiences[: ctx.experience.index]] + [data])
 
 
-@STRATEGIES.register("joint")
 class Joint(Strategy):
     """Joint training (the i.i.d. upper bound): the whole stream's training data,
     shuffled together, is learned at the first experience; later experiences
     add nothing, so the last row of the accuracy matrix is the joint model."""
 
-    def training_data(self, experience: Experience, stream: Stream, data: TensorData) -> TensorData:
-        if experience.index == 0:
-            return concat_data([e.train for e in stream.experiences])
+    def training_data(self, ctx: Context, data: TensorData) -> TensorData:
+        if ctx.experience.index == 0:
+            return concat_data([e.train for e in ctx.stream.experiences])
         return data.subset(slice(0, 0))

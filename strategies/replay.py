@@ -3,26 +3,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-
-from cl.registry import STRATEGIES
 from strategies.base import Strategy
 from strategies.buffers import ClassBalancedBuffer, ReservoirBuffer
-from streams.experience import Experience, TensorData
+from strategies.context import Batch, Context
+from streams.experience import TensorData
 
 
-@STRATEGIES.register("replay")
 class Replay(Strategy):
     """Experience replay (Chaudhry et al. 2019, "On Tiny Episodic Memories in
-    Continual Learning"; Rolnick et al. 2019): each training batch is extended
-    with `replay_batch_size` samples drawn uniformly from a memory of
-    `memory_size` past samples, and the loss is taken over the joint batch.
+    Continual Learning"; Rolnick et al. 2019): each training batch B is extended
+    with `replay_batch_size` samples M drawn uniformly from a memory of
+    `memory_size` past samples, and the loss is taken over the joint batch,
+    L = CE(f(B u M)).
 
     `policy` chooses what the memory keeps:
       - `reservoir`: reservoir sampling over every training sample seen,
         updated after each optimizer step (task-free);
-      - `class_balanced`: an equal share per class seen, updated at the end
-        of each experience.
+      - `class_balanced`: an equal share per class seen, each class a uniform
+        sample of all its samples so far, updated at the end of each experience.
     """
 
     def __init__(self, memory_size: int = 500, replay_batch_size: int = 32,
@@ -36,17 +34,20 @@ class Replay(Strategy):
         self.policy = policy
         self.buffer = ReservoirBuffer(memory_size) if policy == "reservoir" else ClassBalancedBuffer(memory_size)
 
-    def adapt_batch(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor):
-        if not len(self.buffer):
-            return x, y, t
-        mx, my, mt = self.buffer.sample(self.replay_batch_size, self.rng)
-        return torch.cat([x, mx]), torch.cat([y, my]), torch.cat([t, mt])
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)
+        self.buffer.to(ctx.device)
 
-    def after_step(self, model, x, y, t) -> None:
+    def adapt_batch(self, ctx: Context, batch: Batch) -> None:
+        if len(self.buffer):
+            batch.append(self, *self.buffer.sample(self.replay_batch_size, self.rng))
+
+    def after_step(self, ctx: Context, batch: Batch) -> None:
         if self.policy == "reservoir":
-            self.buffer.add(x, y, t, self.rng)
+            rows = batch.incoming
+            self.buffer.add(batch.x_raw[rows], batch.y[rows], batch.t[rows], self.rng)
 
-    def after_experience(self, experience: Experience, model, data: TensorData) -> None:
+    def after_experience(self, ctx: Context, data: TensorData) -> None:
         if self.policy == "class_balanced":
             self.buffer.add(data.x, data.y, data.t, self.rng)
 

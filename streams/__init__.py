@@ -1,7 +1,11 @@
-"""Data sources, scenarios and the Stream of Experience objects they build."""
+"""Data sources, scenarios and the Stream of Experience objects they build.
+
+`DATASETS` and `SCENARIOS` name the built-in components; the lab's registry
+(`cl.registry`) starts from them and adds plugins. Nothing here imports `cl`.
+"""
 from streams.experience import BatchTransform, Dataset, Experience, Stream, TensorData
 from streams.domain import permuted, rotated
-from streams.interop import from_avalanche
+from streams.interop import avalanche, from_avalanche
 from streams.user_data import image_folder, numpy_arrays, torch_dataset
 from streams.multi_dataset import multi_dataset
 from streams.online import blur, online
@@ -10,8 +14,18 @@ from streams.scenarios import class_incremental
 from streams.text import TokenTransform, token_stream
 from streams.sources import DatasetNotFoundError, cifar10, data_root, digits, mnist
 
+DATASETS = {
+    "digits": digits, "mnist": mnist, "cifar10": cifar10,
+    "numpy": numpy_arrays, "image_folder": image_folder, "torch_dataset": torch_dataset,
+}
+SCENARIOS = {
+    "class_incremental": class_incremental, "permuted": permuted, "rotated": rotated, "power_law": power_law,
+    "multi_dataset": multi_dataset, "token_stream": token_stream, "avalanche": avalanche,
+}
+
 __all__ = [
-    "BatchTransform", "Dataset", "DatasetNotFoundError", "Experience", "Stream", "TensorData",
-    "blur", "cifar10", "from_avalanche", "image_folder", "numpy_arrays", "torch_dataset", "class_incremental", "data_root", "digits", "mnist", "multi_dataset", "online", "permuted", "power_law",
-    "power_law_schedule", "recurrence_rates", "rotated", "token_stream", "TokenTransform",
+    "BatchTransform", "DATASETS", "Dataset", "DatasetNotFoundError", "Experience", "SCENARIOS", "Stream",
+    "TensorData", "TokenTransform", "avalanche", "blur", "cifar10", "class_incremental", "data_root", "digits",
+    "from_avalanche", "image_folder", "mnist", "multi_dataset", "numpy_arrays", "online", "permuted", "power_law",
+    "power_law_schedule", "recurrence_rates", "rotated", "token_stream", "torch_dataset",
 ]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from cl.registry import SCENARIOS
 from streams.experience import Dataset, Experience, Stream, TensorData
 
 
@@ -23,7 +22,6 @@ def pixel_permutations(n: int, n_pixels: int, seed: int) -> list[torch.Tensor]:
     return [torch.randperm(n_pixels, generator=g) for _ in range(n)]
 
 
-@SCENARIOS.register("permuted")
 def permuted(data: Dataset, n_experiences: int = 10, task_labels: bool = False, seed: int = 0) -> Stream:
     """Permuted MNIST (Goodfellow et al. 2013; Kirkpatrick et al. 2017): experience i applies
     its own fixed random permutation of the pixels, drawn from `seed`, to every image."""
@@ -39,7 +37,6 @@ def permuted(data: Dataset, n_experiences: int = 10, task_labels: bool = False, 
                           {"kind": "permuted", "n_experiences": n_experiences, "seed": seed})
 
 
-@SCENARIOS.register("rotated")
 def rotated(data: Dataset, angles: list[float] = (0.0, 45.0, 90.0, 135.0, 180.0), task_labels: bool = False,
             seed: int = 0) -> Stream:
     """Rotated MNIST (Lopez-Paz and Ranzato 2017): experience i shows every image rotated by

@@ -44,15 +44,25 @@ class TensorData:
     def with_task(self, task: int) -> "TensorData":
         return TensorData(self.x, self.y, torch.full_like(self.y, task))
 
+    def to(self, device: torch.device | str) -> "TensorData":
+        return TensorData(self.x.to(device), self.y.to(device), self.t.to(device))
+
     @property
     def classes(self) -> list[int]:
         return torch.unique(self.y).tolist()
 
-    def batches(self, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):
-        """(x, y, t) batches by indexing, in an order drawn from `generator` or as stored."""
+    def batches(self, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
+                start_batch: int = 0):
+        """(x, y, t) batches by indexing, in an order drawn from `generator` or as stored.
+
+        `start_batch` skips that many batches of the same order (a run resumed
+        mid-epoch); the order is drawn all the same, so the generator ends in
+        the state it would have."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else None
-        for b in range(0, n, batch_size):
+        if order is not None and order.device != self.x.device:
+            order = order.to(self.x.device)
+        for b in range(start_batch * batch_size, n, batch_size):
             if order is None:
                 yield self.x[b:b + batch_size], self.y[b:b + batch_size], self.t[b:b + batch_size]
             else:
@@ -95,6 +105,11 @@ class BatchTransform:
         self.crop_padding = crop_padding
         self.flip = flip
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def augments(self) -> bool:
+        """Whether training batches draw random augmentations."""
+        return bool(self.crop_padding or self.flip)
 
     def _affine(self, x: torch.Tensor, raw: bool) -> tuple[torch.Tensor, torch.Tensor]:
         # (x / scale - mean) / std folded into x * a - b; one pair per device, dtype and rank.
@@ -165,8 +180,11 @@ class Dataset:
 class Experience:
     """One step of a stream: its index, task label, classes and data.
 
-    `task_index` is the test set (accuracy-matrix column) this experience
-    trains, or None when it mixes several tasks (a power-law phase).
+    `task_index` is the task (accuracy-matrix column) this experience is
+    about, or None when it mixes several (a power-law phase with
+    recurrences). `tasks` lists every task some of whose training samples
+    it holds (default: just `task_index`): a blurry experience also holds a
+    share of its neighbour's, a power-law phase its recurring tasks'.
     """
 
     index: int
@@ -175,6 +193,11 @@ class Experience:
     train: TensorData
     test: TensorData | None = None
     task_index: int | None = None
+    tasks: tuple[int, ...] = None
+
+    def __post_init__(self):
+        if self.tasks is None:
+            object.__setattr__(self, "tasks", () if self.task_index is None else (self.task_index,))
 
     @property
     def n_train(self) -> int:
@@ -232,24 +255,61 @@ class Stream:
         return len(self.test_sets)
 
     def seen_tasks(self, last_experience: int) -> list[int]:
-        """Tasks whose classes some experience up to `last_experience` (inclusive) trains on."""
+        """Tasks some of whose training samples experiences 0..`last_experience` held.
+
+        Decided by task index, not by shared classes: on permuted, rotated and
+        token streams every task has every class, yet task j is unseen until
+        an experience holding it comes."""
         return self._seen_tasks_by_experience[last_experience]
 
     @cached_property
     def _seen_tasks_by_experience(self) -> list[list[int]]:
         # One pass over the stream instead of one per evaluation (online streams have thousands).
-        out, seen_classes, seen = [], set(), []
+        out, seen = [], set()
         for e in self.experiences:
-            seen_classes.update(e.classes)
-            seen = [j for j, classes in enumerate(self.task_classes) if seen_classes.intersection(classes)]
-            out.append(seen)
+            seen.update(e.tasks)
+            out.append(sorted(seen))
         return out
 
     @property
+    def seen_at_rows(self) -> list[list[int]]:
+        """For each evaluation row k >= 1 (after experience eval_after[k-1]): the tasks seen by then."""
+        return [self.seen_tasks(e) for e in self.eval_after]
+
+    @property
+    def rows_follow_tasks(self) -> bool:
+        """Row k of the matrix (k >= 1) comes right after task k-1's own training, and every
+        experience since the previous row is about task k-1: the setting of the GEM metrics
+        (one experience per task, or an online stream cut into pieces per task)."""
+        if len(self.eval_after) != self.n_tasks:
+            return False
+        start = 0
+        for k, end in enumerate(self.eval_after):
+            if end < start or any(e.task_index != k for e in self.experiences[start:end + 1]):
+                return False
+            start = end + 1
+        return start == len(self.experiences)
+
+    @property
     def one_experience_per_task(self) -> bool:
-        """Experience i trains task i and is evaluated after: the setting of the GEM metrics."""
-        return (len(self.experiences) == self.n_tasks and self.eval_after == list(range(self.n_tasks))
-                and all(e.task_index == i for i, e in enumerate(self.experiences)))
+        """Experience i trains task i and is evaluated after: the classic setting."""
+        return len(self.experiences) == self.n_tasks and self.rows_follow_tasks
+
+    @cached_property
+    def test_all(self):
+        """Every task's test set in one, in task order, so that evaluation is one pass over
+        it; `test_task_ids` says which task each of its samples belongs to."""
+        return concat_data(self.test_sets)
+
+    @cached_property
+    def test_task_ids(self) -> torch.Tensor:
+        sizes = torch.tensor([len(d) for d in self.test_sets])
+        return torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+
+    @property
+    def is_sequence(self) -> bool:
+        """Targets are sequences (next-token prediction), not one label per sample."""
+        return self.test_sets[0].y.dim() > 1
 
     def describe(self) -> dict:
         return {
@@ -262,8 +322,8 @@ class Stream:
             "test_sets": [{"task": j, "classes": c, "n_test": len(d)}
                           for j, (c, d) in enumerate(zip(self.task_classes, self.test_sets))],
             "experiences": [
-                {"index": e.index, "task_label": e.task_label, "task_index": e.task_index, "classes": e.classes,
-                 "n_train": e.n_train}
+                {"index": e.index, "task_label": e.task_label, "task_index": e.task_index, "tasks": list(e.tasks),
+                 "classes": e.classes, "n_train": e.n_train}
                 for e in self.experiences
             ],
             "eval_after": self.eval_after,

@@ -1,9 +1,10 @@
 """Bridges from other libraries' data into lab streams."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from cl.registry import SCENARIOS
 from streams.experience import BatchTransform, Experience, Stream, TensorData
 
 
@@ -52,17 +53,15 @@ def from_avalanche(benchmark, num_workers: int = 0) -> Stream:
                   schedule={"kind": "avalanche", "benchmark": type(benchmark).__name__})
 
 
-@SCENARIOS.register("avalanche")
-def avalanche(benchmark: str, args: dict | None = None, root_argument: str | None = "dataset_root",
+def avalanche(benchmark: Callable, args: dict | None = None, root_argument: str | None = "dataset_root",
               num_workers: int = 0, data_dir: str | None = None, seed: int = 0) -> Stream:
-    """An avalanche-lib benchmark from an experiment file: `benchmark` is a `module:callable`
-    path (e.g. `avalanche.benchmarks.classic:SplitMNIST`) called with `args`, and with the
-    lab's data root as `root_argument` unless that is null or given in `args`."""
-    from cl.registry import import_path
+    """An avalanche-lib benchmark: `benchmark` builds it (in an experiment file, a
+    `module:callable` path such as `avalanche.benchmarks.classic:SplitMNIST`), called
+    with `args`, and with the lab's data root as `root_argument` unless that is null or
+    given in `args`."""
     from streams.sources import data_root
 
-    make = import_path(benchmark, "avalanche benchmark")
     kwargs = dict(args or {})
     if root_argument and root_argument not in kwargs:
         kwargs[root_argument] = str(data_root(data_dir))
-    return from_avalanche(make(**kwargs), num_workers=num_workers)
+    return from_avalanche(benchmark(**kwargs), num_workers=num_workers)

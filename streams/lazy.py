@@ -68,13 +68,21 @@ class LazyData:
         return LazyData(ConcatDataset([p.dataset for p in parts]), torch.cat([p.y for p in parts]),
                         torch.cat([p.t for p in parts]), parts[0].num_workers)
 
-    def batches(self, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):
+    def to(self, device) -> "LazyData":
+        """Inputs stay where the dataset reads them; batches move to the device as they come."""
+        return self
+
+    def batches(self, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
+                start_batch: int = 0):
         """(x, y, t) batches in shuffled (by `generator`) or stored order. The permutation is
-        drawn here, as the tensor path draws it, so both paths see the same batches."""
+        drawn here, as the tensor path draws it, so both paths see the same batches;
+        `start_batch` skips batches without reading them (a run resumed mid-epoch)."""
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
-        sampler = torch.utils.data.BatchSampler(order.tolist(), batch_size, drop_last=False)
+        sampler = list(torch.utils.data.BatchSampler(order.tolist(), batch_size, drop_last=False))[start_batch:]
+        # A DataLoader draws its workers' base seed from the global RNG unless given a
+        # generator: a private one keeps evaluation and training from moving the run's RNG.
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                            persistent_workers=False)
+                            persistent_workers=False, generator=torch.Generator().manual_seed(0))
         for batch_index, batch in zip(sampler, loader):
             index = torch.tensor(batch_index)
             yield torch.as_tensor(batch[0]), self.y[index], self.t[index]

@@ -8,10 +8,11 @@ grey images repeated over the colour channels) so one backbone reads them all.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-from cl.registry import DATASETS, SCENARIOS
 from streams.experience import BatchTransform, Experience, Stream, TensorData
 
 
@@ -27,20 +28,20 @@ def _reshape_images(x: torch.Tensor, size: int, channels: int, chunk: int = 4096
     return out
 
 
-@SCENARIOS.register("multi_dataset")
-def multi_dataset(datasets: list[str | dict], size: int = 32, channels: int = 3, data_dir: str | None = None,
-                  seed: int = 0) -> Stream:
+def multi_dataset(datasets: list[str | dict], load_dataset: Callable, size: int = 32, channels: int = 3,
+                  data_dir: str | None = None, seed: int = 0) -> Stream:
     """One experience per dataset, in the given order, each its own label space (NEVIS'22 style).
 
     `datasets` lists dataset names or `{name: ..., <arguments>}` mappings, e.g.
-    `[digits, mnist, cifar10]`."""
+    `[digits, mnist, cifar10]`; `load_dataset(spec)` turns one into a `Dataset` (the lab
+    passes its own loader, which knows every registered dataset)."""
     if not datasets:
         raise ValueError("multi_dataset needs at least one dataset")
     experiences, offset, names = [], 0, []
     for k, spec in enumerate(datasets):
         spec = {"name": spec} if isinstance(spec, str) else dict(spec)
-        name = spec.pop("name")
-        data = DATASETS.get(name)(data_dir=data_dir, **spec)
+        name = spec["name"]
+        data = load_dataset(spec)
         if data.train.x.dtype != torch.uint8 or data.train.x.dim() != 4:
             raise ValueError(f"multi_dataset: '{name}' is not a dataset of uint8 images")
         K = data.n_classes

@@ -29,7 +29,7 @@ def online(stream: Stream, experience_size: int, seed: int = 0) -> Stream:
         for start in range(0, e.n_train, experience_size):
             part = e.train.subset(order[start:start + experience_size])
             pieces.append(Experience(len(pieces), e.task_label, sorted(torch.unique(part.y).tolist()), part,
-                                     e.test, task_index=e.task_index))
+                                     e.test, task_index=e.task_index, tasks=e.tasks))
         eval_after.append(len(pieces) - 1)
     schedule = {**stream.schedule, "online": {"experience_size": experience_size}}
     return Stream(f"online-{stream.name}", pieces, stream.transform, stream.input_shape, stream.n_classes,
@@ -53,8 +53,9 @@ def blur(stream: Stream, overlap: float, seed: int = 0) -> Stream:
     for i, e in enumerate(stream.experiences):
         incoming = moved[i - 1]  # moved[-1] is the last experience's share, given to the first
         train = concat_data([kept[i], incoming])
+        tasks = tuple(dict.fromkeys(e.tasks + (stream.experiences[i - 1].tasks if len(incoming) else ())))
         experiences.append(Experience(i, e.task_label, sorted(torch.unique(train.y).tolist()), train, e.test,
-                                      task_index=e.task_index))
+                                      task_index=e.task_index, tasks=tasks))
     schedule = {**stream.schedule, "blurry": {"overlap": overlap}}
     return Stream(f"blurry-{stream.name}", experiences, stream.transform, stream.input_shape, stream.n_classes,
                   stream.class_order, test_sets=stream.test_sets, task_classes=stream.task_classes,

@@ -20,7 +20,6 @@ from typing import Literal
 
 import torch
 
-from cl.registry import SCENARIOS
 from streams.experience import Dataset, Experience, Stream, TensorData, concat_data
 from streams.scenarios import class_incremental
 
@@ -56,7 +55,6 @@ def power_law_schedule(n_tasks: int, n_phases: int, exponent: float, p0: float, 
             "focus": focus, "recurrences": [list(r) for r in recurrences]}
 
 
-@SCENARIOS.register("power_law")
 def power_law(data: Dataset, n_tasks: int = 5, n_phases: int = 50, exponent: float = 1.0, p0: float = 0.5,
               phase_size: int = 512, recurrence_size: int = 64,
               control: Literal["power_law", "uniform"] = "power_law",
@@ -91,10 +89,10 @@ def power_law(data: Dataset, n_tasks: int = 5, n_phases: int = 50, exponent: flo
         by_phase.setdefault(p, []).append(j)
     experiences = []
     for p, focus in enumerate(schedule["focus"]):
-        parts = [draw(focus, phase_size)] + [draw(j, recurrence_size) for j in by_phase.get(p, [])]
-        train = concat_data(parts)
+        back = by_phase.get(p, [])
+        train = concat_data([draw(focus, phase_size)] + [draw(j, recurrence_size) for j in back])
         experiences.append(Experience(p, 0, sorted(torch.unique(train.y).tolist()), train,
-                                      task_index=focus if p not in by_phase else None))
+                                      task_index=focus if not back else None, tasks=(focus, *back)))
     return Stream(f"{control}-{data.name}", experiences, data.transform, data.input_shape, data.n_classes,
                   tasks.class_order, test_sets=tasks.test_sets, task_classes=tasks.task_classes, schedule=schedule)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from cl.registry import SCENARIOS
 from streams.experience import Dataset, Experience, Stream
 
 
@@ -36,7 +35,6 @@ def _split_sizes(n_classes: int, n_experiences: int | None, classes_per_experien
     return sizes
 
 
-@SCENARIOS.register("class_incremental")
 def class_incremental(data: Dataset, n_experiences: int | None = None,
                       classes_per_experience: int | list[int] | None = None,
                       class_order: list[int] | None = None, shuffle_classes: bool = False,

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cl.registry import DATASETS
 from streams.experience import BatchTransform, Dataset, TensorData
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "cl-lab" / "data"
@@ -47,7 +46,6 @@ def _not_found(name: str, looked: list[Path], how: str, cause: Exception | None 
     return DatasetNotFoundError(msg)
 
 
-@DATASETS.register("digits")
 def digits(data_dir: str | None = None, test_fraction: float = 0.25) -> Dataset:
     """scikit-learn's 1,797 8x8 handwritten digits (UCI optdigits test set), split
     stratified with a fixed seed so every run sees the same train/test split."""
@@ -91,7 +89,6 @@ def _mnist_tensors(root: str, download: bool):
     return split(True), split(False)
 
 
-@DATASETS.register("mnist")
 def mnist(data_dir: str | None = None, download: bool = True) -> Dataset:
     """MNIST (LeCun et al. 1998), 60,000 train and 10,000 test images, 28x28."""
     train, test = _mnist_tensors(str(data_root(data_dir)), download)
@@ -151,7 +148,6 @@ def _cifar10_tensors(root: str, download: bool):
         raise _not_found("cifar10", looked, "torchvision could not download it either.", err) from err
 
 
-@DATASETS.register("cifar10")
 def cifar10(data_dir: str | None = None, download: bool = True, augment: bool = False) -> Dataset:
     """CIFAR-10 (Krizhevsky 2009), 50,000 train and 10,000 test images, 32x32 RGB.
 

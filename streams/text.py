@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cl.registry import SCENARIOS
 from streams.experience import Experience, Stream, TensorData
 
 VOCAB_SIZE = 256
@@ -23,6 +22,8 @@ VOCAB_SIZE = 256
 
 class TokenTransform:
     """Token ids stay integers: the batch transform of a token stream only casts to int64."""
+
+    augments = False
 
     def __call__(self, x: torch.Tensor, train: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         return x.long()
@@ -41,7 +42,6 @@ def _sequences(tokens: np.ndarray, block_size: int, stride: int) -> TensorData:
     return TensorData(seq[:, :-1].contiguous(), seq[:, 1:].long())
 
 
-@SCENARIOS.register("token_stream")
 def token_stream(domains: list[str] = ("tiny-shakespeare", "wonderland", "wiki-fr-extract", "nottingham-jigs"),
                  block_size: int = 128, val_fraction: float = 0.1, stride: int | None = None,
                  max_train_bytes: int | None = None, data_dir: str | None = None, seed: int = 0) -> Stream:

@@ -6,11 +6,11 @@ data are 8-bit images), so training stays on the fast tensor path.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from cl.registry import DATASETS, import_path
 from streams.experience import BatchTransform, Dataset, TensorData
 from streams.interop import _materialise
 from streams.lazy import LazyData
@@ -39,7 +39,6 @@ def _transform_for(x: torch.Tensor, mean, std) -> BatchTransform:
     return BatchTransform(mean, std, scale=scale)
 
 
-@DATASETS.register("numpy")
 def numpy_arrays(path: str, data_dir: str | None = None, mean: list[float] | None = None,
                  std: list[float] | None = None) -> Dataset:
     """Arrays in an .npz file with keys x_train, y_train, x_test, y_test (labels 0..K-1).
@@ -92,7 +91,6 @@ def _lazy_folder(folder: Path, size: int | None, channels: int, num_workers: int
     return _lazy(datasets.ImageFolder(str(folder), transform=transforms.Compose(steps)), num_workers)
 
 
-@DATASETS.register("image_folder")
 def image_folder(root: str, data_dir: str | None = None, size: int | None = None, channels: int = 3,
                  in_memory: bool = True, num_workers: int = 2,
                  mean: list[float] | None = None, std: list[float] | None = None) -> Dataset:
@@ -128,22 +126,20 @@ def _lazy(dataset, num_workers: int) -> LazyData:
     return LazyData(dataset, _labels(dataset, num_workers), num_workers=num_workers)
 
 
-@DATASETS.register("torch_dataset")
-def torch_dataset(factory: str, data_dir: str | None = None, num_workers: int = 0, kwargs: dict | None = None,
+def torch_dataset(factory: Callable, data_dir: str | None = None, num_workers: int = 0, kwargs: dict | None = None,
                   in_memory: bool = True, mean: list[float] | None = None, std: list[float] | None = None) -> Dataset:
-    """Any map-style `torch.utils.data.Dataset` of (input, label) items: `factory` is a
-    `module:callable` path returning `(train_dataset, test_dataset)`; it gets `data_dir`
-    and `kwargs`. With `in_memory` (the default) items are read once through a DataLoader
+    """Any map-style `torch.utils.data.Dataset` of (input, label) items: `factory` (in an
+    experiment file, a `module:callable` path) returns `(train_dataset, test_dataset)`; it gets
+    `data_dir` and `kwargs`. With `in_memory` (the default) items are read once through a DataLoader
     (with `num_workers`) into tensors; otherwise they are read batch by batch during
     training by a DataLoader with `num_workers` workers (for data too big for memory;
     give `mean` and `std`, they are not estimated)."""
     from streams.sources import data_root
 
-    make = import_path(factory, "torch_dataset factory")
-    splits = make(data_dir=str(data_root(data_dir)), **(kwargs or {}))
+    splits = factory(data_dir=str(data_root(data_dir)), **(kwargs or {}))
+    name = getattr(factory, "__name__", "torch_dataset")
     if not (isinstance(splits, (tuple, list)) and len(splits) == 2):
-        raise ValueError(f"torch_dataset: {factory} must return (train_dataset, test_dataset)")
-    name = factory.rsplit(":", 1)[-1]
+        raise ValueError(f"torch_dataset: {name} must return (train_dataset, test_dataset)")
     if not in_memory:
         train, test = (_lazy(s, num_workers) for s in splits)
         return Dataset(name, train, test, BatchTransform(mean, std, scale=255.0 if train.x.dtype == torch.uint8 else 1.0))

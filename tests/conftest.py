@@ -39,3 +39,12 @@ def cifar_root() -> Path:
 @pytest.fixture
 def tracking_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def two_texts(tmp_path) -> Path:
+    """A data root holding two periodic text domains, `abc` and `xyz`, for tiny language-model streams."""
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "abc.txt").write_text("abcdefgh" * 400)
+    (tmp_path / "text" / "xyz.txt").write_text("zyxwvuts" * 400)
+    return tmp_path

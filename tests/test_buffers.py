@@ -91,7 +91,7 @@ def test_buffer_state_dict_round_trip():
     buf.add(*_items(100), g)
     clone = ReservoirBuffer(30)
     clone.load_state_dict(buf.state_dict())
-    assert torch.equal(clone.x, buf.x) and torch.equal(clone.y, buf.y) and clone.seen == 100
+    assert torch.equal(clone.x[:30], buf.x[:30]) and torch.equal(clone.y[:30], buf.y[:30]) and clone.seen == 100
     a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     buf.add(*_items(50, 100), a)
     clone.add(*_items(50, 100), b)
@@ -119,3 +119,50 @@ def test_replay_rejects_bad_arguments():
         Replay(replay_batch_size=0)
     with pytest.raises(ValueError, match="capacity"):
         Replay(memory_size=0)
+
+
+def test_buffers_store_extra_fields_row_by_row():
+    """DER keeps the logits a sample had when it was stored; they travel with the sample."""
+    buf, g = ReservoirBuffer(40), torch.Generator().manual_seed(0)
+    for b in range(0, 200, 16):
+        x, y, t = _items(min(16, 200 - b), b)
+        buf.add(x, y, t, g, logits=x.repeat(1, 3) * 2)  # a field derived from the sample
+    assert buf.data["logits"].shape == (40, 3)
+    assert torch.equal(buf.data["logits"][:, 0], buf.x[:, 0] * 2)
+    x, logits = buf.sample(64, g, fields=("x", "logits"))
+    assert torch.equal(logits[:, 2], x[:, 0] * 2)
+    with pytest.raises(ValueError, match="fields the memory stores"):
+        buf.add(*_items(4), g)  # without the logits
+    clone = ReservoirBuffer(40)
+    clone.load_state_dict(buf.state_dict())
+    assert torch.equal(clone.data["logits"], buf.data["logits"])
+
+
+def test_class_balanced_memory_admits_every_permuted_mnist_task(mnist_root):
+    """Every task has every class: new samples of a class share its quota with the old ones."""
+    from streams import mnist, permuted
+
+    stream = permuted(mnist(data_dir=str(mnist_root), download=False), n_experiences=10, task_labels=True)
+    buf, g = ClassBalancedBuffer(500), torch.Generator().manual_seed(0)
+    for k, exp in enumerate(stream):
+        buf.add(exp.train.x, exp.train.y, exp.train.t, g)
+        tasks, per_task = torch.unique(buf.t[:len(buf)], return_counts=True)
+        assert tasks.tolist() == list(range(k + 1))  # every task so far is in memory
+        # ... in about equal shares (a hypergeometric draw per class: 500/(k+1) each, give or take).
+        share = 500 / (k + 1)
+        assert per_task.min() > 0.6 * share and per_task.max() < 1.4 * share
+        assert set(buf.class_counts().values()) == {50}
+
+
+def test_class_balanced_memory_is_uniform_within_a_class():
+    """After offering a class in several batches, every sample of it is kept with equal chance."""
+    counts = torch.zeros(300)
+    for seed in range(300):
+        buf, g = ClassBalancedBuffer(30), torch.Generator().manual_seed(seed)
+        for part in range(3):  # three experiences of 100 samples of one class
+            ids = torch.arange(100 * part, 100 * (part + 1))
+            buf.add(ids.view(-1, 1).float(), torch.zeros(100, dtype=torch.long), torch.zeros(100, dtype=torch.long), g)
+        counts[buf.x[:, 0].long()] += 1
+    rate = counts / 300  # each of 300 samples kept with probability 30/300 = 0.1
+    for third in rate.view(3, 100):
+        assert third.mean() == pytest.approx(0.1, abs=0.01)

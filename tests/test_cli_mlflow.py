@@ -67,8 +67,13 @@ def test_compare_file_makes_one_complete_mlflow_run_each(compare_file, tracking_
         assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx([row[0] for row in R])
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == [1, 2, 3, 4, 5]
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "acc_seen")) == [1, 2, 3, 4, 5]
+        lr = client.get_metric_history(run.info.run_id, "lr")  # every 50 iterations, step = iteration
+        assert [m.step for m in lr][:2] == [0, 50] and {m.value for m in lr} == {0.05}
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert artifacts == {"config.yaml", "accuracy_matrix.csv", "accuracy_matrix.json", "accuracy_matrix.png"}
+        assert artifacts == {"config.yaml", "accuracy_matrix.csv", "accuracy_matrix.json", "accuracy_matrix.png",
+                             "matrices.json"}
+        every = json.load(open(client.download_artifacts(run.info.run_id, "matrices.json")))
+        assert set(every) == {"acc", "task_aware_acc"} and np.allclose(every["acc"]["matrix"], R)
         local = client.download_artifacts(run.info.run_id, "accuracy_matrix.json")
         assert np.allclose(json.load(open(local))["accuracy_matrix"], R)
     naive, replay = result["runs"]
@@ -95,7 +100,7 @@ def test_user_strategy_by_module_path(tmp_path, tracking_uri, capsys, monkeypatc
             '''A user's strategy: counts optimizer steps.'''
             def __init__(self, scale: float = 1.0):
                 self.scale, self.steps = scale, 0
-            def after_step(self, model, x, y, t):
+            def after_step(self, ctx, batch):
                 self.steps += 1
             def state_dict(self):
                 return {**super().state_dict(), "steps": self.steps}
@@ -138,10 +143,10 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run(tmp_path, tracking_uri
 
     original = replay_module.Replay.before_experience
 
-    def die_at_third(self, experience, model):
-        if experience.index == 2:
+    def die_at_third(self, ctx):
+        if ctx.experience.index == 2:
             raise KeyboardInterrupt
-        return original(self, experience, model)
+        return original(self, ctx)
 
     replay_module.Replay.before_experience = die_at_third
     try:

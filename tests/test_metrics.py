@@ -67,3 +67,50 @@ def test_wrong_shape_is_rejected(bad):
 
 def test_summary_keys():
     assert set(metrics.summary(R)) == {"acc", "bwt", "fwt", "forgetting", "avg_incremental_acc"}
+
+
+# A loss matrix (lower is better), three tasks; row 0 untrained.
+L = np.array([
+    [5.0, 5.0, 5.0],
+    [1.0, 4.0, 4.5],
+    [2.0, 1.5, 4.0],
+    [2.5, 1.0, 0.5],
+])
+
+
+def test_loss_bwt_by_hand_improvement_is_positive():
+    # R[3,1]-R[1,1] = 2.5-1.0 = +1.5 ; R[3,2]-R[2,2] = 1.0-1.5 = -0.5 ; mean +0.5 of loss, negated
+    assert metrics.backward_transfer(L, higher_is_better=False) == pytest.approx(-0.5)
+
+
+def test_loss_fwt_by_hand():
+    # R[1,2]-b2 = 4.0-5.0 = -1.0 ; R[2,3]-b3 = 4.0-5.0 = -1.0 ; loss fell before training: +1.0
+    assert metrics.forward_transfer(L, higher_is_better=False) == pytest.approx(1.0)
+
+
+def test_loss_forgetting_is_the_rise_above_the_best():
+    # task1: 2.5 - min(1.0, 2.0) = 1.5 ; task2: 1.0 - min(1.5) = -0.5
+    assert metrics.forgetting(L, higher_is_better=False) == pytest.approx(0.5)
+
+
+def test_summary_names_and_applicability():
+    loss = metrics.summary(L, "loss", higher_is_better=False, applicable={"bwt", "forgetting"})
+    assert loss == {"loss": pytest.approx(4.0 / 3), "loss_bwt": pytest.approx(-0.5), "loss_fwt": None,
+                    "loss_forgetting": pytest.approx(0.5),
+                    "loss_avg_incremental": pytest.approx((1.0 + 1.75 + 4.0 / 3) / 3)}
+    assert set(metrics.summary(R)) == {"acc", "bwt", "fwt", "forgetting", "avg_incremental_acc"}
+
+
+def test_applicable_metrics_by_layout():
+    tasks_in_order = [[0], [0, 1], [0, 1, 2]]
+    assert metrics.applicable_metrics(True, tasks_in_order) == {"bwt", "fwt", "forgetting"}
+    # Task 2 had samples in the first experience (blurry hand-off): no forward transfer.
+    assert metrics.applicable_metrics(True, [[0, 2], [0, 1, 2], [0, 1, 2]]) == {"bwt", "forgetting"}
+    assert metrics.applicable_metrics(False, tasks_in_order) == set()
+
+
+def test_average_incremental_accuracy_with_seen_sets():
+    # Rows seen as (task 0 and 2), (all): mean((0.9 + 0.35)/2, (0.7+0.8+0.4)/3, (0.6+0.5+0.9)/3)
+    seen = [[0, 2], [0, 1, 2], [0, 1, 2]]
+    expected = np.mean([(0.9 + 0.35) / 2, (0.7 + 0.8 + 0.4) / 3, (0.6 + 0.5 + 0.9) / 3])
+    assert metrics.average_incremental_accuracy(R, seen) == pytest.approx(expected)

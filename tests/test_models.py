@@ -18,8 +18,11 @@ def test_reduced_resnet18_is_the_gem_size():
     model = ReducedResNet18((3, 32, 32), 10)
     n = sum(p.numel() for p in model.parameters())
     assert 1.0e6 < n < 1.2e6  # GEM's reduced ResNet-18 (nf=20) has about 1.1M parameters
-    out = model(torch.randn(2, 3, 32, 32))
-    assert out.shape == (2, 10) and model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 160)
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x).shape == (2, 10)
+    # timm's meaning of the feature API: unpooled features, then pooled pre-logits.
+    assert model.forward_features(x).shape == (2, 160, 4, 4)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 160)
 
 
 def test_module_class_path_and_timm_name():

@@ -28,13 +28,13 @@ class BoundaryCounter(Strategy):
         self.boundaries = 0
         self.steps = 0
 
-    def before_experience(self, experience, model):
+    def before_experience(self, ctx):
         self.boundaries += 1
 
-    def after_experience(self, experience, model, data):
+    def after_experience(self, ctx, data):
         self.boundaries += 1
 
-    def after_step(self, model, x, y, t):
+    def after_step(self, ctx, batch):
         self.steps += 1
 
 
@@ -88,14 +88,11 @@ def test_blurry_boundaries_keep_the_previous_task_alive(base):
     assert plain[-1, 3] < 0.1 and blurred[-1, 3] > 0.5
 
 
-def test_language_model_on_a_token_stream(tmp_path):
+def test_language_model_on_a_token_stream(two_texts):
     from cl.models import ByteGPT
     from streams import token_stream
 
-    (tmp_path / "text").mkdir()
-    (tmp_path / "text" / "abc.txt").write_text("abcdefgh" * 400)
-    (tmp_path / "text" / "xyz.txt").write_text("zyxwvuts" * 400)
-    stream = token_stream(["abc", "xyz"], block_size=16, stride=4, data_dir=str(tmp_path))
+    stream = token_stream(["abc", "xyz"], block_size=16, stride=4, data_dir=str(two_texts))
     torch.manual_seed(0)
     model = ByteGPT(stream.input_shape, stream.n_classes, n_layer=1, d_model=32)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -66,7 +66,7 @@ def make_squares(data_dir, n_train=30):
 def test_torch_dataset_through_a_dataloader(tmp_path):
     from streams import torch_dataset
 
-    data = torch_dataset("test_sources_more:make_squares", kwargs={"n_train": 12})
+    data = torch_dataset(make_squares, kwargs={"n_train": 12})
     assert data.train.x.shape == (12, 1, 4, 4) and data.train.x.dtype == torch.uint8
     assert data.train.y.tolist() == [i % 3 for i in range(12)] and len(data.test) == 9
 
@@ -89,8 +89,10 @@ def test_avalanche_benchmark_converts_to_a_matching_stream(mnist_root):
 
 
 def test_multi_dataset_label_spaces(mnist_root):
-    stream = multi_dataset(["digits", {"name": "mnist", "download": False}], size=16, channels=3,
-                           data_dir=str(mnist_root))
+    from cl.components import build_dataset
+
+    stream = multi_dataset(["digits", {"name": "mnist", "download": False}],
+                           lambda spec: build_dataset(spec, str(mnist_root)), size=16, channels=3)
     assert stream.n_classes == 20 and stream.input_shape == (3, 16, 16)
     assert stream.task_classes == [list(range(10)), list(range(10, 20))]
     assert [e.task_label for e in stream] == [0, 1]
@@ -217,7 +219,7 @@ def test_dataloader_path_trains_exactly_like_the_tensor_path(strategy):
         return LifelongTrainer(model, opt, [s], batch_size=16).fit(stream).accuracy_matrix
 
     ref = digits()
-    lazy = torch_dataset("test_sources_more:make_digits", in_memory=False, num_workers=2,
+    lazy = torch_dataset(make_digits, in_memory=False, num_workers=2,
                          mean=ref.transform.mean.tolist(), std=ref.transform.std.tolist())
     assert isinstance(lazy.train, LazyData) and lazy.input_shape == (1, 8, 8)
     np.testing.assert_allclose(run(lazy), run(ref), atol=1e-6)

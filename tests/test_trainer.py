@@ -52,7 +52,7 @@ def test_cumulative_trains_on_all_seen(stream):
     seen_sizes = []
 
     class Spy(Strategy):
-        def after_experience(self, experience, model, data):
+        def after_experience(self, ctx, data):
             seen_sizes.append(len(data))
 
     make_trainer(stream, [Cumulative(), Spy()]).fit(stream)
@@ -63,25 +63,26 @@ class Recorder(Strategy):
     def __init__(self, log, tag):
         self.log, self.tag = log, tag
 
-    def before_experience(self, experience, model):
+    def before_experience(self, ctx):
+        assert ctx.model.training  # hooks run after the model is put in train mode
         self.log.append((self.tag, "before_experience"))
 
-    def adapt_batch(self, x, y, t):
+    def adapt_batch(self, ctx, batch):
         self.log.append((self.tag, "adapt_batch"))
-        return torch.cat([x, x[:1]]), torch.cat([y, y[:1]]), torch.cat([t, t[:1]])
+        batch.append(self, batch.x_raw[:1], batch.y[:1], batch.t[:1])
 
-    def extra_loss(self, model, x, y, t, logits):
-        self.log.append((self.tag, "extra_loss", len(y)))
+    def extra_loss(self, ctx, batch):
+        self.log.append((self.tag, "extra_loss", len(batch.y)))
         return None
 
-    def after_backward(self, model):
-        assert all(p.grad is not None for p in model.parameters())
+    def after_backward(self, ctx, batch):
+        assert all(p.grad is not None for p in ctx.model.parameters())
         self.log.append((self.tag, "after_backward"))
 
-    def after_step(self, model, x, y, t):
-        self.log.append((self.tag, "after_step", len(y)))
+    def after_step(self, ctx, batch):
+        self.log.append((self.tag, "after_step", batch.n_incoming, len(batch.logits)))
 
-    def after_experience(self, experience, model, data):
+    def after_experience(self, ctx, data):
         self.log.append((self.tag, "after_experience"))
 
 
@@ -97,15 +98,15 @@ def test_hooks_run_in_order_and_compose(stream):
         ("a", "adapt_batch"), ("b", "adapt_batch"),
         ("a", "extra_loss", n + 2), ("b", "extra_loss", n + 2),  # both adaptations reached the loss
         ("a", "after_backward"), ("b", "after_backward"),
-        ("a", "after_step", n), ("b", "after_step", n),  # after_step sees the incoming batch
+        ("a", "after_step", n, n + 2), ("b", "after_step", n, n + 2),  # and the logits of every row
         ("a", "after_experience"), ("b", "after_experience"),
     ]
 
 
 def test_extra_loss_changes_training(stream):
     class PullToZero(Strategy):
-        def extra_loss(self, model, x, y, t, logits):
-            return 10.0 * sum((p ** 2).sum() for p in model.parameters())
+        def extra_loss(self, ctx, batch):
+            return 10.0 * sum((p ** 2).sum() for p in ctx.model.parameters())
 
     plain = make_trainer(stream, [Naive()])
     plain.fit(stream, stop_after=1)
@@ -117,7 +118,7 @@ def test_extra_loss_changes_training(stream):
 
 def test_predict_hook_replaces_the_head(stream):
     class AlwaysSeven(Strategy):
-        def predict(self, model, x):
+        def predict(self, ctx, x, t):
             scores = torch.zeros(len(x), 10)
             scores[:, 7] = 1
             return scores
@@ -157,7 +158,7 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
         load_checkpoint(bad)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(1)}, other)
-    with pytest.raises(CheckpointError, match="not written by this lab"):
+    with pytest.raises(CheckpointError, match="not written by this version of the lab"):
         load_checkpoint(other)
 
 

@@ -1,0 +1,164 @@
+"""What a strategy's hooks receive: the run's `Context` and the training `Batch`.
+
+The trainer owns both and keeps them current; a strategy reads them and uses
+their helpers instead of copying plumbing (moving a batch to the device,
+normalising it, calling a multi-head model, pooling features).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+if TYPE_CHECKING:
+    from strategies.base import Strategy
+    from streams.experience import Experience, Stream
+
+
+def model_call(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+    """Logits of `model` on prepared inputs; a multi-head model (`uses_task_labels`) also takes
+    each sample's task label."""
+    if getattr(model, "uses_task_labels", False):
+        if t is None:
+            raise ValueError(f"{type(model).__name__} is multi-head: it needs the task labels of the batch")
+        return model(x, t)
+    return model(x)
+
+
+def pooled_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled pre-logit features, through timm's feature API, which the lab's models share:
+    `forward_head(forward_features(x), pre_logits=True)`."""
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        raise TypeError(f"{type(model).__name__} has no forward_features/forward_head (timm's feature API), "
+                        f"so its features cannot be taken")
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+class Context:
+    """The run as a strategy sees it; one object for the whole run, kept current by the trainer.
+
+    Attributes: `model`, `optimizer`, `scheduler` (the experiment's LR scheduler,
+    or None), `device`, `stream`, `experience` (the current one; None before the
+    first), `transform` (raw batch -> model input), `iteration` (optimizer steps
+    so far in the run), `epoch` and `step` (within the experience),
+    `steps_in_experience`, and `training` (False while evaluating). During
+    evaluation `model` is the evaluation model (see `Strategy.eval_model`).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                 transform: Callable | None = None, aux_generator: torch.Generator | None = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = None
+        self.device = device
+        self.stream: Stream | None = None
+        self.experience: Experience | None = None
+        self.transform = transform
+        self.iteration = 0
+        self.epoch = 0
+        self.step = 0
+        self.steps_in_experience = 0
+        self.training = True
+        self.forward_owner: Strategy | None = None  # set by the trainer
+        self.aux_generator = aux_generator if aux_generator is not None else torch.Generator()
+        self._seeds: dict[int, int] = {}
+
+    # -------------------------------------------------------------- helpers
+    def prepare(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
+        """Raw inputs (as a stream stores them) -> model inputs on the device; with `augment`,
+        the stream's training augmentation too (drawn from a generator of its own)."""
+        x = x.to(self.device, non_blocking=True)
+        if self.transform is None:
+            return x
+        return self.transform(x, train=augment, generator=self.aux_generator)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits on prepared inputs, through the strategy that owns the forward pass if any."""
+        if self.forward_owner is not None:
+            batch = Batch.of_inputs(x, t)
+            self.forward_owner.forward(self, batch)
+            return batch.logits
+        return model_call(self.model, x, t)
+
+    def features(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled pre-logit features on prepared inputs: those the forward owner reports, else
+        the model's (`pooled_features`)."""
+        if self.forward_owner is not None:
+            batch = Batch.of_inputs(x, t)
+            self.forward_owner.forward(self, batch)
+            if batch.features is not None:
+                return batch.features
+        return pooled_features(self.model, x)
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every parameter group, times the group's `lr_scale` (default 1).
+        Only the strategy that owns the LR (`owns_lr = True`) may call this."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    @property
+    def lrs(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def strategy_seed(self, strategy: "Strategy") -> int:
+        """The seed of `strategy`'s generator in this run (stable under reordering the list)."""
+        return self._seeds[id(strategy)]
+
+
+@dataclass
+class Batch:
+    """One training batch as it moves through the hooks.
+
+    Rows 0..`n_incoming`-1 are the incoming batch from the stream; strategies
+    append rows after them (`append`, e.g. replayed samples), each group under a
+    key (the appending strategy itself, usually) with optional per-row `fields`
+    (e.g. the logits stored with them): `parts[key]` is its rows and
+    `fields[key]` its fields.
+    `x_raw`, `y` and `t` hold every row; the trainer then fills `x` (prepared
+    inputs on the device; `y`, `t` and fields move there too), `logits`,
+    `features` (only when a strategy `needs_features`), and `losses`, the named
+    loss terms summed into the training loss.
+    """
+
+    x_raw: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor
+    n_incoming: int
+    x: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    parts: dict[object, slice] = field(default_factory=dict)
+    fields: dict[object, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    @classmethod
+    def of_inputs(cls, x: torch.Tensor, t: torch.Tensor | None) -> "Batch":
+        """A batch of prepared inputs only, for a forward pass outside training."""
+        t = t if t is not None else torch.zeros(len(x), dtype=torch.long, device=x.device)
+        return cls(x_raw=x, y=None, t=t, n_incoming=len(x), x=x)
+
+    def append(self, key: object, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+               **fields: torch.Tensor) -> slice:
+        """Append rows (raw inputs, labels, task labels) under `key`, with per-row `fields`;
+        returns their rows. Only before the batch is prepared (in `adapt_batch`)."""
+        if self.x is not None:
+            raise RuntimeError("rows can only be appended before the batch is prepared (in adapt_batch)")
+        if key in self.parts:
+            raise ValueError(f"rows under {key!r} were already appended to this batch")
+        start = len(self.y)
+        self.x_raw = torch.cat([self.x_raw, x.to(self.x_raw.device)])
+        self.y = torch.cat([self.y, y.to(self.y.device)])
+        self.t = torch.cat([self.t, t.to(self.t.device)])
+        self.parts[key] = slice(start, len(self.y))
+        if fields:
+            self.fields[key] = dict(fields)
+        return self.parts[key]
+
+    @property
+    def incoming(self) -> slice:
+        return slice(0, self.n_incoming)
+
+    @property
+    def n_appended(self) -> int:
+        return len(self.y) - self.n_incoming

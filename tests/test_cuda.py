@@ -1,0 +1,62 @@
+"""The lab on a GPU, unchanged: one short stream per model family, data and memories on the device.
+
+Skipped where CUDA is not available."""
+import pytest
+import torch
+
+from cl.models import MLP, ByteGPT, ReducedResNet18, build_model
+from cl.trainer import LifelongTrainer
+from strategies import Replay, Strategy
+from streams import class_incremental, digits, token_stream
+from streams.experience import BatchTransform, Dataset, TensorData
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+class WhereIsEverything(Strategy):
+    """Records the devices of what the trainer hands over."""
+
+    def __init__(self):
+        self.devices = set()
+
+    def after_step(self, ctx, batch):
+        self.devices |= {batch.x.device.type, batch.y.device.type, batch.logits.device.type,
+                         batch.x_raw.device.type}
+
+
+def images(shape, n_classes=4, n=64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (n,) + shape, dtype=torch.uint8, generator=g)
+    y = torch.arange(n) % n_classes
+    data = TensorData(x, y)
+    return Dataset("random", data, data, BatchTransform([0.5] * shape[0], [0.25] * shape[0], crop_padding=2,
+                                                        flip=True))
+
+
+@pytest.mark.parametrize("family", ["mlp", "reduced_resnet18", "timm"])
+def test_image_models_train_on_the_gpu(family):
+    if family == "mlp":
+        stream = class_incremental(digits(), n_experiences=2)
+        model = MLP(stream.input_shape, stream.n_classes, hidden=(32,))
+    else:
+        stream = class_incremental(images((3, 32, 32)), n_experiences=2)
+        model = (ReducedResNet18(stream.input_shape, stream.n_classes) if family == "reduced_resnet18"
+                 else build_model("test_vit", stream.input_shape, stream.n_classes, img_size=32))
+    replay, probe = Replay(32, 8, "reservoir"), WhereIsEverything()
+    trainer = LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.01), [replay, probe],
+                              batch_size=16, device="cuda", eval_every=3)
+    record = trainer.fit(stream)
+    assert probe.devices == {"cuda"}  # the training data was moved to the device once
+    assert replay.buffer.device.type == "cuda" and replay.buffer.x.device.type == "cuda"
+    assert torch.isfinite(torch.tensor(record.accuracy_matrix)).all()
+
+
+def test_language_model_trains_on_the_gpu(two_texts):
+    stream = token_stream(["abc", "xyz"], block_size=16, stride=8, data_dir=str(two_texts))
+    model = ByteGPT(stream.input_shape, stream.n_classes, n_layer=1, d_model=32)
+    replay = Replay(16, 4, "reservoir")
+    record = LifelongTrainer(model, torch.optim.AdamW(model.parameters(), lr=3e-3), [replay], batch_size=8,
+                             device="cuda").fit(stream)
+    assert replay.buffer.device.type == "cuda"
+    assert record.matrices["loss"][-1].max() < record.matrices["loss"][0].min()
