@@ -23,8 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--checkpoint-dir", default=None, help="save each run's state after every experience here")
     run.add_argument("--resume", action="store_true", help="continue runs from their checkpoints in --checkpoint-dir")
+    run.add_argument("--only", default=None, metavar="LABEL[,LABEL]",
+                     help="of a file that compares several runs, run only these")
     for name in ("strategies", "models", "datasets", "scenarios"):
-        sub.add_parser(name, help=f"list the registered {name}")
+        listing = sub.add_parser(name, help=f"list the registered {name}, or show one in full")
+        listing.add_argument("name", nargs="?", help="show this one: its description, paper and arguments")
     sub.add_parser("streams", help="list the registered scenarios and stream options, one line each")
     describe = sub.add_parser("describe", help="print the stream an experiment file builds, without training")
     describe.add_argument("file", help="experiment YAML file")
@@ -33,11 +36,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _list(kind: str) -> int:
-    import cl.components  # noqa: F401  (registers the built-in components)
+def _registry(kind: str):
     from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
 
-    registry = {"strategies": STRATEGIES, "models": MODELS, "datasets": DATASETS, "scenarios": SCENARIOS}[kind]
+    return {"strategies": STRATEGIES, "models": MODELS, "datasets": DATASETS, "scenarios": SCENARIOS}[kind]
+
+
+def _list(kind: str, name: str | None = None) -> int:
+    registry = _registry(kind)
+    if name is not None:
+        return _show(kind, name, registry.get(name))
     for name, obj in registry.items().items():
         print(f"{name:<20} {_summary(obj.__doc__)}")
     if kind == "models":
@@ -45,12 +53,44 @@ def _list(kind: str) -> int:
     return 0
 
 
-def _summary(doc: str | None, width: int = 100) -> str:
+def _show(kind: str, name: str, obj) -> int:
+    """One component in full: its docstring (the paper and equation), its arguments with
+    their types and defaults, and where it is defined."""
+    import inspect
+    import textwrap
+
+    from cl.config import MODEL_INJECTED, SCENARIO_INJECTED
+
+    injected = {"models": MODEL_INJECTED, "scenarios": SCENARIO_INJECTED, "datasets": {"data_dir"}}.get(kind, set())
+    print(name)
+    print(textwrap.indent(inspect.cleandoc(obj.__doc__ or "(no description)"), "  "))
+    print("arguments:")
+    shown = 0
+    for p in inspect.signature(obj).parameters.values():
+        if p.name in injected or p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        hint = "" if p.annotation is p.empty else f": {_annotation(p.annotation)}"
+        default = " (required)" if p.default is p.empty else f" = {p.default!r}"
+        print(f"  {p.name}{hint}{default}")
+        shown += 1
+    if not shown:
+        print("  (none)")
+    try:
+        print(f"defined in {inspect.getsourcefile(obj)}")
+    except TypeError:
+        pass
+    return 0
+
+
+def _annotation(annotation) -> str:
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+
+
+def _summary(doc: str | None) -> str:
     """The first sentence of a docstring, on one line."""
     text = " ".join((doc or "").strip().split("\n\n")[0].split())
-    end = re.search(r"(?<!\bal)\.(?=\s+[A-Z`]|$)", text)  # "et al." does not end a sentence
-    text = text if end is None else text[: end.start() + 1]
-    return text if len(text) <= width else text[: width - 3] + "..."
+    end = re.search(r"(?<!\bal)\.(?=\s+[A-Z`(]|$)", text)  # "et al." does not end a sentence
+    return text if end is None else text[: end.start() + 1]
 
 
 def _streams() -> int:
@@ -110,7 +150,8 @@ def _run(args) -> int:
     if args.resume and not args.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir")
     runs = run_experiment(cfg, tracking_uri=args.tracking_uri or default_tracking_uri(), track=not args.no_track,
-                          progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+                          progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                          only=args.only.split(",") if args.only else None)
     print(f"{cfg.name} (seed {cfg.seed}, {len(runs)} run{'s' if len(runs) > 1 else ''})")
     print(results_table(runs))
     tracked = [f"{r['name']}={r['mlflow_run_id']}" for r in runs if r["mlflow_run_id"]]
@@ -144,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             return _describe(args)
         if args.command == "streams":
             return _streams()
-        return _list(args.command)
+        return _list(args.command, args.name)
     except (ConfigError, DatasetNotFoundError, CheckpointError, TrackingError, UnknownComponentError,
             ValueError, FileNotFoundError) as err:
         print(f"cl: error: {err}", file=sys.stderr)

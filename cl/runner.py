@@ -29,8 +29,16 @@ def seed_everything(seed: int) -> None:
 
 
 def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, track: bool = True,
-                   progress: bool = False, checkpoint_dir: str | None = None, resume: bool = False) -> list[dict]:
-    """Run every run of `cfg`; returns one summary dict per run (the `--json` fields)."""
+                   progress: bool = False, checkpoint_dir: str | None = None, resume: bool = False,
+                   only: list[str] | None = None) -> list[dict]:
+    """Run every run of `cfg` (or those labelled in `only`); returns one summary dict per run
+    (the `--json` fields)."""
+    runs = cfg.run_specs()
+    if only:
+        unknown = [label for label in only if label not in runs]
+        if unknown:
+            raise ValueError(f"--only {','.join(unknown)}: no such run in {cfg.name}; runs: {', '.join(runs)}")
+        runs = {label: runs[label] for label in only}
     warmup = StoreWarmup(tracking_uri) if track else None
     stream = build_stream(cfg)
     # Seconds the experiment waited for MLflow's import and store after the data was loaded.
@@ -39,7 +47,7 @@ def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, tr
     resolved = cfg.model_dump(mode="json", exclude_none=True)
     results = [
         _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, progress, checkpoint_dir, resume)
-        for label, specs in cfg.run_specs().items()
+        for label, specs in runs.items()
     ]
     results[0]["tracking_setup_s"] = setup_s
     return results

@@ -377,11 +377,12 @@ class LifelongTrainer:
                     raise ValueError(f"two loss terms are named '{name}' (the second from {type(s).__name__})")
                 batch.losses[name] = term
         loss = sum(batch.losses.values()) if len(batch.losses) > 1 else main
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for s in hooks["after_backward"]:
-            s.after_backward(ctx, batch)
-        self.optimizer.step()
+        if loss.requires_grad:  # a frozen model (nearest-mean on fixed features) has nothing to step
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for s in hooks["after_backward"]:
+                s.after_backward(ctx, batch)
+            self.optimizer.step()
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()
         for s in hooks["after_step"]:

@@ -4,14 +4,35 @@
 from it and adds plugins. Nothing here imports `cl`.
 """
 from strategies.base import Strategy
-from strategies.buffers import ClassBalancedBuffer, ReplayBuffer, ReservoirBuffer, balanced_quotas
+from strategies.buffers import (ClassBalancedBuffer, GreedyBalancedBuffer, HerdingBuffer, ReplayBuffer,
+                                ReservoirBuffer, balanced_quotas, herding_order)
 from strategies.context import Batch, Context
+from strategies.der import DER, DERpp
+from strategies.er_ace import ERACE
+from strategies.gdumb import GDumb
+from strategies.gem import AGEM, GEM
+from strategies.icarl import ICaRL
+from strategies.lwf import LwF
+from strategies.momentum import MomentumWeights
 from strategies.naive import Cumulative, Joint, Naive
+from strategies.nearest_mean import NearestMean
+from strategies.power_law_rehearsal import PowerLawRehearsal
+from strategies.regularization import EWC, L2, MAS, SI, OnlineEWC
 from strategies.replay import Replay
 
-STRATEGIES = {"naive": Naive, "cumulative": Cumulative, "joint": Joint, "replay": Replay}
+STRATEGIES = {
+    "naive": Naive, "cumulative": Cumulative, "joint": Joint,
+    "replay": Replay, "der": DER, "derpp": DERpp, "er_ace": ERACE, "gdumb": GDumb,
+    "gem": GEM, "agem": AGEM,
+    "ewc": EWC, "online_ewc": OnlineEWC, "si": SI, "mas": MAS, "l2": L2, "lwf": LwF,
+    "icarl": ICaRL, "nearest_mean": NearestMean,
+    "power_law_rehearsal": PowerLawRehearsal,
+    "momentum_weights": MomentumWeights,
+}
 
 __all__ = [
-    "Batch", "ClassBalancedBuffer", "Context", "Cumulative", "Joint", "Naive", "Replay", "ReplayBuffer",
-    "ReservoirBuffer", "STRATEGIES", "Strategy", "balanced_quotas",
+    "AGEM", "Batch", "EWC", "L2", "LwF", "MAS", "OnlineEWC", "SI", "ClassBalancedBuffer", "Context", "Cumulative", "DER", "DERpp", "ERACE", "GDumb", "GEM",
+    "GreedyBalancedBuffer", "HerdingBuffer", "ICaRL", "Joint", "MomentumWeights", "Naive", "NearestMean",
+    "PowerLawRehearsal", "Replay", "ReplayBuffer", "ReservoirBuffer", "STRATEGIES", "Strategy",
+    "balanced_quotas", "herding_order",
 ]

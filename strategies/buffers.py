@@ -216,3 +216,125 @@ class ClassBalancedBuffer(ReplayBuffer):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.class_seen = {int(c): int(n) for c, n in state["class_seen"].items()}
+
+
+def herding_order(features: torch.Tensor, m: int) -> torch.Tensor:
+    """Herding exemplar selection (Rebuffi et al. 2017, iCaRL, Algorithm 4): with mu the mean
+    of the L2-normalised features phi, the k-th exemplar is
+
+        p_k = argmin_x || mu - (phi(x) + sum_{j<k} phi(p_j)) / k ||,
+
+    over samples not chosen yet. Returns the indices of the first `m` in order of choice,
+    so a shrinking quota keeps a prefix (iCaRL's ReduceExemplarSet)."""
+    phi = torch.nn.functional.normalize(features.float(), dim=1)
+    mu = phi.mean(0)
+    chosen: list[int] = []
+    running = torch.zeros_like(mu)
+    available = torch.ones(len(phi), dtype=torch.bool, device=phi.device)
+    for k in range(1, min(m, len(phi)) + 1):
+        dist = (mu - (running + phi) / k).norm(dim=1)
+        dist[~available] = float("inf")
+        i = int(dist.argmin())
+        chosen.append(i)
+        running += phi[i]
+        available[i] = False
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+class HerdingBuffer(ReplayBuffer):
+    """Equal memory per class seen so far, each class's exemplars chosen by herding on the
+    model's features (Rebuffi et al. 2017) and kept in order of choice: a class whose quota
+    shrinks keeps its first exemplars. A class offered again (domain-incremental streams)
+    is re-herded over what it holds and the new samples, with the features of now.
+
+    `embed(x)` maps raw rows to features; the strategy passes the model's (`ctx.features`)."""
+
+    def __init__(self, capacity: int, device: torch.device | str = "cpu"):
+        super().__init__(capacity, device)
+        self.class_seen: dict[int, int] = {}
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, embed, **fields: torch.Tensor) -> None:
+        rows = {"x": x, "y": y, "t": t, **fields}
+        self._allocate(rows)
+        new_y = y.cpu()
+        offered = dict(zip(*(v.tolist() for v in torch.unique(new_y, return_counts=True))))
+        for c, n in offered.items():
+            self.class_seen[c] = self.class_seen.get(c, 0) + n
+        quotas = balanced_quotas(self.class_seen, self.capacity)
+        stored_y = self.data["y"][: self.size].cpu()
+        parts: list[dict[str, torch.Tensor]] = []
+        for c in sorted(quotas):
+            have = (stored_y == c).nonzero().squeeze(1)  # in order of choice
+            old = {k: v[have.to(self.device)] for k, v in self.data.items()}
+            if c not in offered:
+                parts.append({k: v[: quotas[c]] for k, v in old.items()})
+                continue
+            cand = (new_y == c).nonzero().squeeze(1)
+            pool = {k: torch.cat([old[k], v[cand.to(getattr(v, "device", "cpu"))].to(self.device)])
+                    for k, v in rows.items()}
+            order = herding_order(embed(pool["x"]), quotas[c]).to(self.device)
+            parts.append({k: v[order] for k, v in pool.items()})
+        self.size = sum(len(p["y"]) for p in parts)
+        for k in self.data:
+            self.data[k][: self.size] = torch.cat([p[k] for p in parts])
+
+    def class_rows(self, c: int) -> torch.Tensor:
+        """Rows holding class `c`, in order of choice."""
+        return (self.data["y"][: self.size] == c).nonzero().squeeze(1)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "class_seen": {int(c): int(n) for c, n in self.class_seen.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.class_seen = {int(c): int(n) for c, n in state["class_seen"].items()}
+
+
+class GreedyBalancedBuffer(ReplayBuffer):
+    """GDumb's greedy class-balancing sampler (Prabhu et al. 2020): a sample (x, y) is stored
+    if the memory has room; otherwise, if its class holds fewer than k / |Y| samples (k the
+    capacity, Y the classes seen so far, y included), it replaces a random sample of a
+    largest class (ties: the lowest label); otherwise it is dropped. Samples are taken in
+    the order they arrive; the decision runs on labels only and the rows are copied once."""
+
+    def __init__(self, capacity: int, device: torch.device | str = "cpu"):
+        super().__init__(capacity, device)
+        self.classes: set[int] = set()
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, generator: torch.Generator,
+            **fields: torch.Tensor) -> None:
+        rows = {"x": x, "y": y, "t": t, **fields}
+        self._allocate(rows)
+        slot_label = self.data["y"][: self.size].tolist() + [-1] * (self.capacity - self.size)
+        counts: dict[int, int] = {}
+        for c in slot_label[: self.size]:
+            counts[c] = counts.get(c, 0) + 1
+        by_class: dict[int, list[int]] = {}
+        for slot, c in enumerate(slot_label[: self.size]):
+            by_class.setdefault(c, []).append(slot)
+        size, writes = self.size, {}
+        for i, c in enumerate(y.tolist()):
+            self.classes.add(c)
+            if size < self.capacity:
+                slot, size = size, size + 1
+            else:
+                if counts.get(c, 0) >= self.capacity / len(self.classes):
+                    continue
+                largest = max(counts.values())
+                victim = min(k for k, n in counts.items() if n == largest)  # ties: the lowest label
+                slots = by_class[victim]
+                slot = slots.pop(int(torch.randint(len(slots), (1,), generator=generator)))
+                counts[victim] -= 1
+            counts[c] = counts.get(c, 0) + 1
+            by_class.setdefault(c, []).append(slot)
+            writes[slot] = i
+        if writes:
+            self._write(torch.tensor(list(writes.keys())), rows, torch.tensor(list(writes.values())))
+        self.size = size
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "classes": sorted(self.classes)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.classes = set(state["classes"])

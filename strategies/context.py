@@ -91,6 +91,20 @@ class Context:
                 return batch.features
         return pooled_features(self.model, x)
 
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor, t: torch.Tensor | None = None, batch_size: int = 512) -> torch.Tensor:
+        """Features of raw rows (`prepare` then `features`) in eval mode, without gradients and
+        in batches, leaving every module's mode as it was: for choosing or summarising samples."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            return torch.cat([self.features(self.prepare(x[i:i + batch_size]),
+                                            None if t is None else t[i:i + batch_size].to(self.device))
+                              for i in range(0, len(x), batch_size)])
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group, times the group's `lr_scale` (default 1).
         Only the strategy that owns the LR (`owns_lr = True`) may call this."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 from strategies.base import Strategy
-from strategies.buffers import ClassBalancedBuffer, ReservoirBuffer
+from strategies.buffers import ClassBalancedBuffer, HerdingBuffer, ReservoirBuffer
 from strategies.context import Batch, Context
 from streams.experience import TensorData
 
@@ -20,19 +20,23 @@ class Replay(Strategy):
       - `reservoir`: reservoir sampling over every training sample seen,
         updated after each optimizer step (task-free);
       - `class_balanced`: an equal share per class seen, each class a uniform
-        sample of all its samples so far, updated at the end of each experience.
+        sample of all its samples so far, updated at the end of each experience;
+      - `herding`: an equal share per class seen, each class's samples chosen by
+        herding on the model's features (Rebuffi et al. 2017), at the end of each
+        experience.
     """
 
     def __init__(self, memory_size: int = 500, replay_batch_size: int = 32,
-                 policy: Literal["reservoir", "class_balanced"] = "reservoir"):
+                 policy: Literal["reservoir", "class_balanced", "herding"] = "reservoir"):
         if replay_batch_size < 1:
             raise ValueError(f"replay_batch_size must be positive, got {replay_batch_size}")
-        if policy not in ("reservoir", "class_balanced"):
-            raise ValueError(f"policy must be 'reservoir' or 'class_balanced', got '{policy}'")
+        buffers = {"reservoir": ReservoirBuffer, "class_balanced": ClassBalancedBuffer, "herding": HerdingBuffer}
+        if policy not in buffers:
+            raise ValueError(f"policy must be one of {', '.join(buffers)}, got '{policy}'")
         self.memory_size = memory_size
         self.replay_batch_size = replay_batch_size
         self.policy = policy
-        self.buffer = ReservoirBuffer(memory_size) if policy == "reservoir" else ClassBalancedBuffer(memory_size)
+        self.buffer = buffers[policy](memory_size)
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
@@ -50,6 +54,8 @@ class Replay(Strategy):
     def after_experience(self, ctx: Context, data: TensorData) -> None:
         if self.policy == "class_balanced":
             self.buffer.add(data.x, data.y, data.t, self.rng)
+        elif self.policy == "herding":
+            self.buffer.add(data.x, data.y, data.t, ctx.embed)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "buffer": self.buffer.state_dict()}

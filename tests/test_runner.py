@@ -184,3 +184,12 @@ def test_train_loss_is_the_main_term_alone(tmp_path, capsys, monkeypatch):
     result = run_json(capsys, str(path))
     assert max(result["train_loss"]) < 5  # cross-entropy, without the regulariser mixed in
     assert result["loss_terms"]["constantterm"] == [100.0] * 5
+
+
+def test_only_runs_the_named_runs_of_a_comparison_file(tmp_path, capsys):
+    path = write(tmp_path, EXPERIMENT.replace("strategies: [naive]", "runs: {naive: [naive], joint: [joint], "
+                                                                      "replay: [{name: replay, memory_size: 50}]}"))
+    result = run_json(capsys, str(path), "--only", "replay,naive")
+    assert [r["name"] for r in result["runs"]] == ["replay", "naive"]
+    assert main(["run", str(path), "--no-track", "--only", "ewc"]) == 2
+    assert "--only ewc: no such run in runner-test; runs: naive, joint, replay" in capsys.readouterr().err

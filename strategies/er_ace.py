@@ -1,0 +1,58 @@
+"""ER-ACE: experience replay with an asymmetric cross-entropy."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from strategies.base import Strategy
+from strategies.buffers import ReservoirBuffer
+from strategies.context import Batch, Context
+
+
+class ERACE(Strategy):
+    """ER-ACE (Caccia et al. 2022, "New Insights on Reducing Abrupt Representation Change
+    in Online Continual Learning"). The incoming batch's cross-entropy only competes among
+    the classes present in that batch, so its gradient never pushes down the logits of
+    classes it does not hold (old classes); replayed samples use the full cross-entropy:
+
+        L = CE_{C_in}(f(x), y) + CE(f(x_m), y_m),
+
+    where CE_{C_in} masks every logit outside C_in, the classes of the incoming batch, and
+    (x_m, y_m) are `replay_batch_size` samples drawn from a reservoir memory, which is
+    updated with every incoming batch."""
+
+    loss_name = "ace"
+
+    def __init__(self, memory_size: int = 500, replay_batch_size: int = 32):
+        self.replay_batch_size = replay_batch_size
+        self.buffer = ReservoirBuffer(memory_size)
+
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)
+        self.buffer.to(ctx.device)
+
+    def adapt_batch(self, ctx: Context, batch: Batch) -> None:
+        if len(self.buffer):
+            batch.append(self, *self.buffer.sample(self.replay_batch_size, self.rng))
+
+    def loss(self, ctx: Context, batch: Batch) -> torch.Tensor:
+        rows = batch.incoming
+        logits, y = batch.logits[rows], batch.y[rows]
+        present = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        present[y] = True
+        loss = F.cross_entropy(logits.masked_fill(~present, float("-inf")), y)
+        if self in batch.parts:
+            replayed = batch.parts[self]
+            loss = loss + F.cross_entropy(batch.logits[replayed], batch.y[replayed])
+        return loss
+
+    def after_step(self, ctx: Context, batch: Batch) -> None:
+        rows = batch.incoming
+        self.buffer.add(batch.x_raw[rows], batch.y[rows], batch.t[rows], self.rng)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.buffer.load_state_dict(state["buffer"])

@@ -1,0 +1,378 @@
+"""Weight regularisation: quadratic penalties that hold important weights near earlier values.
+
+Every method here adds, for each earlier anchor theta*, a penalty
+lambda * sum_i Omega_i (theta_i - theta*_i)^2 (times 1/2 where the paper has it) and
+differs in the importance Omega it estimates: the Fisher information (EWC, online EWC),
+the path integral of the loss decrease (SI), the sensitivity of the output (MAS), or
+none at all (L2). Importances are computed with the model's own helpers (`ctx.prepare`,
+`ctx.forward`) on the experience's data.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from strategies.base import Strategy
+from strategies.context import Batch, Context
+from streams.experience import TensorData
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def per_sample_importance(ctx: Context, data: TensorData, score, batch_size: int = 64,
+                          max_samples: int | None = None, generator: torch.Generator | None = None
+                          ) -> dict[str, torch.Tensor]:
+    """The mean over `data`'s samples of a per-sample importance. `score(params, buffers, x, t, y)`
+    returns, for a batch of prepared inputs, {parameter name: one importance tensor per sample}
+    (from per-sample gradients, torch.func). Computed in eval mode, so train-mode noise
+    (dropout) stays out of the estimate."""
+    model = ctx.model
+    params = {n: p.detach() for n, p in _trainable(model).items()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    index = _subset_index(len(data), max_samples, generator)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    scored = 0
+    try:
+        for start in range(0, len(index), batch_size):
+            rows = index[start:start + batch_size]
+            x = ctx.prepare(data.x[rows])
+            t, y = data.t[rows].to(ctx.device), data.y[rows].to(ctx.device)
+            per_sample = score(params, buffers, x, t, y)
+            for n in total:
+                total[n] += per_sample[n].sum(0)
+            scored += len(next(iter(per_sample.values())))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return {n: v / max(scored, 1) for n, v in total.items()}
+
+
+def _call(model, params, buffers, x, t):
+    """Logits of one sample (batched to one) through `functional_call`, multi-head included."""
+    args = (x.unsqueeze(0), t.unsqueeze(0)) if getattr(model, "uses_task_labels", False) else (x.unsqueeze(0),)
+    return functional_call(model, (params, buffers), args)[0]
+
+
+FisherKind = Literal["empirical", "sample", "exact", "batched"]
+
+
+def fisher_diagonal(ctx: Context, data: TensorData, labels: FisherKind = "empirical",
+                    max_samples: int | None = None, generator: torch.Generator | None = None,
+                    batch_size: int = 32):
+    """Diagonal Fisher information F_i = E_x E_{y ~ q} [(d log p(y|x) / d theta_i)^2], one gradient
+    per sample. `labels` says where y comes from: the data's labels (`empirical`, the usual
+    choice), one draw from the model's prediction (`sample`), or every class weighted by its
+    predicted probability (`exact`, the true Fisher; a gradient per class). `batched` is the
+    cruder estimate many libraries use (avalanche-lib among them): the square of each
+    mini-batch's mean gradient, averaged over batches of `batch_size`; it is smaller than
+    the per-sample Fisher by about the batch size, so a strength tuned for one is not for
+    the other (van de Ven 2025 compares the variants)."""
+    if labels == "batched":
+        return _batched_fisher(ctx, data, batch_size, max_samples, generator)
+
+    model = ctx.model
+
+    def log_likelihood(params, buffers, x, t, y):
+        return F.log_softmax(_call(model, params, buffers, x, t), -1).gather(-1, y.view(1)).squeeze(-1)
+
+    squared_grads = vmap(grad(log_likelihood), in_dims=(None, None, 0, 0, 0))
+
+    def score(params, buffers, x, t, y):
+        if labels == "empirical":
+            return {n: v ** 2 for n, v in squared_grads(params, buffers, x, t, y).items()}
+        with torch.no_grad():
+            probs = ctx.forward(x, t).softmax(-1)
+        if labels == "sample":
+            drawn = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(x.device)
+            return {n: v ** 2 for n, v in squared_grads(params, buffers, x, t, drawn).items()}
+        out = None  # exact: every class, weighted by its predicted probability
+        for c in range(probs.shape[-1]):
+            w = probs[:, c]
+            g = squared_grads(params, buffers, x, t, torch.full_like(y, c))
+            part = {n: w.view(-1, *[1] * (v.dim() - 1)) * v ** 2 for n, v in g.items()}
+            out = part if out is None else {n: out[n] + part[n] for n in out}
+        return out
+
+    if labels not in ("empirical", "sample", "exact"):
+        raise ValueError(f"fisher must be 'empirical', 'sample', 'exact' or 'batched', got '{labels}'")
+    return per_sample_importance(ctx, data, score, max_samples=max_samples, generator=generator)
+
+
+def _subset_index(n: int, max_samples: int | None, generator) -> torch.Tensor:
+    return torch.arange(n) if max_samples is None or max_samples >= n else torch.randperm(n, generator=generator)[:max_samples]
+
+
+def _batched_fisher(ctx: Context, data: TensorData, batch_size: int, max_samples, generator):
+    params = _trainable(ctx.model)
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    index = _subset_index(len(data), max_samples, generator)
+    modes = [(m, m.training) for m in ctx.model.modules()]
+    ctx.model.eval()
+    n_batches = 0
+    try:
+        for start in range(0, len(index), batch_size):
+            rows = index[start:start + batch_size]
+            ctx.model.zero_grad(set_to_none=True)
+            logits = ctx.forward(ctx.prepare(data.x[rows]), data.t[rows].to(ctx.device))
+            F.cross_entropy(logits, data.y[rows].to(ctx.device)).backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    total[n] += p.grad.detach() ** 2
+            n_batches += 1
+    finally:
+        ctx.model.zero_grad(set_to_none=True)
+        for m, mode in modes:
+            m.training = mode
+    return {n: v / max(n_batches, 1) for n, v in total.items()}
+
+
+class _QuadraticPenalty(Strategy):
+    """sum over anchors k of sum_i A_ik (theta_i - theta*_ik)^2, kept as the three sums
+    sum_k A_k, sum_k A_k theta*_k and sum_k A_k theta*_k^2, so that the cost per step does not
+    grow with the number of anchors: sum_k A_k (theta - theta*_k)^2 =
+    theta^2 sum A_k - 2 theta sum A_k theta*_k + sum A_k theta*_k^2."""
+
+    term = "penalty"
+    scale = 1.0  # multiplies lambda: 1/2 where the paper has it
+
+    def __init__(self, strength: float):
+        if strength < 0:
+            raise ValueError(f"strength must be non-negative, got {strength}")
+        self.strength = strength
+        self.sums: dict[str, dict[str, torch.Tensor]] | None = None
+
+    def add_anchor(self, importance: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]) -> None:
+        parts = {n: (importance[n], importance[n] * anchor[n], importance[n] * anchor[n] ** 2) for n in importance}
+        if self.sums is None:
+            self.sums = {n: {"a": a, "b": b, "c": c} for n, (a, b, c) in parts.items()}
+        else:
+            for n, (a, b, c) in parts.items():
+                s = self.sums[n]
+                s["a"], s["b"], s["c"] = s["a"] + a, s["b"] + b, s["c"] + c
+
+    def set_anchor(self, importance: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]) -> None:
+        self.sums = None
+        self.add_anchor(importance, anchor)
+
+    def extra_loss(self, ctx: Context, batch: Batch):
+        if self.sums is None or not self.strength:
+            return None
+        penalty = sum((s["a"] * p * p - 2 * s["b"] * p + s["c"]).sum()
+                      for n, p in _trainable(ctx.model).items() if (s := self.sums.get(n)) is not None)
+        return {self.term: self.scale * self.strength * penalty}
+
+    def penalty_gradient(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        """d/dtheta of this strategy's term for one parameter (2 lambda' (A theta - B))."""
+        s = self.sums[name]
+        return 2 * self.scale * self.strength * (s["a"] * p - s["b"])
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "sums": self.sums}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.sums = state["sums"]
+
+
+def _weights(ctx: Context) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in _trainable(ctx.model).items()}
+
+
+class EWC(_QuadraticPenalty):
+    """Elastic Weight Consolidation (Kirkpatrick et al. 2017, "Overcoming catastrophic
+    forgetting in neural networks", eq. 3), one penalty per earlier task k:
+
+        L = L_new + sum_k (lambda / 2) sum_i F_k,i (theta_i - theta*_k,i)^2,
+
+    F_k the diagonal Fisher information at theta*_k, the weights after task k, from
+    per-sample gradients of log p(y|x) on task k's training data (`fisher`: the labels'
+    (empirical), one draw from the model, the exact expectation over classes, or the cruder
+    `batched` estimate of squared mini-batch gradients; the paper does not say which, and
+    van de Ven 2025 finds the exact one best). `fisher_samples` caps the samples used (None:
+    all). The paper's lambda is not recoverable from its text; the default 100 keeps plain
+    SGD stable with the per-sample Fisher (a step becomes unstable once lr * lambda * F
+    passes about 1; avalanche-lib's 1000 goes with its batched Fisher)."""
+
+    term = "ewc"
+    scale = 0.5
+
+    def __init__(self, strength: float = 100.0, fisher: FisherKind = "empirical", fisher_samples: int | None = None,
+                 fisher_batch_size: int = 32):
+        super().__init__(strength)
+        if fisher not in ("empirical", "sample", "exact", "batched"):
+            raise ValueError(f"fisher must be 'empirical', 'sample', 'exact' or 'batched', got '{fisher}'")
+        self.fisher, self.fisher_samples, self.fisher_batch_size = fisher, fisher_samples, fisher_batch_size
+
+    def fisher_of(self, ctx: Context) -> dict[str, torch.Tensor]:
+        return fisher_diagonal(ctx, ctx.experience.train, self.fisher, self.fisher_samples, self.rng,
+                               self.fisher_batch_size)
+
+    def after_experience(self, ctx: Context, data: TensorData) -> None:
+        self.add_anchor(self.fisher_of(ctx), _weights(ctx))
+
+
+class OnlineEWC(EWC):
+    """Online EWC (Schwarz et al. 2018, "Progress & Compress"): one running Fisher instead of
+    one penalty per task, F* <- gamma F* + F_t after each task t, and a single anchor at the
+    latest weights theta*_{t-1}:
+
+        L = L_new + (lambda / 2) sum_i gamma F*_i (theta_i - theta*_{t-1,i})^2.
+
+    gamma < 1 lets old tasks fade. Defaults as EWC's, gamma 0.9."""
+
+    def __init__(self, strength: float = 100.0, gamma: float = 0.9, fisher: FisherKind = "empirical",
+                 fisher_samples: int | None = None, fisher_batch_size: int = 32):
+        super().__init__(strength, fisher, fisher_samples, fisher_batch_size)
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        self.gamma = gamma
+        self.running: dict[str, torch.Tensor] | None = None
+
+    def after_experience(self, ctx: Context, data: TensorData) -> None:
+        fisher = self.fisher_of(ctx)
+        self.running = fisher if self.running is None else {
+            n: self.gamma * self.running[n] + fisher[n] for n in fisher}
+        self.set_anchor({n: self.gamma * f for n, f in self.running.items()}, _weights(ctx))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "running": self.running}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.running = state["running"]
+
+
+class SI(_QuadraticPenalty):
+    """Synaptic Intelligence (Zenke, Poole and Ganguli 2017, "Continual Learning Through
+    Synaptic Intelligence"). Each weight's contribution to the decrease of the loss along
+    the training path of task mu, omega^mu_k = - sum_steps g_k * Delta theta_k (g the gradient
+    of the loss without this penalty, Delta theta the step actually taken), gives
+
+        Omega_k = sum_{nu < mu} omega^nu_k / ((Delta^nu_k)^2 + xi),     L = L_mu + c sum_k Omega_k (theta~_k - theta_k)^2,
+
+    Delta^nu_k the weight's total change over task nu and theta~ the weights at the end of
+    the previous task. As in the authors' code, Omega is clamped at zero (a step that raised
+    the loss must not make a weight cheap to move). Defaults: the paper's Permuted-MNIST
+    values c = 0.1, xi = 0.1 (Split MNIST: c = 1, xi = 1e-3)."""
+
+    term = "si"
+
+    def __init__(self, strength: float = 0.1, xi: float = 0.1):
+        super().__init__(strength)
+        if xi <= 0:
+            raise ValueError(f"xi must be positive, got {xi}")
+        self.xi = xi
+        self.omega: dict[str, torch.Tensor] | None = None
+        self.importance: dict[str, torch.Tensor] | None = None
+        self.start: dict[str, torch.Tensor] | None = None
+
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)
+        self.start = _weights(ctx)
+        self.omega = {n: torch.zeros_like(p) for n, p in self.start.items()}
+
+    def after_backward(self, ctx: Context, batch: Batch) -> None:
+        params = _trainable(ctx.model)
+        # The task loss's gradient alone: this strategy's own penalty gradient is known in closed form.
+        self._grad = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                      for n, p in params.items()}
+        if self.sums is not None and self.strength:
+            for n, p in params.items():
+                if n in self.sums:
+                    self._grad[n] -= self.penalty_gradient(n, p.detach())
+        self._before = _weights(ctx)
+
+    def after_step(self, ctx: Context, batch: Batch) -> None:
+        for n, p in _trainable(ctx.model).items():
+            self.omega[n] -= self._grad[n] * (p.detach() - self._before[n])
+
+    def after_experience(self, ctx: Context, data: TensorData) -> None:
+        now = _weights(ctx)
+        new = {n: self.omega[n] / ((now[n] - self.start[n]) ** 2 + self.xi) for n in now}
+        self.importance = new if self.importance is None else {n: self.importance[n] + new[n] for n in new}
+        self.importance = {n: v.clamp_min(0.0) for n, v in self.importance.items()}
+        self.set_anchor(self.importance, now)
+        self.start = now
+        self.omega = {n: torch.zeros_like(p) for n, p in now.items()}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "omega": self.omega, "importance": self.importance, "start": self.start}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.omega, self.importance, self.start = state["omega"], state["importance"], state["start"]
+
+
+class MAS(_QuadraticPenalty):
+    """Memory Aware Synapses (Aljundi et al. 2018, "Memory Aware Synapses: Learning What
+    (not) to Forget"). A weight's importance is how much the squared L2 norm of the network's
+    output moves with it, averaged over the task's samples (no labels needed),
+
+        Omega_ij = 1/N sum_k | d ||F(x_k)||^2 / d theta_ij |,      L = L_new + lambda sum Omega (theta - theta*)^2,
+
+    with F the logits, importances summed over tasks and the anchor at the latest weights.
+    With `importance_batch_size: 1` the gradient is per sample, as in the paper's equation;
+    the authors' code (and avalanche-lib's) takes the absolute value of each mini-batch's
+    mean gradient instead, which `importance_batch_size: 32` reproduces and which gives
+    smaller importances. Default lambda = 1 (the paper's object recognition setting).
+    `importance_samples` caps the samples used."""
+
+    term = "mas"
+
+    def __init__(self, strength: float = 1.0, importance_batch_size: int = 1, importance_samples: int | None = None):
+        super().__init__(strength)
+        if importance_batch_size < 1:
+            raise ValueError(f"importance_batch_size must be positive, got {importance_batch_size}")
+        self.importance_batch_size, self.importance_samples = importance_batch_size, importance_samples
+        self.importance: dict[str, torch.Tensor] | None = None
+
+    def after_experience(self, ctx: Context, data: TensorData) -> None:
+        model, b = ctx.model, self.importance_batch_size
+
+        def sq_norm(params, buffers, x, t):
+            # One group of b samples: the mean over it of ||F(x)||^2 (b = 1: one sample's).
+            args = (x, t) if getattr(model, "uses_task_labels", False) else (x,)
+            return functional_call(model, (params, buffers), args).pow(2).sum(-1).mean()
+
+        per_group = vmap(grad(sq_norm), in_dims=(None, None, 0, 0))
+
+        def score(params, buffers, x, t, y):
+            n = len(x) // b * b  # whole groups of b; the remainder is dropped
+            xs, ts = x[:n].unflatten(0, (-1, b)), t[:n].unflatten(0, (-1, b))
+            # Each group's importance counts once per sample in it, so the mean is over samples.
+            return {k: v.abs().repeat_interleave(b, 0) for k, v in per_group(params, buffers, xs, ts).items()}
+
+        new = per_sample_importance(ctx, ctx.experience.train, score, max_samples=self.importance_samples,
+                                    generator=self.rng, batch_size=max(64, b) // b * b)
+        self.importance = new if self.importance is None else {n: self.importance[n] + new[n] for n in new}
+        self.set_anchor(self.importance, _weights(ctx))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "importance": self.importance}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.importance = state["importance"]
+
+
+class L2(_QuadraticPenalty):
+    """L2 pull towards the weights held after the previous experience, every weight equally
+    important: L = L_new + (lambda / 2) ||theta - theta*||^2, the uniform-importance baseline
+    beside EWC in Kirkpatrick et al. 2017."""
+
+    term = "l2"
+    scale = 0.5
+
+    def __init__(self, strength: float = 1.0):
+        super().__init__(strength)
+
+    def after_experience(self, ctx: Context, data: TensorData) -> None:
+        now = _weights(ctx)
+        self.set_anchor({n: torch.ones_like(p) for n, p in now.items()}, now)

@@ -1,0 +1,192 @@
+"""Weight regularisation and distillation: importances by hand, penalties that do what they claim."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cl.models import MLP
+from cl.trainer import LifelongTrainer
+from strategies import EWC, L2, MAS, SI, LwF, Naive, OnlineEWC, Strategy
+from strategies.context import Context
+from strategies.regularization import fisher_diagonal
+from streams import digits, permuted
+from streams.experience import BatchTransform, Dataset, Experience, Stream, TensorData
+
+
+class Linear2(torch.nn.Module):
+    """A 2 -> 2 linear map without bias: importances can be worked out by hand."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w))
+
+    def forward(self, x):
+        return x @ self.w.T
+
+
+def toy_context(model, x, y):
+    data = TensorData(torch.tensor(x), torch.tensor(y))
+    stream = Stream("toy", [Experience(0, 0, [0, 1], data, data, 0)], BatchTransform(scale=1.0), (2,), 2, [0, 1])
+    ctx = Context(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"),
+                  transform=stream.transform)
+    ctx.stream, ctx.experience = stream, stream[0]
+    return ctx, data
+
+
+def test_mas_importance_by_hand():
+    # F(x) = W x, ||F(x)||^2 = sum_i (W x)_i^2, d/dW_ij = 2 (W x)_i x_j.
+    W = [[1.0, 2.0], [0.0, -1.0]]
+    x = [[1.0, 0.0], [1.0, 1.0]]
+    ctx, data = toy_context(Linear2(W), x, [0, 1])
+    mas = MAS(strength=1.0)
+    mas.rng = torch.Generator().manual_seed(0)
+    mas.after_experience(ctx, data)
+    # x1 = (1, 0): Wx = (1, 0) -> grad = 2 * [[1, 0], [0, 0]]
+    # x2 = (1, 1): Wx = (3, -1) -> grad = 2 * [[3, 3], [-1, -1]]
+    expected = (torch.tensor([[2.0, 0.0], [0.0, 0.0]]).abs() + torch.tensor([[6.0, 6.0], [-2.0, -2.0]]).abs()) / 2
+    torch.testing.assert_close(mas.importance["w"], expected)
+    # The authors' code takes |mean gradient| over a batch: |(2+6)/2|, |(0+6)/2|, |(0-2)/2|, |(0-2)/2|.
+    batched = MAS(strength=1.0, importance_batch_size=2)
+    batched.rng = torch.Generator().manual_seed(0)
+    batched.after_experience(ctx, data)
+    torch.testing.assert_close(batched.importance["w"], torch.tensor([[4.0, 3.0], [1.0, 1.0]]))
+
+
+def test_empirical_fisher_by_hand():
+    # Softmax regression p = softmax(W x); d log p_y / dW = (onehot(y) - p) x^T.
+    W = [[0.5, -0.5], [0.0, 1.0]]
+    x, y = [[1.0, 2.0], [0.0, 1.0]], [0, 1]
+    ctx, data = toy_context(Linear2(W), x, y)
+    expected = torch.zeros(2, 2)
+    for xi, yi in zip(torch.tensor(x), y):
+        p = F.softmax(torch.tensor(W) @ xi, 0)
+        g = torch.outer(F.one_hot(torch.tensor(yi), 2) - p, xi)
+        expected += g ** 2 / 2
+    torch.testing.assert_close(fisher_diagonal(ctx, data, "empirical")["w"], expected)
+    # The exact Fisher weighs every label by its predicted probability.
+    exact = torch.zeros(2, 2)
+    for xi in torch.tensor(x):
+        p = F.softmax(torch.tensor(W) @ xi, 0)
+        for c in range(2):
+            exact += p[c] * torch.outer(F.one_hot(torch.tensor(c), 2) - p, xi) ** 2 / 2
+    torch.testing.assert_close(fisher_diagonal(ctx, data, "exact")["w"], exact)
+
+
+def test_si_importance_by_hand():
+    """Two plain SGD steps on one weight: omega = -sum g * dtheta, Omega = omega / (Delta^2 + xi)."""
+
+    class Scalar(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(1.0))
+
+        def forward(self, x):
+            return torch.stack([self.w * x[:, 0], torch.zeros(len(x))], 1)
+
+    model = Scalar()
+    x = torch.tensor([[1.0, 0.0]])
+    y = torch.tensor([0])
+    data = TensorData(x, y)
+    stream = Stream("one", [Experience(0, 0, [0, 1], data, data, 0)], BatchTransform(scale=1.0), (2,), 2, [0, 1])
+    si = SI(strength=1.0, xi=0.5)
+    LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), [si], epochs=2, batch_size=1).fit(stream)
+    # loss(w) = -log softmax([w, 0])_0 = log(1 + e^-w); g(w) = -1 / (1 + e^w); w <- w - g.
+    w0 = 1.0
+    g0 = -1 / (1 + np.exp(w0)); w1 = w0 - g0
+    g1 = -1 / (1 + np.exp(w1)); w2 = w1 - g1
+    omega = -(g0 * (w1 - w0) + g1 * (w2 - w1))
+    assert si.importance["w"].item() == pytest.approx(omega / ((w2 - w0) ** 2 + 0.5), rel=1e-5)
+
+
+def trainer_for(stream, strategies, optimizer="sgd", **kw):
+    torch.manual_seed(0)
+    model = MLP(stream.input_shape, stream.n_classes, hidden=(64,))
+    opt = (torch.optim.Adam(model.parameters(), lr=1e-3) if optimizer == "adam"
+           else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    return LifelongTrainer(model, opt, strategies, epochs=3, batch_size=16, **kw)
+
+
+@pytest.fixture(scope="module")
+def perm():
+    return permuted(digits(), n_experiences=3)
+
+
+def test_ewc_with_a_huge_lambda_keeps_the_first_task(perm):
+    naive = trainer_for(perm, [Naive()], "adam").fit(perm).accuracy_matrix
+    held = trainer_for(perm, [EWC(strength=1e6)], "adam").fit(perm).accuracy_matrix
+    assert naive[3, 0] < naive[1, 0] - 0.1  # fine-tuning forgets task 0
+    assert held[3, 0] > held[1, 0] - 0.03  # EWC keeps it
+
+
+@pytest.fixture(scope="module")
+def naive_acc(perm):
+    return trainer_for(perm, [Naive()]).fit(perm).accuracy_matrix[-1].mean()
+
+
+@pytest.mark.parametrize("make", [lambda: EWC(), lambda: EWC(1000.0, fisher="batched"), lambda: OnlineEWC(),
+                                  lambda: SI(1.0), lambda: L2(0.1)], ids=["ewc", "ewc-batched", "online", "si", "l2"])
+def test_regularisers_beat_fine_tuning_on_permuted_digits(perm, naive_acc, make):
+    record = trainer_for(perm, [make()]).fit(perm)
+    assert record.accuracy_matrix[-1].mean() > naive_acc + 0.03
+    assert len(record.loss_terms) == 2
+
+
+def test_ewc_keeps_one_penalty_per_task(perm):
+    """The summed form equals the sum of the per-task penalties (lambda/2) F_k (theta - theta*_k)^2."""
+    ewc = EWC(strength=10.0)
+    pairs = []
+    original = ewc.add_anchor
+
+    def record(importance, anchor):
+        pairs.append((importance, anchor))
+        original(importance, anchor)
+
+    ewc.add_anchor = record
+    trainer = trainer_for(perm, [ewc])
+    trainer.fit(perm)
+    assert len(pairs) == 3
+    params = dict(trainer.model.named_parameters())
+    direct = sum(0.5 * 10.0 * (f[n] * (params[n] - a[n]) ** 2).sum() for f, a in pairs for n in f)
+    assert ewc.extra_loss(trainer.ctx, None)["ewc"].item() == pytest.approx(direct.item(), rel=1e-4)
+
+
+def test_online_ewc_decays_the_running_fisher(perm):
+    online = OnlineEWC(strength=1.0, gamma=0.5)
+    trainer = trainer_for(perm, [online])
+    fishers = []
+    original = online.fisher_of
+
+    def spy(ctx):
+        f = original(ctx)
+        fishers.append(f)
+        return f
+
+    online.fisher_of = spy
+    trainer.fit(perm)
+    for n in fishers[0]:
+        expected = 0.5 * (0.5 * (0.5 * fishers[0][n] + fishers[1][n]) + fishers[2][n])
+        torch.testing.assert_close(online.sums[n]["a"], expected)
+
+
+def test_lwf_distillation_is_zero_for_an_unchanged_model_and_positive_after_a_step(perm):
+    from strategies.context import Batch
+
+    lwf = LwF(alpha=1.0, temperature=2.0)
+    trainer = trainer_for(perm, [lwf])
+    trainer.fit(perm, stop_after=1)
+    ctx = trainer.ctx
+    ctx.experience = perm[1]
+    lwf.before_experience(ctx)  # copies the model: old and new are the same
+    data = perm[1].train
+
+    def term():
+        batch = Batch(data.x[:64], data.y[:64], data.t[:64], 64)
+        batch.x = ctx.prepare(batch.x_raw)
+        batch.logits = ctx.model(batch.x)
+        return lwf.extra_loss(ctx, batch)["lwf"]
+
+    assert term().item() == pytest.approx(0.0, abs=1e-7)
+    opt = torch.optim.SGD(ctx.model.parameters(), lr=0.5)
+    F.cross_entropy(ctx.model(ctx.prepare(data.x[:64])), data.y[:64]).backward()
+    opt.step()
+    assert term().item() > 1e-4
