@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import re
 import sys
 import time
@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue runs from their checkpoints in --checkpoint-dir")
     run.add_argument("--only", default=None, metavar="LABEL[,LABEL]",
                      help="of a file that compares several runs, run only these")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
     for name in ("strategies", "models", "datasets", "scenarios"):
         listing = sub.add_parser(name, help=f"list the registered {name}, or show one in full")
         listing.add_argument("name", nargs="?", help="show this one: its description, paper and arguments")
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     describe.add_argument("file", help="experiment YAML file")
     describe.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     describe.add_argument("--json", action="store_true", help="print the description as JSON")
+    for command in (run, describe):  # `cl run FILE --debug` as well as `cl --debug run FILE`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error, not just its message")
     return p
 
 
@@ -113,7 +117,8 @@ def _describe(args) -> int:
     print(f"{info['name']}: {info['n_experiences']} experiences, {info['n_tasks']} test sets, "
           f"{info['n_classes']} classes, input {tuple(info['input_shape'])}")
     print(f"class order: {info['class_order']}")
-    print(f"evaluated after experiences: {_ranges(info['eval_after'])}")
+    # Experiences are numbered from 1 wherever a person reads them (progress lines, MLflow steps).
+    print(f"evaluated after experiences: {_ranges([i + 1 for i in info['eval_after']])}")
     print(f"{'exp':>5} {'task_label':>10} {'tasks':>7} {'n_train':>8}  classes")
     shown = info["experiences"] if len(info["experiences"]) <= 40 else info["experiences"][:20] + [None] + \
         info["experiences"][-20:]
@@ -122,7 +127,7 @@ def _describe(args) -> int:
             print(f"{'...':>5}")
             continue
         tasks = "+".join(map(str, e["tasks"])) or "-"  # the tasks whose samples it holds, its own first
-        print(f"{e['index']:>5} {e['task_label']:>10} {tasks:>7} {e['n_train']:>8}  {e['classes']}")
+        print(f"{e['index'] + 1:>5} {e['task_label']:>10} {tasks:>7} {e['n_train']:>8}  {e['classes']}")
     print("test sets: " + ", ".join(f"task{t['task']} {t['classes']} n={t['n_test']}" for t in info["test_sets"]))
     schedule = {k: v for k, v in info["schedule"].items() if k not in ("focus", "recurrences")}
     if schedule:
@@ -152,6 +157,7 @@ def _run(args) -> int:
     runs = run_experiment(cfg, tracking_uri=args.tracking_uri or default_tracking_uri(), track=not args.no_track,
                           progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                           only=args.only.split(",") if args.only else None)
+    failed = [r for r in runs if r.get("status") == "FAILED"]
     print(f"{cfg.name} (seed {cfg.seed}, {len(runs)} run{'s' if len(runs) > 1 else ''})")
     print(results_table(runs))
     tracked = [f"{r['name']}={r['mlflow_run_id']}" for r in runs if r["mlflow_run_id"]]
@@ -163,15 +169,25 @@ def _run(args) -> int:
                                                 "wall_time_s": wall}
         out.setdefault("experiment", cfg.name)
         out.setdefault("seed", cfg.seed)
-        print(json.dumps(out))
-    return 0
+        print(json.dumps(json_safe(out), allow_nan=False))
+    for run in failed:
+        print(f"cl: error: run {run['name']} failed: {run['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def json_safe(value):
+    """NaN and infinities become null: JSON has no spelling for them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # As `python -m` does, let `module:Class` paths name modules in the working directory.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     from cl.checkpoint import CheckpointError
     from cl.config import ConfigError
     from cl.registry import UnknownComponentError
@@ -188,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         return _list(args.command, args.name)
     except (ConfigError, DatasetNotFoundError, CheckpointError, TrackingError, UnknownComponentError,
             ValueError, FileNotFoundError) as err:
+        if args.debug:
+            raise
         print(f"cl: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

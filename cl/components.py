@@ -12,7 +12,8 @@ import torch
 
 from cl.config import SCENARIO_INJECTED, ComponentSpec, ExperimentConfig, coerce_arguments
 from cl.models import MultiHeadClassifier, build_model
-from cl.registry import DATASETS, SCENARIOS, STRATEGIES, optimizer_class, scenario_takes_data, scheduler_class
+from cl.registry import (DATASETS, SCENARIOS, STRATEGIES, optimizer_class, plugins_from, scenario_takes_data,
+                         scheduler_class)
 from strategies.base import Strategy
 from streams.experience import Dataset, Stream
 from streams.online import blur, online
@@ -26,6 +27,11 @@ def build_dataset(spec: ComponentSpec | dict, data_dir: str | None, source: str 
 
 def build_stream(cfg: ExperimentConfig, source: str = "experiment") -> Stream:
     """The stream of the file, with its own seed (`stream.seed`, default the run's)."""
+    with plugins_from(cfg.source_dir):
+        return _build_stream(cfg, source)
+
+
+def _build_stream(cfg: ExperimentConfig, source: str) -> Stream:
     scenario = SCENARIOS.get(cfg.stream.scenario.name)
     args = coerce_arguments(scenario, cfg.stream.scenario.args, "stream.scenario", source, SCENARIO_INJECTED)
     seed = cfg.stream_seed
@@ -57,7 +63,8 @@ def build_model_from(cfg: ExperimentConfig, stream: Stream) -> torch.nn.Module:
     """The configured model; `multihead: true` gives it one head per task of the stream."""
     args = dict(cfg.model.args)
     multihead = args.pop("multihead", False)
-    model = build_model(cfg.model.name, stream.input_shape, stream.n_classes, **args)
+    with plugins_from(cfg.source_dir):
+        model = build_model(cfg.model.name, stream.input_shape, stream.n_classes, **args)
     if multihead:
         model = MultiHeadClassifier(model, stream.task_classes, stream.n_classes)
     return model
@@ -66,13 +73,14 @@ def build_model_from(cfg: ExperimentConfig, stream: Stream) -> torch.nn.Module:
 def build_optimizer(cfg: ExperimentConfig, model: torch.nn.Module, source: str = "experiment"):
     """The optimizer over the model's parameters, and a scheduler factory `(optimizer, steps) ->
     scheduler` (None without a scheduler), where `steps` replaces arguments given as 'steps'."""
-    opt_cls = optimizer_class(cfg.training.optimizer.name)
+    with plugins_from(cfg.source_dir):
+        opt_cls = optimizer_class(cfg.training.optimizer.name)
+        sched_cls = None if cfg.training.scheduler is None else scheduler_class(cfg.training.scheduler.name)
     opt_args = coerce_arguments(opt_cls, cfg.training.optimizer.args, "training.optimizer", source, {"params"})
     optimizer = opt_cls(model.parameters(), **opt_args)
     spec = cfg.training.scheduler
     if spec is None:
         return optimizer, None
-    sched_cls = scheduler_class(spec.name)
 
     def make_scheduler(opt: torch.optim.Optimizer, steps: int | None = None):
         args = {k: steps if v == "steps" else v for k, v in spec.args.items()}

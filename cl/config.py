@@ -8,13 +8,15 @@ expected, before anything runs.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import typing
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -68,6 +70,9 @@ class TrainingConfig(BaseModel):
     checkpoint_every: int | None = Field(None, ge=1, description="with --checkpoint-dir, also checkpoint every "
                                                                   "N iterations inside an experience")
     lr_log_every: int = Field(50, ge=1, description="log the LR of every parameter group every N iterations")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN or infinite training loss: 'stop' fails the run naming the experience and "
+                            "iteration; 'skip' drops that step and counts it (skipped_steps)")
 
     @model_validator(mode="after")
     def _steps_need_experience_scope(self):
@@ -85,11 +90,20 @@ class ExperimentConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     data_dir: str | None = None
+    threads: int | None = Field(None, ge=1, description="torch's CPU threads (default: the cores this "
+                                                        "process may use, by affinity and cgroup quota)")
+    progress: bool = Field(True, description="false: print nothing but the final result")
     stream: StreamConfig
     model: ComponentSpec
     training: TrainingConfig = TrainingConfig()
     strategies: list[ComponentSpec] | None = None
     runs: dict[str, list[ComponentSpec]] | None = None
+    # The experiment file's folder: plugin modules it names are looked up there first.
+    _source_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_dir(self) -> Path | None:
+        return self._source_dir
 
     @field_validator("runs", mode="before")
     @classmethod
@@ -192,11 +206,21 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         raise ConfigError(f"{source}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level")
-    raw = apply_overrides(raw, overrides or [], source)
+    return experiment_from_dict(raw, overrides, source, path.resolve().parent)
+
+
+def experiment_from_dict(raw: dict, overrides: list[str] | None = None, source: str = "<dict>",
+                         source_dir: Path | None = None) -> ExperimentConfig:
+    """An experiment from its keys (what the YAML file holds), checked as a file is; plugin
+    modules it names are looked up in `source_dir` first."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    raw = apply_overrides(copy.deepcopy(raw), overrides or [], source)
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
+    cfg._source_dir = source_dir
     validate_components(cfg, source)
     return cfg
 
@@ -220,7 +244,7 @@ def coerce_arguments(target: Callable, args: dict, where: str, source: str,
     types (YAML's `1e-3` string becomes the float an optimizer needs). Unknown names, wrong
     types and unresolvable `module:attr` values for callable arguments are ConfigErrors that
     name the file, the key and what was expected."""
-    from cl.registry import UnknownComponentError, import_path
+    from cl.registry import ForbiddenComponentError, UnknownComponentError, import_path
 
     try:
         sig = inspect.signature(target)
@@ -247,9 +271,11 @@ def coerce_arguments(target: Callable, args: dict, where: str, source: str,
             if ":" not in out[n]:
                 raise ConfigError(f"{source}: {where}.{n}: expected a 'package.module:function' path, "
                                   f"got {out[n]!r}")
+            # A scenario may accept functions of another library for an argument (avalanche's benchmarks).
+            extra = getattr(target, "trusted_callables", {}).get(n, ())
             try:
-                out[n] = import_path(out[n], f"{where}.{n}")
-            except UnknownComponentError as err:
+                out[n] = import_path(out[n], f"{where}.{n}", slot="factory", extra_modules=extra)
+            except (UnknownComponentError, ForbiddenComponentError) as err:
                 raise ConfigError(f"{source}: {where}.{n}: {err}") from None
         default = ... if p.default is p.empty else p.default
         fields[n] = (hint, default)
@@ -268,13 +294,20 @@ def coerce_arguments(target: Callable, args: dict, where: str, source: str,
 
 def validate_components(cfg: ExperimentConfig, source: str) -> None:
     """Resolve every component name and check its arguments, before any data is loaded."""
-    from cl.registry import (DATASETS, MODELS, SCENARIOS, STRATEGIES, UnknownComponentError, optimizer_class,
-                             scenario_takes_data, scheduler_class)
+    from cl.registry import plugins_from
+
+    with plugins_from(cfg.source_dir):
+        _validate_components(cfg, source)
+
+
+def _validate_components(cfg: ExperimentConfig, source: str) -> None:
+    from cl.registry import (DATASETS, MODELS, SCENARIOS, STRATEGIES, ForbiddenComponentError,
+                             UnknownComponentError, optimizer_class, scenario_takes_data, scheduler_class)
 
     def resolve(registry, spec, where):
         try:
             return registry.get(spec.name)
-        except UnknownComponentError as err:
+        except (UnknownComponentError, ForbiddenComponentError) as err:
             raise ConfigError(f"{source}: {where}.name: {err}") from None
 
     scenario = resolve(SCENARIOS, cfg.stream.scenario, "stream.scenario")

@@ -10,12 +10,25 @@ component without editing the lab, in one of three ways:
 - declare an entry point in their package's metadata under the group
   `cl.<kind>` (for example `cl.strategies`), and use its name;
 - call `STRATEGIES.register("name")(MyStrategy)` before building a run.
+
+A `module:attr` in an experiment file must be what its slot expects (`SLOTS`):
+a class of the expected base for strategies, models, optimizers and
+schedulers; a function from the user's plugin code (a module beside the
+experiment file, or a package that registers through the lab's entry points)
+for datasets, scenarios and factories. Anything else, a standard-library
+function that runs a shell command say, is refused before it is called.
+Plugin modules are looked up beside the experiment file first
+(`plugins_from`), then on the installed path.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import inspect
+import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -23,6 +36,76 @@ T = TypeVar("T")
 
 class UnknownComponentError(LookupError):
     """A name that no registry, path or entry point resolves."""
+
+
+class ForbiddenComponentError(LookupError):
+    """A `module:attr` that resolves to something its slot does not accept."""
+
+
+LAB_PACKAGES = frozenset({"cl", "streams", "strategies", "evaluation"})
+_plugin_dir: contextvars.ContextVar[Path | None] = contextvars.ContextVar("plugin_dir", default=None)
+
+
+@contextlib.contextmanager
+def plugins_from(directory: str | Path | None):
+    """Look plugin modules up in `directory` (an experiment file's folder) first, and accept
+    functions defined there as the user's own plugin code."""
+    token = _plugin_dir.set(None if directory is None else Path(directory).resolve())
+    try:
+        yield
+    finally:
+        _plugin_dir.reset(token)
+
+
+def _entry_point_packages() -> set[str]:
+    """Top-level packages of the components registered through the lab's entry points."""
+    out = set()
+    for group in ("cl.strategies", "cl.models", "cl.datasets", "cl.scenarios"):
+        out |= {ep.value.split(":")[0].split(".")[0] for ep in entry_points(group=group)}
+    return out
+
+
+def is_plugin_code(obj, extra_modules: tuple[str, ...] = ()) -> bool:
+    """Whether `obj` is defined in the lab, in a module beside the experiment file, in a package
+    that registers through the lab's entry points, or in one of `extra_modules` (prefixes)."""
+    module = getattr(obj, "__module__", None) or ""
+    top = module.split(".")[0]
+    if top in LAB_PACKAGES or top in _entry_point_packages():
+        return True
+    if any(module == m or module.startswith(m + ".") for m in extra_modules):
+        return True
+    directory = _plugin_dir.get()
+    file = getattr(sys.modules.get(module), "__file__", None)
+    return directory is not None and file is not None and Path(file).resolve().is_relative_to(directory)
+
+
+def _subclass_of(base_path: str):
+    def check(obj) -> bool:
+        module, _, name = base_path.rpartition(".")
+        base = getattr(importlib.import_module(module), name)
+        return inspect.isclass(obj) and issubclass(obj, base)
+
+    return check
+
+
+_PLUGIN = ("a function or class from your plugin code (a module beside the experiment file, "
+           "or a package that registers through the lab's entry points)")
+#: slot -> (what it accepts, in words; the check)
+SLOTS: dict[str, tuple[str, Callable]] = {
+    "strategies": ("a strategies.Strategy subclass", _subclass_of("strategies.base.Strategy")),
+    "models": ("a torch.nn.Module subclass", _subclass_of("torch.nn.Module")),
+    "optimizer": ("a torch.optim.Optimizer subclass", _subclass_of("torch.optim.Optimizer")),
+    "scheduler": ("a torch.optim.lr_scheduler.LRScheduler subclass",
+                  _subclass_of("torch.optim.lr_scheduler.LRScheduler")),
+    "datasets": (_PLUGIN, lambda obj: callable(obj) and is_plugin_code(obj)),
+    "scenarios": (_PLUGIN, lambda obj: callable(obj) and is_plugin_code(obj)),
+    "factory": (_PLUGIN, lambda obj: callable(obj) and is_plugin_code(obj)),
+}
+
+
+def _describe(obj) -> str:
+    kind = "class" if inspect.isclass(obj) else "function" if callable(obj) else type(obj).__name__
+    return f"a {kind} from {getattr(obj, '__module__', None) or 'an unknown module'}"
 
 
 class Registry(Generic[T]):
@@ -58,7 +141,7 @@ class Registry(Generic[T]):
         if name in items:
             return items[name]
         if ":" in name:
-            return import_path(name, self.kind)
+            return import_path(name, self.kind, slot=self.kind)
         for ep in self._entry_points():
             if ep.name == name:
                 return ep.load()
@@ -71,18 +154,34 @@ class Registry(Generic[T]):
         return name in self._items or any(ep.name == name for ep in self._entry_points())
 
 
-def import_path(path: str, kind: str):
-    """The object a `module:attr` path names (attr may be dotted)."""
+def import_path(path: str, kind: str, slot: str | None = None, extra_modules: tuple[str, ...] = ()):
+    """The object a `module:attr` path names (attr may be dotted), imported with the plugin
+    directory first on the path; with `slot`, refused unless it is what that slot accepts
+    (`SLOTS`; `extra_modules` are module prefixes a plugin slot also accepts)."""
     module_name, _, attr = path.partition(":")
+    directory = _plugin_dir.get()
+    added = directory is not None and str(directory) not in sys.path
+    if added:
+        sys.path.insert(0, str(directory))
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise UnknownComponentError(f"{kind} '{path}': cannot import module '{module_name}' ({err})") from err
+        where = f" (looked beside the experiment file, in {directory}, then on the installed path)" if directory else ""
+        raise UnknownComponentError(f"{kind} '{path}': cannot import module '{module_name}'{where}: {err}") from err
+    finally:
+        if added:
+            sys.path.remove(str(directory))
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise UnknownComponentError(f"{kind} '{path}': module '{module_name}' has no attribute '{attr}'")
         obj = getattr(obj, part)
+    if slot is not None:
+        accepts, check = SLOTS[slot]
+        allowed = check(obj) or (bool(extra_modules) and callable(obj) and is_plugin_code(obj, extra_modules))
+        if not allowed:
+            also = f" or a function from {', '.join(extra_modules)}" if extra_modules else ""
+            raise ForbiddenComponentError(f"{kind} '{path}' is {_describe(obj)}; this slot accepts {accepts}{also}")
     return obj
 
 
@@ -116,7 +215,7 @@ MODELS: Registry = Registry("models", _models)
 # ------------------------------------------------------- torch components
 def _torch_class(module, name: str, kind: str):
     if ":" in name:
-        return import_path(name, kind)
+        return import_path(name, kind, slot=kind)
     by_lower = {n.lower(): getattr(module, n) for n in dir(module) if isinstance(getattr(module, n), type)}
     if name.lower() not in by_lower:
         raise LookupError(f"unknown {kind} '{name}' (not in {module.__name__}; or give a 'module:Class' path)")

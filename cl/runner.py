@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
 import sys
 import time
@@ -15,8 +17,9 @@ import cl
 from cl.checkpoint import check_same_config, config_hash, load_checkpoint
 from cl.components import build_model_from, build_optimizer, build_stream, build_strategies
 from cl.config import ExperimentConfig, flatten
+from cl.registry import plugins_from
 from cl.tracking import ConsoleSink, MLflowSink, StoreWarmup, TrackingError
-from cl.trainer import LifelongTrainer, RunRecord, resolve_device
+from cl.trainer import LifelongTrainer, NonFiniteLossError, RunRecord, resolve_device
 from evaluation import metrics
 from evaluation.evaluators import perplexity
 from evaluation.report import heatmap_png, matrix_csv, matrix_json
@@ -28,17 +31,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
+    (a container limited to 2 CPUs on a 64-core host gets 2, not 64)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.floor(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, track: bool = True,
                    progress: bool = False, checkpoint_dir: str | None = None, resume: bool = False,
                    only: list[str] | None = None) -> list[dict]:
     """Run every run of `cfg` (or those labelled in `only`); returns one summary dict per run
-    (the `--json` fields)."""
+    (the `--json` fields). A run stopped by a non-finite loss gives {"name", "status": "FAILED",
+    "error"} and the others still run. torch's thread count is `cfg.threads`, else the usable
+    cores, for the duration of the call."""
     runs = cfg.run_specs()
     if only:
         unknown = [label for label in only if label not in runs]
         if unknown:
             raise ValueError(f"--only {','.join(unknown)}: no such run in {cfg.name}; runs: {', '.join(runs)}")
         runs = {label: runs[label] for label in only}
+    threads, before = cfg.threads or usable_cores(), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with plugins_from(cfg.source_dir):
+            return _run_experiment(cfg, runs, tracking_uri, track, progress and cfg.progress, checkpoint_dir, resume)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_experiment(cfg, runs, tracking_uri, track, progress, checkpoint_dir, resume) -> list[dict]:
     warmup = StoreWarmup(tracking_uri) if track else None
     stream = build_stream(cfg)
     # Seconds the experiment waited for MLflow's import and store after the data was loaded.
@@ -72,8 +103,9 @@ def _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, p
         dataset = cfg.stream.dataset.name if cfg.stream.dataset else cfg.stream.scenario.name
         tags = {"strategy": label, "strategies": ",".join(s.name for s in specs), "stream": stream.name,
                 "dataset": dataset, "model": cfg.model.name, "seed": str(cfg.seed),
-                "lab_version": cl.__version__, "device": str(device)}
-        mlflow_sink = MLflowSink(cfg.name, f"{label}-seed{cfg.seed}", flatten(run_config), tags, tracking_uri,
+                "lab_version": cl.__version__, "device": str(device), "torch_threads": str(torch.get_num_threads())}
+        params = {**flatten(run_config), "torch_threads": torch.get_num_threads()}
+        mlflow_sink = MLflowSink(cfg.name, f"{label}-seed{cfg.seed}", params, tags, tracking_uri,
                                  resume_run_id=meta.get("mlflow_run_id"))
         sinks.append(mlflow_sink)
     if progress:
@@ -84,6 +116,7 @@ def _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, p
         model, optimizer, strategies, epochs=training.epochs, batch_size=training.batch_size,
         eval_batch_size=training.eval_batch_size, device=device, seed=cfg.seed, scheduler=scheduler,
         scheduler_interval=training.scheduler_interval, scheduler_scope=training.scheduler_scope,
+        nonfinite=training.nonfinite,
         sinks=sinks, progress=progress, eval_every=training.eval_every, lr_log_every=training.lr_log_every,
         checkpoint_path=str(checkpoint) if checkpoint else None, checkpoint_every=training.checkpoint_every)
     if checkpoint is not None:
@@ -100,23 +133,34 @@ def _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, p
     try:
         record = trainer.fit(stream)
     except BaseException as err:
-        # What was logged per experience stays in the store; the run is marked as not finished.
+        # What was logged per experience stays in the store; the run is marked as not finished,
+        # with the reason as a tag.
         if mlflow_sink is not None:
-            mlflow_sink.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            mlflow_sink.set_tags({"failure_reason": f"{type(err).__name__}: {err}"[:5000]})
+            try:
+                mlflow_sink.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            except TrackingError:
+                pass  # the training error is the one to report
+        if isinstance(err, NonFiniteLossError):  # this run failed; the file's other runs go on
+            run_id = None if mlflow_sink is None or mlflow_sink.failed else mlflow_sink.run_id
+            return {"name": label, "status": "FAILED", "error": str(err), "mlflow_run_id": run_id,
+                    "wall_time_s": time.perf_counter() - wall_start}
         raise
 
     summary = summarise(record, stream)
     R = record.accuracy_matrix
-    result = {"name": label, **summary, "accuracy_matrix": R.tolist(),
+    result = {"name": label, "status": "FINISHED", **summary, "accuracy_matrix": R.tolist(),
               "matrices": {k: v.tolist() for k, v in record.matrices.items()},
               "train_loss": record.train_loss, "loss_terms": record.loss_terms,
-              "train_time_s": record.train_time_s, "eval_time_s": record.eval_time_s}
+              "train_time_s": record.train_time_s, "eval_time_s": record.eval_time_s,
+              "skipped_steps": record.skipped_steps, "threads": torch.get_num_threads()}
     if record.task_aware_matrix is not None:
         result["task_aware_matrix"] = record.task_aware_matrix.tolist()
     if mlflow_sink is not None:
         finish_start, waited = time.perf_counter(), mlflow_sink.blocked_s
         final = {k: v for k, v in summary.items() if v is not None}
-        mlflow_sink.log_metrics({**final, "train_time_s": record.train_time_s, "eval_time_s": record.eval_time_s},
+        mlflow_sink.log_metrics({**final, "train_time_s": record.train_time_s, "eval_time_s": record.eval_time_s,
+                                 "skipped_steps": record.skipped_steps},
                                 len(stream.eval_after), "summary")
         mlflow_sink.log_artifact("config.yaml", yaml.safe_dump(run_config, sort_keys=False))
         mlflow_sink.log_artifact("accuracy_matrix.csv", matrix_csv(R))

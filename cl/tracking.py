@@ -7,6 +7,7 @@ line per experience.
 """
 from __future__ import annotations
 
+import math
 import os
 import queue
 import sys
@@ -35,9 +36,11 @@ class ConsoleSink:
     def log_metrics(self, metrics: dict[str, float], step: int, kind: str = "evaluation") -> None:
         if kind != "evaluation" or step == 0:
             return
-        shown = {k: v for k, v in metrics.items() if k.endswith("_seen") or k == "train_loss"}
-        tqdm.write(f"[{self.label}] experience {step}: " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()),
-                   file=sys.stderr)
+        shown = {k: v for k, v in metrics.items() if (k.endswith("_seen") or k == "train_loss") and math.isfinite(v)}
+        line = f"[{self.label}] experience {step}: " + " ".join(f"{k}={v:.4f}" for k, v in shown.items())
+        if "train_loss" in metrics and not math.isfinite(metrics["train_loss"]):
+            line += " (nothing trained in this experience)"
+        tqdm.write(line, file=sys.stderr)
 
 
 class MLflowSink:
@@ -106,6 +109,7 @@ class MLflowSink:
             from mlflow.entities import Metric, Param, RunTag
             from mlflow.tracking import MlflowClient
 
+            _quiet_mlflow()
             client = MlflowClient(self.tracking_uri)
             if self._run_id is None:
                 exp = client.get_experiment_by_name(experiment_name)
@@ -169,6 +173,7 @@ class StoreWarmup:
         try:
             from mlflow.tracking import MlflowClient
 
+            _quiet_mlflow()
             MlflowClient(self.tracking_uri).search_experiments(max_results=1)
         except BaseException as err:
             self._error = err
@@ -181,6 +186,15 @@ class StoreWarmup:
             raise TrackingError(f"MLflow store {self.tracking_uri or '(default)'} could not be opened: "
                                 f"{type(self._error).__name__}: {self._error}")
         return time.perf_counter() - t
+
+
+def _quiet_mlflow() -> None:
+    """MLflow logs at INFO on import ("Creating initial MLflow database tables..."); a run's
+    output is the lab's own lines and the result. Its warnings and errors still show."""
+    import logging
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def default_tracking_uri() -> str | None:

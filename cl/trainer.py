@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,12 @@ HOOKS = ("configure_optimizer", "before_experience", "training_data", "before_it
          "extra_loss", "after_backward", "after_step", "after_experience")
 BOUNDARY_HOOKS = ("before_experience", "training_data", "after_experience")
 DEFAULT_LOSS = "ce"
+# Off the CPU a finiteness check is a host sync: there losses are checked this many steps at a time.
+DEFERRED_CHECK_EVERY = 50
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the experience and iteration."""
 
 
 class Sink(Protocol):
@@ -58,6 +65,7 @@ class RunRecord:
     completed: int = 0
     train_time_s: float = 0.0
     eval_time_s: float = 0.0
+    skipped_steps: int = 0  # steps dropped for a non-finite loss (training.nonfinite: skip)
     experience_time_s: list[float] = field(default_factory=list)
     curve: list[dict] = field(default_factory=list)
     lr_curve: list[list] = field(default_factory=list)
@@ -87,7 +95,7 @@ class RunRecord:
                 "main_loss": self.main_loss, "completed": self.completed, "train_time_s": self.train_time_s,
                 "eval_time_s": self.eval_time_s, "experience_time_s": list(self.experience_time_s),
                 "curve": copy.deepcopy(self.curve), "lr_curve": copy.deepcopy(self.lr_curve),
-                "iteration": self.iteration}
+                "iteration": self.iteration, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
         for key, matrix in state["matrices"].items():
@@ -98,6 +106,7 @@ class RunRecord:
         for name in ("loss_terms", "main_loss", "completed", "train_time_s", "eval_time_s", "experience_time_s",
                      "curve", "lr_curve", "iteration"):
             setattr(self, name, copy.deepcopy(state[name]))
+        self.skipped_steps = state.get("skipped_steps", 0)
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -161,7 +170,7 @@ class LifelongTrainer:
                  scheduler_interval: str = "epoch", scheduler_scope: str = "run",
                  evaluators: Sequence[Evaluator] | None = None, sinks: Sequence[Sink] = (), progress: bool = False,
                  checkpoint_path: str | None = None, checkpoint_every: int | None = None,
-                 eval_every: int | None = None, lr_log_every: int = 50):
+                 eval_every: int | None = None, lr_log_every: int = 50, nonfinite: str = "stop"):
         for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
                             ("eval_every", eval_every), ("checkpoint_every", checkpoint_every),
                             ("lr_log_every", lr_log_every)):
@@ -169,6 +178,8 @@ class LifelongTrainer:
                 raise ValueError(f"{name} must be positive, got {value}")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got '{scheduler_interval}'")
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got '{nonfinite}'")
         if scheduler_scope not in ("run", "experience"):
             raise ValueError(f"scheduler_scope must be 'run' or 'experience', got '{scheduler_scope}'")
         is_instance = isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
@@ -189,6 +200,13 @@ class LifelongTrainer:
         self.progress = progress
         self.checkpoint_path, self.checkpoint_every = checkpoint_path, checkpoint_every
         self.eval_every, self.lr_log_every = eval_every, lr_log_every
+        # What a NaN or infinite loss does: 'stop' raises NonFiniteLossError, 'skip' drops that
+        # step (no backward, no optimizer step, no after_step) and counts it.
+        self.nonfinite = nonfinite
+        # On the CPU reading the loss costs nothing, and 'skip' must know before the step;
+        # otherwise losses are checked DEFERRED_CHECK_EVERY steps at a time.
+        self._check_each_step = self.device.type == "cpu" or nonfinite == "skip"
+        self._unchecked: list[tuple[int, torch.Tensor]] = []
         # Called when a checkpoint is written; its dict is saved beside the state.
         self.checkpoint_meta: Callable[[], dict] = dict
 
@@ -312,8 +330,12 @@ class LifelongTrainer:
             spent_before = resume["elapsed"]
             self.data_rng.set_state(resume["epoch_rng"])
             start = time.perf_counter()
+        if self.progress and not len(data):  # e.g. Joint after its first experience: say so, draw no bar
+            giver = ", ".join(type(s).__name__ for s in hooks["training_data"]) or "the stream"
+            tqdm.write(f"experience {experience.index + 1}/{len(stream)}: nothing to train ({giver} gave no "
+                       f"training data here); evaluation only", file=sys.stderr)
         bar = tqdm(total=ctx.steps_in_experience, initial=first_epoch * steps_per_epoch + first_batch,
-                   disable=not self.progress, leave=False, file=sys.stderr, mininterval=0.5,
+                   disable=not self.progress or not len(data), leave=False, file=sys.stderr, mininterval=0.5,
                    desc=f"experience {experience.index + 1}/{len(stream)}")
         eval_s = 0.0  # periodic evaluations inside the loop are not training time
         for epoch in range(first_epoch, self.epochs):
@@ -324,9 +346,12 @@ class LifelongTrainer:
             for b, (x, y, t) in enumerate(data.batches(self.batch_size, True, self.data_rng, skip), start=skip):
                 ctx.iteration = self.record.iteration
                 losses = self._train_batch(x, y, t)
-                for name, value in losses.items():
-                    sums[name] = value.detach() if name not in sums else sums[name] + value.detach()
-                n_steps += 1
+                if losses is not None:
+                    for name, value in losses.items():
+                        sums[name] = value.detach() if name not in sums else sums[name] + value.detach()
+                    n_steps += 1
+                elif self.nonfinite == "skip":
+                    self.record.skipped_steps += 1
                 self.record.iteration += 1
                 ctx.step += 1
                 bar.update()
@@ -342,6 +367,7 @@ class LifelongTrainer:
             if self.scheduler is not None and self.scheduler_interval == "epoch":
                 self.scheduler.step()
         bar.close()
+        self._check_unchecked()
         for s in hooks["after_experience"]:
             s.after_experience(ctx, data)
         elapsed = spent_before + time.perf_counter() - start - eval_s
@@ -350,11 +376,12 @@ class LifelongTrainer:
         self.record.completed += 1
         # One host sync for every term: the means over the experience's batches.
         names = list(sums)
-        means = torch.stack([sums[k] for k in names]).div(n_steps).tolist() if names else []
+        means = torch.stack([sums[k] for k in names]).div(n_steps).tolist() if names and n_steps else []
         self.record.add_loss_terms(dict(zip(names, means)))
 
-    def _train_batch(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One iteration: hooks, prepare, forward, named losses, backward, step. Returns the terms."""
+    def _train_batch(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """One iteration: hooks, prepare, forward, named losses, backward, step. Returns the
+        terms, or None for a step skipped for a non-finite loss."""
         ctx, hooks = self.ctx, self.hooks
         for s in hooks["before_iteration"]:
             s.before_iteration(ctx)
@@ -377,6 +404,15 @@ class LifelongTrainer:
                     raise ValueError(f"two loss terms are named '{name}' (the second from {type(s).__name__})")
                 batch.losses[name] = term
         loss = sum(batch.losses.values()) if len(batch.losses) > 1 else main
+        if self._check_each_step:
+            if not math.isfinite(loss.item()):
+                if self.nonfinite == "stop":
+                    raise self._nonfinite_error(ctx.iteration, loss.item())
+                return None
+        else:
+            self._unchecked.append((ctx.iteration, loss.detach()))
+            if len(self._unchecked) >= DEFERRED_CHECK_EVERY:
+                self._check_unchecked()
         if loss.requires_grad:  # a frozen model (nearest-mean on fixed features) has nothing to step
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -388,6 +424,24 @@ class LifelongTrainer:
         for s in hooks["after_step"]:
             s.after_step(ctx, batch)
         return batch.losses
+
+    def _check_unchecked(self) -> None:
+        """The deferred check: one host sync for the losses of the last steps."""
+        if not self._unchecked:
+            return
+        pending, self._unchecked = self._unchecked, []
+        finite = torch.isfinite(torch.stack([loss for _, loss in pending])).tolist()
+        if not all(finite):
+            iteration, loss = pending[finite.index(False)]
+            raise self._nonfinite_error(iteration, loss.item())
+
+    def _nonfinite_error(self, iteration: int, value: float) -> NonFiniteLossError:
+        experience = self.ctx.experience
+        first = self.record.iteration - self.ctx.step  # the experience's first iteration
+        return NonFiniteLossError(
+            f"non-finite training loss ({value}) in experience {experience.index + 1} of "
+            f"{len(self.ctx.stream)}, at iteration {iteration} (step {iteration - first + 1} of that "
+            f"experience); the learning rate may be too high. Set training.nonfinite: skip to skip such steps")
 
     def _prepare(self, batch: Batch) -> None:
         """Move the batch to the device and transform it. Appended rows are augmented with a

@@ -72,7 +72,10 @@ def heatmap_png(R, title: str = "accuracy matrix") -> bytes:
 def results_table(runs: Sequence[dict]) -> str:
     """One block per run: each task's final accuracy, then ACC/BWT/FWT/forgetting."""
     out = []
+    failed = [run for run in runs if run.get("status") == "FAILED"]
     for run in runs:
+        if run in failed:
+            continue
         R = np.asarray(run["accuracy_matrix"])
         T = R.shape[1]
         head = f"{'run':<14}" + "".join(f"{'task' + str(j):>8}" for j in range(T))
@@ -84,4 +87,5 @@ def results_table(runs: Sequence[dict]) -> str:
                        for k in ("acc", "bwt", "fwt", "forgetting"))
         row += f"{run['train_time_s']:>9.2f}"
         out.append(row)
+    out.extend(f"{run['name'][:14]:<14} FAILED: {run['error']}" for run in failed)
     return "\n".join(out)

@@ -99,8 +99,10 @@ class GEM(_EpisodicMemory):
 
 class AGEM(_EpisodicMemory):
     """Averaged GEM (Chaudhry et al. 2019, "Efficient Lifelong Learning with A-GEM"): one
-    reference gradient g_ref, on `sample_size` samples drawn at random from the memory of
-    every earlier experience, replaces GEM's per-task constraints; when g^T g_ref < 0,
+    reference gradient from a random sample of the memory replaces GEM's per-task constraints.
+
+    g_ref is taken on `sample_size` samples drawn at random from the memory of every
+    earlier experience; when g^T g_ref < 0,
 
         g~ = g - (g^T g_ref / g_ref^T g_ref) g_ref,
 

@@ -187,7 +187,10 @@ def _weights(ctx: Context) -> dict[str, torch.Tensor]:
 
 class EWC(_QuadraticPenalty):
     """Elastic Weight Consolidation (Kirkpatrick et al. 2017, "Overcoming catastrophic
-    forgetting in neural networks", eq. 3), one penalty per earlier task k:
+    forgetting in neural networks"): a quadratic pull towards each earlier task's weights,
+    weighted by their Fisher information.
+
+    Eq. 3, one penalty per earlier task k:
 
         L = L_new + sum_k (lambda / 2) sum_i F_k,i (theta_i - theta*_k,i)^2,
 
@@ -219,9 +222,10 @@ class EWC(_QuadraticPenalty):
 
 
 class OnlineEWC(EWC):
-    """Online EWC (Schwarz et al. 2018, "Progress & Compress"): one running Fisher instead of
-    one penalty per task, F* <- gamma F* + F_t after each task t, and a single anchor at the
-    latest weights theta*_{t-1}:
+    """Online EWC (Schwarz et al. 2018, "Progress & Compress"): EWC with one running Fisher
+    and one anchor instead of one penalty per task.
+
+    F* <- gamma F* + F_t after each task t, and the anchor is the latest weights theta*_{t-1}:
 
         L = L_new + (lambda / 2) sum_i gamma F*_i (theta_i - theta*_{t-1,i})^2.
 

@@ -234,6 +234,13 @@ class Stream:
     def __post_init__(self):
         if self.test_sets is None:
             object.__setattr__(self, "test_sets", [e.test for e in self.experiences])
+        for j, data in enumerate(self.test_sets):
+            if data is None or len(data) == 0:
+                from streams.validation import DataError
+
+                classes = self.experiences[j].classes if j < len(self.experiences) else "?"
+                raise DataError(f"stream {self.name}: task {j} (classes {classes}) has no test samples; "
+                                f"every task needs some to be evaluated (does the test split hold these classes?)")
         if self.task_classes is None:
             object.__setattr__(self, "task_classes", [sorted(torch.unique(d.y).tolist()) for d in self.test_sets])
         if self.eval_after is None:

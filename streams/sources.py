@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from streams.experience import BatchTransform, Dataset, TensorData
+from streams.validation import DataError
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "cl-lab" / "data"
 
@@ -72,7 +73,19 @@ def digits(data_dir: str | None = None, test_fraction: float = 0.25) -> Dataset:
 def _mnist_tensors(root: str, download: bool):
     import torchvision
 
+    raw = Path(root) / "MNIST" / "raw"
+
     def split(train: bool):
+        files = [raw / f"{prefix}-{kind}-idx{d}-ubyte" for prefix in ("train", "t10k")
+                 for kind, d in (("images", 3), ("labels", 1))]
+        if all(f.is_file() for f in files):
+            # The files are there: a failure to read them is damage, not absence.
+            try:
+                ds = torchvision.datasets.MNIST(root, train=train, download=False)
+            except Exception as err:
+                sizes = ", ".join(f"{f.name} {f.stat().st_size} bytes" for f in files)
+                raise DataError(f"MNIST files under {raw} are corrupt or truncated ({sizes}): {err}") from err
+            return TensorData(ds.data[:, None].contiguous(), ds.targets.long())
         try:
             ds = torchvision.datasets.MNIST(root, train=train, download=False)
         except RuntimeError:
@@ -101,12 +114,15 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray, where: str) -> torch.Tensor:
     from PIL import Image
 
     def one(i: int) -> np.ndarray:
-        with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())) as img:
-            return np.asarray(img.convert("RGB"))
+        try:
+            with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())) as img:
+                return np.asarray(img.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as err:
+            raise DataError(f"{where}: image {i} is corrupt or truncated ({err})") from err
 
     # Pillow releases the GIL while decoding, so threads use every core.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -133,10 +149,10 @@ def _cifar10_tensors(root: str, download: bool):
             with np.load(pack) as z:
                 arrays = {k: z[k] for k in ("train_jpeg", "train_off", "train_y", "test_jpeg", "test_off", "test_y")}
         except Exception as err:
-            raise ValueError(f"CIFAR-10 JPEG pack {pack} is unreadable or incomplete: {err}") from err
-        train = TensorData(_decode_jpegs(arrays["train_jpeg"], arrays["train_off"]),
+            raise DataError(f"CIFAR-10 JPEG pack {pack} is corrupt or truncated: {err}") from err
+        train = TensorData(_decode_jpegs(arrays["train_jpeg"], arrays["train_off"], f"{pack} train_jpeg"),
                            torch.from_numpy(arrays["train_y"].astype(np.int64)))
-        test = TensorData(_decode_jpegs(arrays["test_jpeg"], arrays["test_off"]),
+        test = TensorData(_decode_jpegs(arrays["test_jpeg"], arrays["test_off"], f"{pack} test_jpeg"),
                           torch.from_numpy(arrays["test_y"].astype(np.int64)))
         return train, test
     looked = [torchvision_dir, pack]

@@ -11,8 +11,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from streams import validation
 from streams.experience import BatchTransform, Dataset, TensorData
 from streams.interop import _materialise
+from streams.validation import DataError
 from streams.lazy import LazyData
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -25,7 +27,7 @@ def _as_images(x: np.ndarray, where: str) -> torch.Tensor:
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):  # (N, H, W, C)
         x = x.transpose(0, 3, 1, 2)
     elif x.ndim != 2 and x.ndim != 4:
-        raise ValueError(f"{where}: expected inputs of shape (N, D), (N, H, W), (N, C, H, W) or (N, H, W, C), "
+        raise DataError(f"{where}: expected inputs of shape (N, D), (N, H, W), (N, C, H, W) or (N, H, W, C), "
                          f"got {x.shape}")
     return torch.from_numpy(np.ascontiguousarray(x))
 
@@ -48,12 +50,25 @@ def numpy_arrays(path: str, data_dir: str | None = None, mean: list[float] | Non
     file = Path(path) if Path(path).is_absolute() else data_root(data_dir) / path
     if not file.is_file():
         raise FileNotFoundError(f"numpy dataset: {file} does not exist")
-    with np.load(file, allow_pickle=False) as z:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
-        if missing:
-            raise ValueError(f"numpy dataset {file}: missing arrays {sorted(missing)} (has {z.files})")
-        x_train, x_test = _as_images(z["x_train"], str(file)), _as_images(z["x_test"], str(file))
-        y_train, y_test = torch.from_numpy(z["y_train"].astype(np.int64)), torch.from_numpy(z["y_test"].astype(np.int64))
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
+            if missing:
+                raise DataError(f"numpy dataset {file}: missing arrays {sorted(missing)} (has {z.files})")
+            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except DataError:
+        raise
+    except Exception as err:  # a zip that is cut short or not a zip at all, an object array
+        raise DataError(f"numpy dataset {file} is corrupt or truncated ({type(err).__name__}: {err})") from err
+    where = f"numpy dataset {file}"
+    for split in ("train", "test"):
+        validation.same_rows(arrays[f"x_{split}"], arrays[f"y_{split}"], where, f"x_{split}", f"y_{split}")
+    x_train, x_test = _as_images(arrays["x_train"], where), _as_images(arrays["x_test"], where)
+    validation.same_input_shape(x_train, x_test, where, "x_train", "x_test")
+    validation.finite_inputs(x_train, where, "x_train")
+    validation.finite_inputs(x_test, where, "x_test")
+    y_train = validation.labels(arrays["y_train"], where, "y_train")
+    y_test = validation.labels(arrays["y_test"], where, "y_test")
     return Dataset(file.stem, TensorData(x_train, y_train), TensorData(x_test, y_test),
                    _transform_for(x_train, mean, std))
 
@@ -66,18 +81,21 @@ def _read_folder(root: Path, classes: list[str], size: int | None, channels: int
         folder = root / name
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
         for f in files:
-            with Image.open(f) as img:
-                img = img.convert("L" if channels == 1 else "RGB")
-                if size is not None:
-                    img = img.resize((size, size), Image.BILINEAR)
-                arr = np.asarray(img)
+            try:
+                with Image.open(f) as img:
+                    img = img.convert("L" if channels == 1 else "RGB")
+                    if size is not None:
+                        img = img.resize((size, size), Image.BILINEAR)
+                    arr = np.asarray(img)
+            except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for cut-short or non-image files
+                raise DataError(f"image {f} is corrupt or truncated ({err})") from err
             xs.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
             ys.append(label)
     if not xs:
-        raise ValueError(f"image folder {root}: no images found in class folders {classes}")
+        raise DataError(f"image folder {root}: no images found in class folders {classes}")
     shapes = {x.shape for x in xs}
     if len(shapes) > 1:
-        raise ValueError(f"image folder {root}: images have different sizes {sorted(shapes)[:3]}; set `size`")
+        raise DataError(f"image folder {root}: images have different sizes {sorted(shapes)[:3]}; set `size`")
     return TensorData(torch.from_numpy(np.stack(xs)), torch.tensor(ys))
 
 
@@ -117,9 +135,9 @@ def image_folder(root: str, data_dir: str | None = None, size: int | None = None
 
 def _labels(dataset, num_workers: int) -> torch.Tensor:
     targets = getattr(dataset, "targets", None)
-    if targets is not None:
-        return torch.as_tensor(targets).long()
-    return _materialise(dataset, num_workers=num_workers)[1]  # reads every item once, keeps the labels
+    if targets is None:
+        targets = _materialise(dataset, num_workers=num_workers)[1]  # reads every item once, keeps the labels
+    return validation.labels(targets, f"dataset {type(dataset).__name__}")
 
 
 def _lazy(dataset, num_workers: int) -> LazyData:
@@ -144,4 +162,9 @@ def torch_dataset(factory: Callable, data_dir: str | None = None, num_workers: i
         train, test = (_lazy(s, num_workers) for s in splits)
         return Dataset(name, train, test, BatchTransform(mean, std, scale=255.0 if train.x.dtype == torch.uint8 else 1.0))
     (x, y), (xt, yt) = (_materialise(s, num_workers=num_workers) for s in splits)
+    where = f"torch_dataset {name}"
+    validation.same_input_shape(x, xt, where)
+    validation.finite_inputs(x, where, "train inputs")
+    validation.finite_inputs(xt, where, "test inputs")
+    y, yt = validation.labels(y, where, "train labels"), validation.labels(yt, where, "test labels")
     return Dataset(name, TensorData(x, y), TensorData(xt, yt), _transform_for(x, mean, std))

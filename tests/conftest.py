@@ -7,6 +7,17 @@ import cl.components  # noqa: F401  (registers the built-in components)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# The smallest complete experiment file: Split-Digits, a small MLP, fine-tuning, on the CPU.
+TINY_EXPERIMENT = """
+name: tiny
+seed: 0
+device: cpu
+stream: {dataset: digits, scenario: {name: class_incremental, n_experiences: 5}}
+model: {name: mlp, hidden: [16]}
+training: {epochs: 1, batch_size: 64, optimizer: {name: sgd, lr: 0.05}}
+strategies: [naive]
+"""
+
 
 def _data_dir() -> Path | None:
     for candidate in (os.environ.get("CL_DATA_DIR"), SHARED_DATA):
