@@ -300,7 +300,13 @@ class SI(_QuadraticPenalty):
     def after_experience(self, ctx: Context, data: TensorData) -> None:
         now = _weights(ctx)
         new = {n: self.omega[n] / ((now[n] - self.start[n]) ** 2 + self.xi) for n in now}
-        self.importance = new if self.importance is None else {n: self.importance[n] + new[n] for n in new}
+        if self.importance is None:
+            self.importance = new
+        elif self.decay is None:
+            self.importance = {n: self.importance[n] + new[n] for n in new}
+        else:
+            a = self.decay
+            self.importance = {n: a * self.importance[n] + (1 - a) * new[n] for n in new}
         self.importance = {n: v.clamp_min(0.0) for n, v in self.importance.items()}
         self.set_anchor(self.importance, now)
         self.start = now
@@ -326,15 +332,25 @@ class MAS(_QuadraticPenalty):
     the authors' code (and avalanche-lib's) takes the absolute value of each mini-batch's
     mean gradient instead, which `importance_batch_size: 32` reproduces and which gives
     smaller importances. Default lambda = 1 (the paper's object recognition setting).
-    `importance_samples` caps the samples used."""
+    `importance_samples` caps the samples used.
+
+    Importances are summed over tasks, as the paper accumulates them; `decay: a` keeps a
+    running average instead, Omega <- a Omega_old + (1 - a) Omega_new (avalanche-lib's MAS,
+    a = 0.5). Summed importances grow with the number of tasks, and so does the penalty's
+    curvature 2 lambda Omega: with SGD at lr 0.01 and momentum 0.9 on Split-MNIST the summed
+    form diverges by the third experience at lambda = 1, where the running average does not."""
 
     term = "mas"
 
-    def __init__(self, strength: float = 1.0, importance_batch_size: int = 1, importance_samples: int | None = None):
+    def __init__(self, strength: float = 1.0, importance_batch_size: int = 1, importance_samples: int | None = None,
+                 decay: float | None = None):
         super().__init__(strength)
         if importance_batch_size < 1:
             raise ValueError(f"importance_batch_size must be positive, got {importance_batch_size}")
+        if decay is not None and not 0 <= decay < 1:
+            raise ValueError(f"decay must be in [0, 1) (or null: sum over tasks), got {decay}")
         self.importance_batch_size, self.importance_samples = importance_batch_size, importance_samples
+        self.decay = decay
         self.importance: dict[str, torch.Tensor] | None = None
 
     def after_experience(self, ctx: Context, data: TensorData) -> None:
@@ -355,7 +371,13 @@ class MAS(_QuadraticPenalty):
 
         new = per_sample_importance(ctx, ctx.experience.train, score, max_samples=self.importance_samples,
                                     generator=self.rng, batch_size=max(64, b) // b * b)
-        self.importance = new if self.importance is None else {n: self.importance[n] + new[n] for n in new}
+        if self.importance is None:
+            self.importance = new
+        elif self.decay is None:
+            self.importance = {n: self.importance[n] + new[n] for n in new}
+        else:
+            a = self.decay
+            self.importance = {n: a * self.importance[n] + (1 - a) * new[n] for n in new}
         self.set_anchor(self.importance, _weights(ctx))
 
     def state_dict(self) -> dict:

@@ -50,6 +50,17 @@ def test_mas_importance_by_hand():
     batched.rng = torch.Generator().manual_seed(0)
     batched.after_experience(ctx, data)
     torch.testing.assert_close(batched.importance["w"], torch.tensor([[4.0, 3.0], [1.0, 1.0]]))
+    # A second task: the paper sums importances; `decay` keeps avalanche-lib's running average.
+    summed, averaged = MAS(importance_batch_size=2), MAS(importance_batch_size=2, decay=0.25)
+    for m in (summed, averaged):
+        m.rng = torch.Generator().manual_seed(0)
+        m.importance = {"w": torch.ones(2, 2)}  # as if a first task had left ones
+        m.after_experience(ctx, data)
+    new = torch.tensor([[4.0, 3.0], [1.0, 1.0]])
+    torch.testing.assert_close(summed.importance["w"], 1 + new)
+    torch.testing.assert_close(averaged.importance["w"], 0.25 + 0.75 * new)
+    with pytest.raises(ValueError, match="decay"):
+        MAS(decay=1.0)
 
 
 def test_empirical_fisher_by_hand():
