@@ -300,13 +300,7 @@ class SI(_QuadraticPenalty):
     def after_experience(self, ctx: Context, data: TensorData) -> None:
         now = _weights(ctx)
         new = {n: self.omega[n] / ((now[n] - self.start[n]) ** 2 + self.xi) for n in now}
-        if self.importance is None:
-            self.importance = new
-        elif self.decay is None:
-            self.importance = {n: self.importance[n] + new[n] for n in new}
-        else:
-            a = self.decay
-            self.importance = {n: a * self.importance[n] + (1 - a) * new[n] for n in new}
+        self.importance = new if self.importance is None else {n: self.importance[n] + new[n] for n in new}
         self.importance = {n: v.clamp_min(0.0) for n, v in self.importance.items()}
         self.set_anchor(self.importance, now)
         self.start = now
