@@ -5,7 +5,9 @@ import argparse
 import json
 import math
 import re
+import signal
 import sys
+import threading
 import time
 
 
@@ -186,8 +188,22 @@ def json_safe(value):
     return value
 
 
+def _interrupt_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # a terminated run ends as an interrupted one: KILLED in MLflow, checkpoint kept
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "run" or threading.current_thread() is not threading.main_thread():
+        return _main(args)
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args) -> int:
     from cl.checkpoint import CheckpointError
     from cl.config import ConfigError
     from cl.registry import UnknownComponentError

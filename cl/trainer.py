@@ -198,7 +198,9 @@ class LifelongTrainer:
         self.evaluators = list(evaluators) if evaluators is not None else None
         self.sinks = list(sinks)
         self.progress = progress
-        self.checkpoint_path, self.checkpoint_every = checkpoint_path, checkpoint_every
+        # Checkpoints inside an experience only where checkpoints are written at all.
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_every = checkpoint_every if checkpoint_path else None
         self.eval_every, self.lr_log_every = eval_every, lr_log_every
         # What a NaN or infinite loss does: 'stop' raises NonFiniteLossError, 'skip' drops that
         # step (no backward, no optimizer step, no after_step) and counts it.

@@ -4,12 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from strategies.base import Strategy
-from strategies.buffers import ReservoirBuffer
 from strategies.context import Batch, Context
+from strategies.replay import Replay
 
 
-class ERACE(Strategy):
+class ERACE(Replay):
     """ER-ACE (Caccia et al. 2022, "New Insights on Reducing Abrupt Representation Change
     in Online Continual Learning"). The incoming batch's cross-entropy only competes among
     the classes present in that batch, so its gradient never pushes down the logits of
@@ -24,16 +23,8 @@ class ERACE(Strategy):
     loss_name = "ace"
 
     def __init__(self, memory_size: int = 500, replay_batch_size: int = 32):
-        self.replay_batch_size = replay_batch_size
-        self.buffer = ReservoirBuffer(memory_size)
-
-    def setup(self, ctx: Context) -> None:
-        super().setup(ctx)
-        self.buffer.to(ctx.device)
-
-    def adapt_batch(self, ctx: Context, batch: Batch) -> None:
-        if len(self.buffer):
-            batch.append(self, *self.buffer.sample(self.replay_batch_size, self.rng))
+        # Replay's reservoir memory, sampling and appending; only the loss differs.
+        super().__init__(memory_size, replay_batch_size, policy="reservoir")
 
     def loss(self, ctx: Context, batch: Batch) -> torch.Tensor:
         rows = batch.incoming
@@ -45,14 +36,3 @@ class ERACE(Strategy):
             replayed = batch.parts[self]
             loss = loss + F.cross_entropy(batch.logits[replayed], batch.y[replayed])
         return loss
-
-    def after_step(self, ctx: Context, batch: Batch) -> None:
-        rows = batch.incoming
-        self.buffer.add(batch.x_raw[rows], batch.y[rows], batch.t[rows], self.rng)
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "buffer": self.buffer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.buffer.load_state_dict(state["buffer"])

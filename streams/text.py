@@ -10,7 +10,6 @@ sample is (bytes[:-1], bytes[1:]): inputs and next-byte targets.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch

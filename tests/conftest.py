@@ -37,6 +37,36 @@ def need_real_data(*relative: str) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def stream():
+    """Split-Digits, 5 experiences of 2 classes: the stream most behaviour tests train on."""
+    from streams import class_incremental, digits
+
+    return class_incremental(digits(), n_experiences=5)
+
+
+def trainer_for(stream, strategies, seed=0, batch_size=16, **kw):
+    """A seeded LifelongTrainer over an MLP with one hidden layer of 64, SGD lr 0.05 momentum 0.9."""
+    import torch
+
+    from cl.models import MLP
+    from cl.trainer import LifelongTrainer
+
+    torch.manual_seed(seed)
+    model = MLP(stream.input_shape, stream.n_classes, hidden=(64,))
+    return LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), strategies,
+                           seed=seed, batch_size=batch_size, **kw)
+
+
+def write_experiment(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    """An experiment file in tmp_path holding `text` (dedented)."""
+    import textwrap
+
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
 @pytest.fixture
 def mnist_root() -> Path:
     return need_real_data("MNIST/raw/train-images-idx3-ubyte")

@@ -12,19 +12,7 @@ from cl.trainer import LifelongTrainer
 from strategies import STRATEGIES, ICaRL, MomentumWeights, NearestMean, Replay, Strategy
 from streams import class_incremental, digits
 from streams.experience import BatchTransform, Experience, Stream, TensorData
-
-
-@pytest.fixture(scope="module")
-def stream():
-    return class_incremental(digits(), n_experiences=5)
-
-
-def trainer_for(stream, strategies, seed=0, **kw):
-    torch.manual_seed(seed)
-    model = MLP(stream.input_shape, stream.n_classes, hidden=(64,))
-    kw.setdefault("batch_size", 16)
-    return LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), strategies,
-                           seed=seed, **kw)
+from conftest import trainer_for
 
 
 def toy_stream():

@@ -193,3 +193,25 @@ def test_tracking_failure_after_training_keeps_the_results(tmp_path, tracking_ur
     result = run_cli(capsys, str(path), "--tracking-uri", tracking_uri)
     assert result["mlflow_run_id"] is None and "disk full" in result["tracking_error"]
     assert len(result["accuracy_matrix"]) == 6
+
+
+def test_a_terminated_run_is_marked_killed_not_left_running(tmp_path, tracking_uri):
+    import signal
+    import time
+
+    path = tmp_path / "long.yaml"
+    path.write_text(textwrap.dedent(EXPERIMENT).replace("epochs: 2", "epochs: 40")
+                    + "strategies: [naive]\nthreads: 1\n")
+    ckpt = tmp_path / "ckpt"
+    command = [sys.executable, "-m", "cl", "run", str(path), "--no-progress", "--tracking-uri", tracking_uri,
+               "--checkpoint-dir", str(ckpt)]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (ckpt / "naive.pt").exists() and time.time() < deadline:  # written after experience 1
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("cli-test").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]

@@ -1,9 +1,9 @@
 """Experiment files: validation errors name the file, the key and what was expected."""
-import textwrap
 
 import pytest
 
 from cl.config import ConfigError, ExperimentConfig, apply_overrides, flatten, load_experiment
+from conftest import write_experiment as write
 
 BASE = """
 name: test
@@ -20,10 +20,6 @@ strategies: [naive]
 """
 
 
-def write(tmp_path, text, name="exp.yaml"):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def error_of(path, overrides=None) -> str:

@@ -1,7 +1,6 @@
 """Evaluation: one pass over every test set, pluggable evaluators, and which metrics each stream supports."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from cl.cli import main
-from conftest import TINY_EXPERIMENT
 from cl.trainer import LifelongTrainer, NonFiniteLossError
 from strategies import Strategy
 from streams import class_incremental, digits
+
+from conftest import TINY_EXPERIMENT, write_experiment as write
 
 TINY = TINY_EXPERIMENT
 
@@ -24,10 +25,6 @@ def strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def write(tmp_path, text, name="exp.yaml"):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 # ------------------------------------------------------------------ non-finite loss
@@ -204,7 +201,7 @@ def test_a_truncated_mnist_file_is_not_reported_missing(tmp_path, capsys):
     (raw / "t10k-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big")
                                                  + (28).to_bytes(4, "big") * 2 + bytes(10 * 28 * 28))
     (raw / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + bytes(10))
-    text = TINY.replace("dataset: digits", f"dataset: {{name: mnist, download: false}}")
+    text = TINY.replace("dataset: digits", "dataset: {name: mnist, download: false}")
     path = write(tmp_path, f"data_dir: {tmp_path}\n" + text, "mnist.yaml")
     assert main(["run", str(path), "--no-track", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()

@@ -11,19 +11,11 @@ from cl.models import MLP
 from cl.trainer import LifelongTrainer
 from strategies import Naive, Replay, Strategy
 from streams import class_incremental, digits
+import conftest
 
 
-@pytest.fixture(scope="module")
-def stream():
-    return class_incremental(digits(), n_experiences=5)
-
-
-def trainer_for(stream, strategies, seed=0, **kw):
-    torch.manual_seed(seed)
-    model = MLP(stream.input_shape, stream.n_classes, hidden=(64,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    kw.setdefault("batch_size", 32)
-    return LifelongTrainer(model, opt, strategies, seed=seed, **kw)
+def trainer_for(stream, strategies, seed=0, batch_size=32, **kw):
+    return conftest.trainer_for(stream, strategies, seed, batch_size, **kw)
 
 
 class AddConstantTerm(Strategy):

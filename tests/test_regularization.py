@@ -6,11 +6,11 @@ import torch.nn.functional as F
 
 from cl.models import MLP
 from cl.trainer import LifelongTrainer
-from strategies import EWC, L2, MAS, SI, LwF, Naive, OnlineEWC, Strategy
+from strategies import EWC, L2, MAS, SI, LwF, Naive, OnlineEWC
 from strategies.context import Context
 from strategies.regularization import fisher_diagonal
 from streams import digits, permuted
-from streams.experience import BatchTransform, Dataset, Experience, Stream, TensorData
+from streams.experience import BatchTransform, Experience, Stream, TensorData
 
 
 class Linear2(torch.nn.Module):

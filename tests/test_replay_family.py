@@ -2,30 +2,13 @@
 import math
 
 import numpy as np
-import pytest
 import torch
-import torch.nn.functional as F
 
-from cl.models import MLP
-from cl.trainer import LifelongTrainer
 from strategies import AGEM, DER, ERACE, GEM, GDumb, PowerLawRehearsal, Replay, Strategy
 from strategies.buffers import GreedyBalancedBuffer, HerdingBuffer, herding_order
 from strategies.context import Batch
 from strategies.power_law_rehearsal import apportion
-from streams import class_incremental, digits
-
-
-@pytest.fixture(scope="module")
-def stream():
-    return class_incremental(digits(), n_experiences=5)
-
-
-def trainer_for(stream, strategies, seed=0, **kw):
-    torch.manual_seed(seed)
-    model = MLP(stream.input_shape, stream.n_classes, hidden=(64,))
-    kw.setdefault("batch_size", 16)
-    return LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), strategies,
-                           seed=seed, **kw)
+from conftest import trainer_for
 
 
 def test_herding_picks_the_exemplars_whose_running_mean_tracks_the_class_mean():

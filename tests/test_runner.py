@@ -10,6 +10,7 @@ import torch
 from cl.cli import main
 from cl.components import build_stream
 from cl.config import ConfigError, load_experiment
+from conftest import write_experiment as write
 
 EXPERIMENT = """
 name: runner-test
@@ -27,10 +28,6 @@ strategies: [naive]
 """
 
 
-def write(tmp_path, text, name="exp.yaml"):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def run_json(capsys, *args) -> dict:
@@ -193,3 +190,9 @@ def test_only_runs_the_named_runs_of_a_comparison_file(tmp_path, capsys):
     assert [r["name"] for r in result["runs"]] == ["replay", "naive"]
     assert main(["run", str(path), "--no-track", "--only", "ewc"]) == 2
     assert "--only ewc: no such run in runner-test; runs: naive, joint, replay" in capsys.readouterr().err
+
+
+def test_checkpoint_every_without_a_checkpoint_dir_just_trains(tmp_path, capsys):
+    path = write(tmp_path, EXPERIMENT.replace("  batch_size: 32\n", "  batch_size: 32\n  checkpoint_every: 5\n"))
+    assert main(["run", str(path), "--json", "--no-track", "--no-progress"]) == 0
+    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy_matrix"]) == 6

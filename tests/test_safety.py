@@ -6,6 +6,7 @@ import textwrap
 import pytest
 
 from cl.cli import main
+
 from conftest import TINY_EXPERIMENT
 
 BASE = TINY_EXPERIMENT

@@ -1,5 +1,4 @@
 """Every scenario on real MNIST: sizes, class sets and the invariants each one promises."""
-import numpy as np
 import pytest
 import torch
 

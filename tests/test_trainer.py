@@ -10,11 +10,6 @@ from strategies import Cumulative, Joint, Naive, Replay, Strategy
 from streams import class_incremental, digits
 
 
-@pytest.fixture(scope="module")
-def stream():
-    return class_incremental(digits(), n_experiences=5)
-
-
 def make_trainer(stream, strategies, seed=0, **kw):
     torch.manual_seed(seed)
     model = MLP(stream.input_shape, stream.n_classes, hidden=(128,), dropout=0.1)
