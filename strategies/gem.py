@@ -115,12 +115,23 @@ class AGEM(_EpisodicMemory):
         if sample_size < 1:
             raise ValueError(f"sample_size must be positive, got {sample_size}")
         self.sample_size = sample_size
+        self._pool: dict[str, torch.Tensor] | None = None  # every memory in one tensor, rebuilt when they change
+
+    def after_experience(self, ctx: Context, data: TensorData) -> None:
+        super().after_experience(ctx, data)
+        self._pool = None
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._pool = None
 
     def after_backward(self, ctx: Context, batch: Batch) -> None:
         if not self.memories:
             return
         g = _flat_grad(self._params)
-        pool = {k: torch.cat([m[k] for m in self.memories]) for k in ("x", "y", "t")}
+        if self._pool is None:
+            self._pool = {k: torch.cat([m[k] for m in self.memories]) for k in ("x", "y", "t")}
+        pool = self._pool
         pick = torch.randperm(len(pool["y"]), generator=self.rng)[: self.sample_size].to(pool["y"].device)
         g_ref = self._gradient(ctx, pool["x"][pick], pool["y"][pick], pool["t"][pick])
         # Projected only when the dot product is negative; written without a branch so the

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from strategies.base import Strategy
 from strategies.buffers import HerdingBuffer
 from strategies.context import Batch, Context, model_call
-from streams.experience import TensorData
+from streams.experience import TensorData, concat_data
 
 
 class ICaRL(Strategy):
@@ -36,6 +36,7 @@ class ICaRL(Strategy):
         self.old_classes: list[int] = []
         self.seen_classes: list[int] = []
         self.means: torch.Tensor | None = None
+        self._indices: dict[tuple, torch.Tensor] = {}
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
@@ -46,9 +47,17 @@ class ICaRL(Strategy):
         if not n:
             return data
         exemplars = TensorData(self.buffer.x[:n], self.buffer.y[:n], self.buffer.t[:n]).to(data.x.device)
-        return TensorData.concat([data, exemplars])
+        return concat_data([data, exemplars])
+
+    def _index(self, classes: list[int], device) -> torch.Tensor:
+        """`classes` as an index tensor on `device`, made once rather than at every batch."""
+        key = (tuple(classes), str(device))
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(classes, device=device)
+        return self._indices[key]
 
     def before_experience(self, ctx: Context) -> None:
+        self._indices = {}  # the class lists change at experience boundaries only
         self.old_classes = list(self.seen_classes)
         self.seen_classes = sorted(set(self.seen_classes) | set(ctx.experience.classes))
         self.old_model = None
@@ -58,10 +67,10 @@ class ICaRL(Strategy):
                 p.requires_grad_(False)
 
     def loss(self, ctx: Context, batch: Batch) -> torch.Tensor:
-        seen = torch.tensor(self.seen_classes, device=batch.logits.device)
+        seen = self._index(self.seen_classes, batch.logits.device)
         targets = F.one_hot(batch.y, batch.logits.shape[-1]).float()
         if self.old_model is not None:
-            old = torch.tensor(self.old_classes, device=batch.logits.device)
+            old = self._index(self.old_classes, batch.logits.device)
             with torch.no_grad():
                 targets[:, old] = torch.sigmoid(model_call(self.old_model, batch.x, batch.t)[:, old])
         bce = F.binary_cross_entropy_with_logits(batch.logits[:, seen], targets[:, seen], reduction="none")
@@ -83,7 +92,7 @@ class ICaRL(Strategy):
         phi = F.normalize(ctx.features(x, t), dim=-1)
         scores = -torch.cdist(phi, self.means)
         unseen = torch.ones(len(self.means), dtype=torch.bool, device=scores.device)
-        unseen[torch.tensor(self.seen_classes, device=scores.device)] = False
+        unseen[self._index(self.seen_classes, scores.device)] = False
         return scores.masked_fill(unseen, float("-inf"))
 
     def state_dict(self) -> dict:
