@@ -1,4 +1,5 @@
-"""Command line: `cl run FILE`, `cl describe FILE`, `cl schedules FILE`, `cl streams`, `cl strategies`, `cl models`, `cl datasets`."""
+"""Command line: `cl run FILE`, `cl compare`, `cl ui`, `cl describe FILE`, `cl schedules FILE`, `cl streams`,
+`cl strategies`, `cl models`, `cl datasets`."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue runs from their checkpoints in --checkpoint-dir")
     run.add_argument("--only", default=None, metavar="LABEL[,LABEL]",
                      help="of a file that compares several runs, run only these")
+    run.add_argument("--system-metrics", type=float, default=None, metavar="SECONDS",
+                     help="log CPU/GPU use and memory to each run every SECONDS (default: 10 on a GPU, off on the CPU)")
+    run.add_argument("--log-model", action="store_true",
+                     help="also log each run's final model as an MLflow model (runs:/<run id>/model)")
+    run.add_argument("--seeds", default=None, metavar="S[,S]",
+                     help="run every run of the file once per seed, e.g. --seeds 0,1,2 (the file's 'seeds')")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
     for name in ("strategies", "models", "datasets", "scenarios"):
         listing = sub.add_parser(name, help=f"list the registered {name}, or show one in full")
@@ -44,7 +51,23 @@ def _parser() -> argparse.ArgumentParser:
     schedules.add_argument("--plot", default=None, metavar="PNG", help="also draw the curves into this image")
     schedules.add_argument("--points", type=int, default=12, help="iterations printed per experience (default 12)")
     schedules.add_argument("--json", action="store_true", help="print every iteration's LRs as JSON")
-    for command in (run, describe, schedules):  # `cl run FILE --debug` as well as `cl --debug run FILE`
+    compare = sub.add_parser("compare", help="read runs back from an MLflow store and print their comparison: "
+                                             "mean ± std over seeds per strategy")
+    compare.add_argument("experiment", nargs="?", help="MLflow experiment name (the file's 'name')")
+    compare.add_argument("--parent", default=None, metavar="RUN_ID", help="the children of this parent run")
+    compare.add_argument("--filter", default="", metavar="FILTER",
+                         help="an MLflow filter string, e.g. \"tags.dataset = 'mnist' and params.training.epochs = '1'\"")
+    compare.add_argument("--metrics", default=None, metavar="M[,M]", help="columns (default: ACC, BWT, FWT, ...)")
+    compare.add_argument("--format", choices=("text", "markdown", "csv"), default="text")
+    compare.add_argument("--plots", default=None, metavar="DIR", help="also write the comparison plots here")
+    compare.add_argument("--tracking-uri", default=None,
+                         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    ui = sub.add_parser("ui", help="serve the MLflow UI on the lab's store and print each experiment's link")
+    ui.add_argument("--tracking-uri", default=None,
+                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--experiment", default=None, help="print only this experiment's link")
+    for command in (run, describe, schedules, compare, ui):  # `cl run FILE --debug` as well as `cl --debug run FILE`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an error, not just its message")
     return p
@@ -208,6 +231,38 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(map(str, values[:6])) + f", ... ({len(values)} in all) ..., " + ", ".join(map(str, values[-3:]))
 
 
+def _compare(args) -> int:
+    from cl.browse import entries, find_runs
+    from cl.tracking import default_tracking_uri
+    from evaluation import compare
+
+    uri = args.tracking_uri or default_tracking_uri()
+    runs = find_runs(uri, args.experiment, args.parent, args.filter)
+    if not runs:
+        print("cl: no finished runs match", file=sys.stderr)
+        return 1
+    found = entries(runs, with_artifacts=bool(args.plots), tracking_uri=uri)
+    rows = compare.comparison(found, args.metrics.split(",") if args.metrics else None)
+    print({"text": compare.text_table, "markdown": compare.markdown_table, "csv": compare.csv_table}[args.format](rows)
+          .rstrip("\n"))
+    if args.plots:
+        from pathlib import Path
+
+        folder = Path(args.plots)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, png in compare.comparison_plots(found, args.experiment or f"children of {args.parent}").items():
+            (folder / name).write_bytes(png)
+            print(f"plot: {folder / name}", file=sys.stderr)
+    return 0
+
+
+def _ui(args) -> int:
+    from cl.browse import serve_ui
+    from cl.tracking import default_tracking_uri
+
+    return serve_ui(args.tracking_uri or default_tracking_uri(), args.port, args.experiment)
+
+
 def _run(args) -> int:
     from cl.config import load_experiment
     from cl.runner import run_experiment
@@ -218,25 +273,55 @@ def _run(args) -> int:
     cfg = load_experiment(args.file, args.overrides)
     if args.resume and not args.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir")
+    seeds = _seeds(args.seeds) if args.seeds else cfg.run_seeds()
     runs = run_experiment(cfg, tracking_uri=args.tracking_uri or default_tracking_uri(), track=not args.no_track,
                           progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                          only=args.only.split(",") if args.only else None)
+                          only=args.only.split(",") if args.only else None, seeds=seeds,
+                          system_metrics_s=args.system_metrics, log_model=args.log_model)
     failed = [r for r in runs if r.get("status") == "FAILED"]
-    print(f"{cfg.name} (seed {cfg.seed}, {len(runs)} run{'s' if len(runs) > 1 else ''})")
-    print(results_table(runs))
-    tracked = [f"{r['name']}={r['mlflow_run_id']}" for r in runs if r["mlflow_run_id"]]
+    several = len(seeds) > 1
+    print(f"{cfg.name} (seed{'s' if several else ''} {','.join(map(str, seeds))}, "
+          f"{len(runs)} run{'s' if len(runs) > 1 else ''})")
+    print(results_table(runs, show_seed=several))
+    rows = None
+    if several:
+        from cl.runner import comparison_entry
+        from evaluation import compare
+
+        rows = compare.comparison([comparison_entry(r) for r in runs if r.get("status") == "FINISHED"])
+        print(f"\nmean ± std over seeds {','.join(map(str, seeds))}:")
+        print(compare.text_table(rows))
+    tracked = [f"{r['name']}{'-seed' + str(r['seed']) if several else ''}={r['mlflow_run_id']}"
+               for r in runs if r["mlflow_run_id"]]
     if tracked:
         print(f"MLflow runs: {', '.join(tracked)}")
+        if runs[0].get("mlflow_parent_run_id"):
+            print(f"MLflow parent run: {runs[0]['mlflow_parent_run_id']}")
     if args.json:
         wall = time.perf_counter() - start
-        out = runs[0] if len(runs) == 1 else {"experiment": cfg.name, "seed": cfg.seed, "runs": runs,
-                                                "wall_time_s": wall}
-        out.setdefault("experiment", cfg.name)
-        out.setdefault("seed", cfg.seed)
+        if len(runs) == 1:
+            out = {**runs[0], "experiment": cfg.name}
+        else:
+            out = {"experiment": cfg.name, "runs": runs, "wall_time_s": wall}
+            out.update({"seeds": seeds} if several else {"seed": seeds[0]})
+            if rows is not None:
+                from evaluation import compare
+
+                out["comparison"] = compare.table_columns(rows)
         print(json.dumps(json_safe(out), allow_nan=False))
     for run in failed:
         print(f"cl: error: run {run['name']} failed: {run['error']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text}: expected whole numbers separated by commas, e.g. 0,1,2") from None
+    if not seeds:
+        raise ValueError("--seeds: no seed given")
+    return seeds
 
 
 def json_safe(value):
@@ -279,6 +364,10 @@ def _main(args) -> int:
             return _describe(args)
         if args.command == "schedules":
             return _schedules(args)
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "ui":
+            return _ui(args)
         if args.command == "streams":
             return _streams()
         return _list(args.command, args.name)

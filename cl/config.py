@@ -92,6 +92,8 @@ class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="MLflow experiment name")
     seed: int = 0
+    seeds: list[int] | None = Field(None, min_length=1, description="run every run of the file once per seed "
+                                                                    "(overrides 'seed'); `cl run --seeds 0,1,2`")
     device: str = "auto"
     data_dir: str | None = None
     threads: int | None = Field(None, ge=1, description="torch's CPU threads (default: the cores this "
@@ -104,10 +106,32 @@ class ExperimentConfig(BaseModel):
     runs: dict[str, list[ComponentSpec]] | None = None
     # The experiment file's folder: plugin modules it names are looked up there first.
     _source_dir: Path | None = PrivateAttr(default=None)
+    _source_file: Path | None = PrivateAttr(default=None)  # the YAML file, for MLflow's source tags
 
     @property
     def source_dir(self) -> Path | None:
         return self._source_dir
+
+    @property
+    def source_file(self) -> Path | None:
+        return self._source_file
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v):
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    def run_seeds(self) -> list[int]:
+        """The seeds every run of the file goes through: `seeds`, else just `seed`."""
+        return list(self.seeds) if self.seeds else [self.seed]
+
+    def with_seed(self, seed: int) -> "ExperimentConfig":
+        """This experiment at one seed (plugin folder and source file kept)."""
+        cfg = self.model_copy(update={"seed": seed, "seeds": None})
+        cfg._source_dir, cfg._source_file = self._source_dir, self._source_file
+        return cfg
 
     @field_validator("runs", mode="before")
     @classmethod
@@ -210,7 +234,9 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         raise ConfigError(f"{source}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level")
-    return experiment_from_dict(raw, overrides, source, path.resolve().parent)
+    cfg = experiment_from_dict(raw, overrides, source, path.resolve().parent)
+    cfg._source_file = path.resolve()
+    return cfg
 
 
 def experiment_from_dict(raw: dict, overrides: list[str] | None = None, source: str = "<dict>",

@@ -8,22 +8,23 @@ import os
 import random
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-import cl
 from cl.checkpoint import check_same_config, config_hash, load_checkpoint
 from cl.components import build_model_from, build_optimizer, build_stream, build_strategies
 from cl.config import ExperimentConfig, flatten
 from cl.registry import plugins_from
-from cl.tracking import ConsoleSink, MLflowSink, StoreWarmup, TrackingError
+from cl.provenance import data_dir_of, dataset_inputs, source_tags
+from cl.tracking import ConsoleSink, MLflowSink, StoreWarmup, TrackingError, run_link
 from cl.trainer import LifelongTrainer, NonFiniteLossError, RunRecord, resolve_device
-from evaluation import continual, metrics
+from evaluation import compare, continual, metrics
 from evaluation.evaluators import perplexity
-from evaluation.report import heatmap_png, matrix_csv, matrix_json
+from evaluation.report import heatmap_png, matrix_csv, matrix_json, task_curves_png
 
 
 def seed_everything(seed: int) -> None:
@@ -50,156 +51,300 @@ def usable_cores() -> int:
 
 def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, track: bool = True,
                    progress: bool = False, checkpoint_dir: str | None = None, resume: bool = False,
-                   only: list[str] | None = None) -> list[dict]:
-    """Run every run of `cfg` (or those labelled in `only`); returns one summary dict per run
-    (the `--json` fields). A run stopped by a non-finite loss gives {"name", "status": "FAILED",
-    "error"} and the others still run. torch's thread count is `cfg.threads`, else the usable
-    cores, for the duration of the call."""
+                   only: list[str] | None = None, seeds: list[int] | None = None,
+                   system_metrics_s: float | None = None, log_model: bool = False) -> list[dict]:
+    """Run every run of `cfg` (or those labelled in `only`) once per seed (`seeds`, else the
+    file's `seeds`, else its `seed`); returns one summary dict per run and seed (the `--json`
+    fields). Tracked, the invocation is one parent MLflow run holding the comparison, with a
+    child run per run and seed. A run stopped by a non-finite loss gives {"name", "seed",
+    "status": "FAILED", "error"} and the others still run. torch's thread count is
+    `cfg.threads`, else the usable cores, for the duration of the call. `system_metrics_s`:
+    sample CPU/GPU use and memory into each child run this often (default: every 10 s on a
+    GPU, never on the CPU, where training is the only load worth watching). `log_model`: each
+    child run also holds its final model as an MLflow model."""
     runs = cfg.run_specs()
     if only:
         unknown = [label for label in only if label not in runs]
         if unknown:
             raise ValueError(f"--only {','.join(unknown)}: no such run in {cfg.name}; runs: {', '.join(runs)}")
         runs = {label: runs[label] for label in only}
+    seeds = list(seeds) if seeds else cfg.run_seeds()
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds}")
     threads, before = cfg.threads or usable_cores(), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with plugins_from(cfg.source_dir):
-            return _run_experiment(cfg, runs, tracking_uri, track, progress and cfg.progress, checkpoint_dir, resume)
+            invocation = Invocation(cfg, runs, seeds, tracking_uri if track else None, track,
+                                    progress and cfg.progress, checkpoint_dir, resume)
+            invocation.system_metrics_s, invocation.log_model = system_metrics_s, log_model
+            return invocation.run()
     finally:
         torch.set_num_threads(before)
 
 
-def _run_experiment(cfg, runs, tracking_uri, track, progress, checkpoint_dir, resume) -> list[dict]:
-    warmup = StoreWarmup(tracking_uri) if track else None
-    stream = build_stream(cfg)
-    # Seconds the experiment waited for MLflow's import and store after the data was loaded.
-    setup_s = warmup.wait() if warmup is not None else 0.0
-    device = resolve_device(cfg.device)
-    resolved = cfg.model_dump(mode="json", exclude_none=True)
-    results = [
-        _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, progress, checkpoint_dir, resume)
-        for label, specs in runs.items()
-    ]
-    results[0]["tracking_setup_s"] = setup_s
-    return results
+class Invocation:
+    """One `cl run`: every run of the file over every seed, under one parent MLflow run."""
 
+    def __init__(self, cfg, runs, seeds, tracking_uri, track, progress, checkpoint_dir, resume):
+        self.cfg, self.runs, self.seeds = cfg, runs, seeds
+        self.tracking_uri, self.track, self.progress = tracking_uri, track, progress
+        self.checkpoint_dir, self.resume = checkpoint_dir, resume
+        self.id = uuid.uuid4().hex[:8]  # tells reruns of one file apart in the store
+        self.parent: MLflowSink | None = None
+        self.system_metrics_s: float | None = None
+        self.log_model = False
+        self.source = source_tags(cfg.source_file) if track else {}
 
-def _run_one(cfg, stream, device, label, specs, resolved, tracking_uri, track, progress, checkpoint_dir, resume):
-    wall_start = time.perf_counter()
-    seed_everything(cfg.seed)
-    model = build_model_from(cfg, stream)
-    optimizer, scheduler = build_optimizer(cfg, model.to(device))
-    strategies = build_strategies(specs)
+    def checkpoint_path(self, label: str, seed: int) -> Path | None:
+        if not self.checkpoint_dir:
+            return None
+        name = label if len(self.seeds) == 1 else f"{label}-seed{seed}"
+        return Path(self.checkpoint_dir) / f"{name}.pt"
 
-    run_config = {k: v for k, v in resolved.items() if k not in ("runs", "strategies")}
-    run_config["strategies"] = [s.model_dump(mode="json") for s in specs]
-    checkpoint = Path(checkpoint_dir) / f"{label}.pt" if checkpoint_dir else None
-    state, meta = (load_checkpoint(checkpoint) if resume and checkpoint and checkpoint.exists() else (None, {}))
-    if state is not None:
-        check_same_config(checkpoint, meta, run_config)
+    def run(self) -> list[dict]:
+        cfg = self.cfg
+        warmup = StoreWarmup(self.tracking_uri) if self.track else None
+        results, setup_s, stream, stream_seed = [], 0.0, None, None
+        try:
+            for seed in self.seeds:
+                cfg_s = cfg.with_seed(seed)
+                if stream is None or cfg_s.stream_seed != stream_seed:  # a fixed stream seed is built once
+                    stream, stream_seed = None, None
+                    stream, stream_seed = build_stream(cfg_s), cfg_s.stream_seed
+                if warmup is not None:
+                    # Seconds the experiment waited for MLflow's import and store after the data was loaded.
+                    setup_s, warmup = warmup.wait(), None
+                    self._open_parent()
+                for label, specs in self.runs.items():
+                    results.append(self._run_one(cfg_s, stream, label, specs))
+        except BaseException as err:
+            self._close_parent(results, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
+        start = time.perf_counter()
+        self._close_parent(results, "FINISHED")
+        # Seconds the comparison took to compute, draw and deliver: tracking's cost past the runs'.
+        results[0]["comparison_time_s"] = time.perf_counter() - start
+        results[0]["tracking_setup_s"] = setup_s
+        return results
 
-    sinks, mlflow_sink = [], None
-    if track:
-        dataset = cfg.stream.dataset.name if cfg.stream.dataset else cfg.stream.scenario.name
-        tags = {"strategy": label, "strategies": ",".join(s.name for s in specs), "stream": stream.name,
-                "dataset": dataset, "model": cfg.model.name, "seed": str(cfg.seed),
-                "lab_version": cl.__version__, "device": str(device), "torch_threads": str(torch.get_num_threads())}
-        params = {**flatten(run_config), "torch_threads": torch.get_num_threads()}
-        mlflow_sink = MLflowSink(cfg.name, f"{label}-seed{cfg.seed}", params, tags, tracking_uri,
-                                 resume_run_id=meta.get("mlflow_run_id"))
-        sinks.append(mlflow_sink)
-    if progress:
-        sinks.append(ConsoleSink(label))
+    # ------------------------------------------------------------ the parent run
+    def _open_parent(self) -> None:
+        cfg = self.cfg
+        resumed = self._resumed_parent() if self.resume else None
+        if resumed is not None:
+            self.id = resumed[1] or self.id
+        resolved = cfg.model_dump(mode="json", exclude_none=True, exclude={"runs", "strategies", "seed", "seeds"})
+        params = {**flatten(resolved), "seeds": ",".join(map(str, self.seeds)), "runs": ",".join(self.runs)}
+        tags = {**self.source, "cl.role": "parent", "cl.invocation": self.id, "runs": ",".join(self.runs),
+                "seeds": ",".join(map(str, self.seeds)), **_stream_tags(cfg)}
+        self.parent = MLflowSink(cfg.name, f"{cfg.name}-{self.id}", params, tags, self.tracking_uri,
+                                 resume_run_id=resumed[0] if resumed else None)
 
-    trainer = build_trainer(cfg, model, optimizer, scheduler, strategies, device, sinks=sinks, progress=progress,
-                            checkpoint_path=str(checkpoint) if checkpoint else None)
-    if checkpoint is not None:
-        # Read when a checkpoint is written: the configuration it belongs to, and the MLflow
-        # run a resumed run continues.
-        def checkpoint_meta():
-            run_id = None if mlflow_sink is None or mlflow_sink.failed else mlflow_sink.run_id
-            return {"config": run_config, "config_hash": config_hash(run_config), "mlflow_run_id": run_id}
+    def _resumed_parent(self) -> tuple[str, str | None] | None:
+        """(parent run id, invocation id) saved with the first checkpoint of this invocation's runs."""
+        for seed in self.seeds:
+            for label in self.runs:
+                path = self.checkpoint_path(label, seed)
+                if path is not None and path.exists():
+                    meta = load_checkpoint(path)[1]
+                    if meta.get("mlflow_parent_run_id"):
+                        return meta["mlflow_parent_run_id"], meta.get("invocation")
+        return None
 
-        trainer.checkpoint_meta = checkpoint_meta
-    if state is not None:
-        trainer.load_state_dict(state)
+    def _close_parent(self, results: list[dict], status: str) -> None:
+        """The comparison over what finished, then the parent's end. A store that fails here
+        costs the comparison, never the results."""
+        parent, self.parent = self.parent, None
+        if parent is None:
+            return
+        finished = [r for r in results if r.get("status") == "FINISHED"]
+        try:
+            if finished:
+                entries = [comparison_entry(r) for r in finished]
+                rows = compare.comparison(entries)
+                parent.log_metrics(compare.parent_metrics(rows), 0, "summary")
+                parent.log_table("comparison.json", compare.table_columns(rows))
+                table = compare.markdown_table(rows)
+                parent.log_artifact("comparison.md", table + "\n")
+                # The run's description in the UI: the comparison is the first thing on its page.
+                parent.set_tags({"mlflow.note.content": f"**{self.cfg.name}**: mean ± std over seeds "
+                                 f"{','.join(map(str, self.seeds))}\n\n{table}\n"})
+                parent.log_artifact("comparison.csv", compare.csv_table(rows))
+                for name, png in compare.comparison_plots(entries, self.cfg.name).items():
+                    parent.log_artifact(name, png)
+            parent.close(status)
+        except TrackingError as err:
+            print(f"cl: warning: {err}; the comparison is not in MLflow", file=sys.stderr)
+            return
+        for r in results:
+            r["mlflow_parent_run_id"] = parent.run_id
+        remote = (self.tracking_uri or "").startswith(("http://", "https://"))
+        print(f"cl: MLflow: {run_link(self.tracking_uri, parent.experiment_id, parent.run_id)}"
+              + ("" if remote else "  (open it after `cl ui`)"), file=sys.stderr)
 
-    # The objects the imports, the data and the model created live as long as the run: freeze
-    # them out of the cyclic garbage collector, whose full collections would otherwise walk
-    # them again and again during training (tens of milliseconds each).
-    gc.freeze()
-    try:
-        record = trainer.fit(stream)
-    except BaseException as err:
-        # What was logged per experience stays in the store; the run is marked as not finished,
-        # with the reason as a tag.
+    # ------------------------------------------------------------ one child run
+    def _run_one(self, cfg, stream, label, specs):
+        wall_start = time.perf_counter()
+        seed_everything(cfg.seed)
+        device = resolve_device(cfg.device)
+        model = build_model_from(cfg, stream)
+        optimizer, scheduler = build_optimizer(cfg, model.to(device))
+        strategies = build_strategies(specs)
+
+        resolved = cfg.model_dump(mode="json", exclude_none=True)
+        run_config = {k: v for k, v in resolved.items() if k not in ("runs", "strategies")}
+        run_config["strategies"] = [s.model_dump(mode="json") for s in specs]
+        checkpoint = self.checkpoint_path(label, cfg.seed)
+        state, meta = (load_checkpoint(checkpoint) if self.resume and checkpoint and checkpoint.exists() else (None, {}))
+        if state is not None:
+            check_same_config(checkpoint, meta, run_config)
+
+        sinks, mlflow_sink = [], None
+        if self.parent is not None:
+            tags = {**self.source, **_stream_tags(cfg), "strategy": label, "stream": stream.name,
+                    "seed": str(cfg.seed), "cl.invocation": self.id, "device": str(device),
+                    "torch_threads": str(torch.get_num_threads())}
+            params = {**flatten(run_config), "torch_threads": torch.get_num_threads()}
+            mlflow_sink = MLflowSink(cfg.name, f"{label}-seed{cfg.seed}-{self.id}", params, tags, self.tracking_uri,
+                                     resume_run_id=meta.get("mlflow_run_id"), parent=self.parent,
+                                     system_metrics_s=self.system_metrics_s if self.system_metrics_s is not None
+                                     else (10.0 if device.type == "cuda" else None))
+            if state is None:  # a resumed run logged its inputs when it started
+                mlflow_sink.log_inputs(dataset_inputs(stream, _dataset_name(cfg), data_dir_of(cfg)))
+            sinks.append(mlflow_sink)
+        if self.progress:
+            sinks.append(ConsoleSink(label if len(self.seeds) == 1 else f"{label} seed {cfg.seed}"))
+
+        trainer = build_trainer(cfg, model, optimizer, scheduler, strategies, device, sinks=sinks,
+                                progress=self.progress, checkpoint_path=str(checkpoint) if checkpoint else None)
+        if checkpoint is not None:
+            # Read when a checkpoint is written: the configuration it belongs to, and the MLflow
+            # runs a resumed run continues.
+            def checkpoint_meta():
+                run_id = None if mlflow_sink is None or mlflow_sink.failed else mlflow_sink.run_id
+                parent_id = None if self.parent is None or self.parent.failed else self.parent.run_id
+                return {"config": run_config, "config_hash": config_hash(run_config), "mlflow_run_id": run_id,
+                        "mlflow_parent_run_id": parent_id, "invocation": self.id}
+
+            trainer.checkpoint_meta = checkpoint_meta
+        if state is not None:
+            trainer.load_state_dict(state)
+
+        # The objects the imports, the data and the model created live as long as the run: freeze
+        # them out of the cyclic garbage collector, whose full collections would otherwise walk
+        # them again and again during training (tens of milliseconds each).
+        gc.freeze()
+        try:
+            record = trainer.fit(stream)
+        except BaseException as err:
+            # What was logged per experience stays in the store; the run is marked as not finished,
+            # with the reason as a tag.
+            if mlflow_sink is not None:
+                mlflow_sink.set_tags({"failure_reason": f"{type(err).__name__}: {err}"[:5000]})
+                try:
+                    mlflow_sink.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+                except TrackingError:
+                    pass  # the training error is the one to report
+            if isinstance(err, NonFiniteLossError):  # this run failed; the file's other runs go on
+                run_id = None if mlflow_sink is None or mlflow_sink.failed else mlflow_sink.run_id
+                return {"name": label, "seed": cfg.seed, "status": "FAILED", "error": str(err),
+                        "mlflow_run_id": run_id, "wall_time_s": time.perf_counter() - wall_start}
+            raise
+        finally:
+            gc.unfreeze()  # what this run made may be collected again once it is over (the next run freezes anew)
+
+        result = self._result(label, cfg, record, stream)
         if mlflow_sink is not None:
-            mlflow_sink.set_tags({"failure_reason": f"{type(err).__name__}: {err}"[:5000]})
-            try:
-                mlflow_sink.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-            except TrackingError:
-                pass  # the training error is the one to report
-        if isinstance(err, NonFiniteLossError):  # this run failed; the file's other runs go on
-            run_id = None if mlflow_sink is None or mlflow_sink.failed else mlflow_sink.run_id
-            return {"name": label, "status": "FAILED", "error": str(err), "mlflow_run_id": run_id,
-                    "wall_time_s": time.perf_counter() - wall_start}
-        raise
-    finally:
-        gc.unfreeze()  # what this run made may be collected again once it is over (the next run freezes anew)
+            if self.log_model:
+                mlflow_sink.log_model(model)
+            self._log_final(mlflow_sink, result, record, stream, run_config, f"{cfg.name}: {label}, seed {cfg.seed}")
+        else:
+            result["mlflow_run_id"] = None
+        result["wall_time_s"] = time.perf_counter() - wall_start
+        return result
 
-    summary = summarise(record, stream)
-    R = record.accuracy_matrix
-    result = {"name": label, "status": "FINISHED", **summary, "accuracy_matrix": R.tolist(),
-              "matrices": {k: v.tolist() for k, v in record.matrices.items()},
-              "train_loss": record.train_loss, "loss_terms": record.loss_terms,
-              "train_time_s": record.train_time_s, "eval_time_s": record.eval_time_s,
-              "skipped_steps": record.skipped_steps, "anneal_steps": record.anneal_steps,
-              "rows_trained": record.rows_trained,
-              "iterations": record.iteration, "experience_ends": record.experience_ends, "lr_curve": record.lr_curve,
-              "threads": torch.get_num_threads()}
-    if record.task_aware_matrix is not None:
-        result["task_aware_matrix"] = record.task_aware_matrix.tolist()
-    if stream.is_sequence:  # a language model's throughput: tokens of new data per training second
-        result["tokens_trained"] = record.rows_trained * stream.input_shape[0]
-        result["tokens_per_s"] = result["tokens_trained"] / max(record.train_time_s, 1e-9)
-    for key, curve in continual_curves(record, stream).items():
-        prefix = "" if key == "acc" else f"{key}_"
-        result[f"{prefix}stability_gaps"] = continual.stability_gaps(*curve, higher_is_better=record.higher_is_better[key])
-    if mlflow_sink is not None:
-        finish_start, waited = time.perf_counter(), mlflow_sink.blocked_s
-        final = {k: v for k, v in summary.items() if v is not None}
-        throughput = {k: result[k] for k in ("tokens_trained", "tokens_per_s") if k in result}
-        mlflow_sink.log_metrics({**final, "train_time_s": record.train_time_s, "eval_time_s": record.eval_time_s,
-                                 "skipped_steps": record.skipped_steps, **throughput},
-                                len(stream.eval_after), "summary")
-        mlflow_sink.log_artifact("config.yaml", yaml.safe_dump(run_config, sort_keys=False))
-        mlflow_sink.log_artifact("accuracy_matrix.csv", matrix_csv(R))
-        mlflow_sink.log_artifact("accuracy_matrix.json", matrix_json(R))
-        mlflow_sink.log_artifact("accuracy_matrix.png", heatmap_png(R, f"{cfg.name}: {label}"))
-        mlflow_sink.log_artifact("matrices.json", json.dumps(
+    @staticmethod
+    def _result(label, cfg, record, stream) -> dict:
+        summary = summarise(record, stream)
+        result = {"name": label, "seed": cfg.seed, "status": "FINISHED", **summary,
+                  "accuracy_matrix": record.accuracy_matrix.tolist(),
+                  "matrices": {k: v.tolist() for k, v in record.matrices.items()},
+                  "train_loss": record.train_loss, "loss_terms": record.loss_terms,
+                  "train_time_s": record.train_time_s, "eval_time_s": record.eval_time_s,
+                  "skipped_steps": record.skipped_steps, "anneal_steps": record.anneal_steps,
+                  "rows_trained": record.rows_trained,
+                  "iterations": record.iteration, "experience_ends": record.experience_ends,
+                  "lr_curve": record.lr_curve, "threads": torch.get_num_threads()}
+        if record.task_aware_matrix is not None:
+            result["task_aware_matrix"] = record.task_aware_matrix.tolist()
+        if stream.is_sequence:  # a language model's throughput: tokens of new data per training second
+            result["tokens_trained"] = record.rows_trained * stream.input_shape[0]
+            result["tokens_per_s"] = result["tokens_trained"] / max(record.train_time_s, 1e-9)
+        curves = continual_curves(record, stream)
+        for key, curve in curves.items():
+            prefix = "" if key == "acc" else f"{key}_"
+            result[f"{prefix}stability_gaps"] = continual.stability_gaps(
+                *curve, higher_is_better=record.higher_is_better[key])
+        if record.curve:  # the primary score on the seen tasks over iterations, for the comparison plot
+            key = next(iter(record.matrices))
+            result["seen_curve"] = [[p["iteration"], p[f"{key}_seen"]] for p in record.curve]
+        return result
+
+    def _log_final(self, sink, result, record, stream, run_config, title) -> None:
+        finish_start, waited = time.perf_counter(), sink.blocked_s
+        sink.log_metrics(scalar_metrics(result), len(stream.eval_after), "summary")
+        sink.log_artifact("config.yaml", yaml.safe_dump(run_config, sort_keys=False))
+        R = record.accuracy_matrix
+        sink.log_artifact("accuracy_matrix.csv", matrix_csv(R))
+        sink.log_artifact("accuracy_matrix.json", matrix_json(R))
+        score = next(iter(record.matrices))
+        name = "accuracy" if score == "acc" else score
+        sink.log_artifact(f"{'accuracy' if score == 'acc' else score}_matrix.png",
+                          heatmap_png(record.matrices[score], title, name))
+        sink.log_artifact("task_curves.png", task_curves_png(record.matrices[score], title, name))
+        sink.log_artifact("matrices.json", json.dumps(
             {k: {"higher_is_better": record.higher_is_better[k], "matrix": v.tolist()}
              for k, v in record.matrices.items()}))
         if record.curve:
-            mlflow_sink.log_artifact("curve.json", json.dumps(record.curve))
+            sink.log_artifact("curve.json", json.dumps(record.curve))
         for key in record.matrices:  # one chart point per boundary
             prefix = "" if key == "acc" else f"{key}_"
             for gap in result.get(f"{prefix}stability_gaps", []):
-                mlflow_sink.log_metrics({f"{prefix}stability_gap_at_boundary": gap["gap"],
-                                         f"{prefix}stability_gap_recovery_iters": gap["recovery"] or float("nan")},
-                                        gap["boundary"], "summary")
+                sink.log_metrics({f"{prefix}stability_gap_at_boundary": gap["gap"],
+                                  f"{prefix}stability_gap_recovery_iters": gap["recovery"] or float("nan")},
+                                 gap["boundary"], "summary")
         try:
-            result["mlflow_run_id"] = mlflow_sink.close()
+            result["mlflow_run_id"] = sink.close()
         except TrackingError as err:  # the results stand without the store: report them anyway
             print(f"cl: warning: {err}; this run's results are not in MLflow", file=sys.stderr)
             result["mlflow_run_id"], result["tracking_error"] = None, str(err)
         # What tracking cost this run: waits on the sink while training, plus the final
-        # metrics and artifacts (rendering the heatmap included) and draining the queue.
+        # metrics and artifacts (the plots included) and draining the queue.
         result["tracking_time_s"] = waited + time.perf_counter() - finish_start
-    else:
-        result["mlflow_run_id"] = None
-    result["wall_time_s"] = time.perf_counter() - wall_start
-    return result
+
+
+def scalar_metrics(result: dict) -> dict[str, float]:
+    """A run's final scalar metrics (what its summary logs to MLflow), without the None ones."""
+    return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k not in ("seed", "iterations", "threads", "rows_trained", "anneal_steps", "wall_time_s",
+                          "tracking_time_s", "tracking_setup_s", "comparison_time_s")}
+
+
+def comparison_entry(result: dict) -> dict:
+    """A finished run's result as `evaluation.compare` takes it."""
+    return {"strategy": result["name"], "seed": result["seed"], "metrics": scalar_metrics(result),
+            "matrices": result.get("matrices", {}), "curve": result.get("seen_curve"),
+            "experience_ends": result.get("experience_ends")}
+
+
+def _dataset_name(cfg) -> str:
+    return cfg.stream.dataset.name if cfg.stream.dataset else cfg.stream.scenario.name
+
+
+def _stream_tags(cfg) -> dict[str, str]:
+    """The tags a researcher filters on besides strategy and seed."""
+    return {"dataset": _dataset_name(cfg), "scenario": cfg.stream.scenario.name, "model": cfg.model.name}
 
 
 def build_trainer(cfg: ExperimentConfig, model, optimizer, scheduler, strategies, device, **extra) -> LifelongTrainer:

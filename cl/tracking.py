@@ -7,6 +7,7 @@ line per experience.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import queue
@@ -48,8 +49,12 @@ class MLflowSink:
     """Writes one MLflow run. Calls enqueue and return at once; a worker thread talks to the store."""
 
     def __init__(self, experiment_name: str, run_name: str, params: dict[str, object], tags: dict[str, str],
-                 tracking_uri: str | None = None, resume_run_id: str | None = None):
+                 tracking_uri: str | None = None, resume_run_id: str | None = None,
+                 parent: "MLflowSink | None" = None, system_metrics_s: float | None = None):
         self.tracking_uri = tracking_uri
+        self._system_metrics_s = system_metrics_s  # sample CPU/GPU use and memory this often (needs psutil)
+        self.experiment_id: str | None = None
+        self._parent = parent  # this run is nested under the parent's in the MLflow UI
         self.blocked_s = 0.0  # time the caller spent in this sink: what tracking costs the run
         self._queue: queue.Queue = queue.Queue()
         self._run_id: str | None = resume_run_id
@@ -74,6 +79,20 @@ class MLflowSink:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._put(("tags", tags))
+
+    def log_inputs(self, inputs: list[dict]) -> None:
+        """Datasets the run trained or was tested on, each {name, digest, source, context,
+        profile}: MLflow's Dataset column and the run's Datasets section."""
+        self._put(("inputs", inputs))
+
+    def log_model(self, model) -> None:
+        """The trained model as an MLflow model (PyTorch flavour) under the run's `model/`:
+        `mlflow.pytorch.load_model("runs:/<run id>/model")` loads it back."""
+        self._put(("model", model))
+
+    def log_table(self, name: str, data: dict[str, list]) -> None:
+        """A table of columns, shown by MLflow's artifact viewer (`MlflowClient.log_table`)."""
+        self._put(("table", name, data))
 
     @property
     def failed(self) -> bool:
@@ -112,28 +131,34 @@ class MLflowSink:
 
             _quiet_mlflow()
             client = MlflowClient(self.tracking_uri)
+            if self._parent is not None:
+                tags = {**tags, "mlflow.parentRunId": self._parent.run_id}
             if self._run_id is None:
                 with sqlite_store_lock(self.tracking_uri):  # sweeps started together create one experiment
                     exp = client.get_experiment_by_name(experiment_name)
                     exp_id = exp.experiment_id if exp else client.create_experiment(experiment_name)
                 run = client.create_run(exp_id, run_name=run_name, tags=tags)
-                self._run_id = run.info.run_id
+                self._run_id, self.experiment_id = run.info.run_id, exp_id
                 items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
                 for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
                     client.log_batch(self._run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
             else:
                 client.update_run(self._run_id, status="RUNNING")
+                self.experiment_id = client.get_run(self._run_id).info.experiment_id
         except BaseException as err:  # reported to the caller at run_id/close
             self._error = err
             self._ready.set()
             self._drain()
             return
+        monitor = self._start_system_metrics()
         self._ready.set()
         while True:
             item = self._queue.get()
             try:
                 kind = item[0]
                 if kind == "end":
+                    if monitor is not None:
+                        monitor.finish()
                     client.set_terminated(self._run_id, item[1])
                     return
                 if kind == "metrics":
@@ -143,6 +168,12 @@ class MLflowSink:
                     client.log_batch(self._run_id, metrics=batch)
                 elif kind == "tags":
                     client.log_batch(self._run_id, tags=[RunTag(k, str(v)) for k, v in item[1].items()])
+                elif kind == "inputs":
+                    client.log_inputs(self._run_id, datasets=[_dataset_input(d) for d in item[1]])
+                elif kind == "model":
+                    _log_model(client, self._run_id, item[1])
+                elif kind == "table":
+                    client.log_table(self._run_id, data=item[2], artifact_file=item[1])
                 elif kind == "artifact":
                     _, name, data = item
                     with tempfile.TemporaryDirectory() as tmp:
@@ -154,11 +185,51 @@ class MLflowSink:
                 self._drain()
                 return
 
+    def _start_system_metrics(self):
+        """MLflow's system-metrics monitor on this run (system/cpu_utilization_percentage,
+        system/system_memory_usage_megabytes, GPU figures where there is a GPU), or None."""
+        if not self._system_metrics_s:
+            return None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(self._run_id, sampling_interval=self._system_metrics_s,
+                                           samples_before_logging=1, tracking_uri=self.tracking_uri)
+            monitor.start()
+            return monitor
+        except ImportError as err:  # psutil missing: the run goes on without them, and says so
+            print(f"cl: warning: no system metrics: {err} (pip install psutil)", file=sys.stderr)
+            return None
+
     def _drain(self) -> None:
         # After a failure keep accepting items so callers never block, until the end marker.
         while True:
             if self._queue.get()[0] == "end":
                 return
+
+
+def _log_model(client, run_id: str, model) -> None:
+    import mlflow.pytorch
+    import torch
+
+    import cl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model"
+        # Requirements named, not inferred: inference imports and probes for seconds.
+        # Pickled, which any model allows: MLflow 3's default, a traced pt2 graph, needs an input example.
+        mlflow.pytorch.save_model(model, str(path), serialization_format="pickle",
+                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"cl-lab=={cl.__version__}"])
+        client.log_artifacts(run_id, str(path), "model")
+
+
+def _dataset_input(d: dict):
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = Dataset(name=d["name"], digest=d["digest"], source_type=d.get("source_type", "local"),
+                      source=json.dumps({"uri": d["source"]}), profile=json.dumps(d.get("profile", {})))
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
 
 
 @contextmanager
@@ -217,6 +288,19 @@ class StoreWarmup:
             raise TrackingError(f"MLflow store {self.tracking_uri or '(default)'} could not be opened: "
                                 f"{type(self._error).__name__}: {self._error}")
         return time.perf_counter() - t
+
+
+UI_PORT = 5000  # where `cl ui` serves a local store
+
+
+def run_link(tracking_uri: str | None, experiment_id: str | None, run_id: str | None) -> str:
+    """The MLflow UI's page of a run, opened on its training view (`workflowType=machine_learning`:
+    MLflow 3 otherwise opens an experiment on an empty GenAI overview). A local store is shown by
+    `cl ui`, on its default address."""
+    base = tracking_uri.rstrip("/") if tracking_uri and tracking_uri.startswith(("http://", "https://")) \
+        else f"http://127.0.0.1:{UI_PORT}"
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/{page}?workflowType=machine_learning"
 
 
 def _quiet_mlflow() -> None:

@@ -71,7 +71,7 @@ def test_compare_file_makes_one_complete_mlflow_run_each(compare_file, tracking_
         assert [m.step for m in lr][:2] == [0, 50] and {m.value for m in lr} == {0.05}
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert artifacts == {"config.yaml", "accuracy_matrix.csv", "accuracy_matrix.json", "accuracy_matrix.png",
-                             "matrices.json"}
+                             "matrices.json", "task_curves.png"}
         every = json.load(open(client.download_artifacts(run.info.run_id, "matrices.json")))
         assert set(every) == {"acc", "task_aware_acc"} and np.allclose(every["acc"]["matrix"], R)
         local = client.download_artifacts(run.info.run_id, "accuracy_matrix.json")
@@ -155,13 +155,16 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run(tmp_path, tracking_uri
     finally:
         replay_module.Replay.before_experience = original
     client = MlflowClient(tracking_uri)
-    killed = [r for r in client.search_runs([client.get_experiment_by_name("cli-test").experiment_id])
-              if r.info.status == "KILLED"]
-    assert len(killed) == 1
+    everything = client.search_runs([client.get_experiment_by_name("cli-test").experiment_id])
+    killed = [r for r in everything if r.info.status == "KILLED" and r.data.tags.get("cl.role") != "parent"]
+    parent = [r for r in everything if r.info.status == "KILLED" and r.data.tags.get("cl.role") == "parent"]
+    assert len(killed) == 1 and len(parent) == 1
     assert len(client.get_metric_history(killed[0].info.run_id, "acc_seen")) == 2  # nothing logged was lost
 
     resumed = run_cli(capsys, str(path), "--tracking-uri", tracking_uri, "--checkpoint-dir", str(ckpt), "--resume")
     assert resumed["mlflow_run_id"] == killed[0].info.run_id
+    assert resumed["mlflow_parent_run_id"] == parent[0].info.run_id  # the same parent, finished this time
+    assert client.get_run(parent[0].info.run_id).info.status == "FINISHED"
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     run = client.get_run(resumed["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -214,7 +217,8 @@ def test_a_terminated_run_is_marked_killed_not_left_running(tmp_path, tracking_u
     assert proc.returncode == 130 and "interrupted" in err
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("cli-test").experiment_id])
-    assert [r.info.status for r in runs] == ["KILLED"]
+    assert sorted((r.data.tags.get("cl.role", "child"), r.info.status) for r in runs) == \
+        [("child", "KILLED"), ("parent", "KILLED")]
 
 
 def test_two_processes_can_open_one_fresh_store_together(tmp_path):

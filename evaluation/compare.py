@@ -1,0 +1,203 @@
+"""Comparing runs: mean and standard deviation over seeds per strategy, as a table and plots.
+
+A run enters as a plain dict: {"strategy": label, "seed": int, "metrics": {name: value},
+"matrices": {score: matrix} (optional), "curve": [[iteration, value], ...] (optional)}.
+`cl run` builds these from its results and logs the comparison to the parent MLflow run;
+`cl compare` builds them from runs read back from any MLflow store.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from typing import Sequence
+
+import numpy as np
+
+# The columns shown by default, in this order, where the runs have them.
+ACCURACY_COLUMNS = ["acc", "bwt", "fwt", "forgetting", "avg_incremental_acc", "anytime_acc", "min_acc", "wc_acc",
+                    "stability_gap", "train_time_s"]
+LOSS_COLUMNS = ["loss", "loss_bwt", "loss_fwt", "loss_forgetting", "perplexity", "loss_wc", "loss_stability_gap",
+                "tokens_per_s", "train_time_s"]
+
+
+def default_columns(runs: Sequence[dict]) -> list[str]:
+    present = {k for run in runs for k, v in run["metrics"].items() if _finite(v)}
+    columns = ACCURACY_COLUMNS if "acc" in present else LOSS_COLUMNS
+    return [c for c in columns if c in present]
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); the std is NaN for fewer than two values."""
+    x = np.asarray([v for v in values if _finite(v)], dtype=float)
+    if x.size == 0:
+        return math.nan, math.nan
+    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else math.nan
+
+
+def group(runs: Sequence[dict]) -> dict[str, list[dict]]:
+    """Runs by strategy label, in the order labels first appear; each group sorted by seed."""
+    out: dict[str, list[dict]] = {}
+    for run in runs:
+        out.setdefault(run["strategy"], []).append(run)
+    return {k: sorted(v, key=lambda r: (r.get("seed") is None, r.get("seed"))) for k, v in out.items()}
+
+
+def comparison(runs: Sequence[dict], columns: Sequence[str] | None = None) -> list[dict]:
+    """One row per strategy: {"strategy", "n", "seeds", "<column>": (mean, std), ...}."""
+    columns = list(columns) if columns is not None else default_columns(runs)
+    rows = []
+    for label, members in group(runs).items():
+        row = {"strategy": label, "n": len(members), "seeds": [m.get("seed") for m in members]}
+        for c in columns:
+            row[c] = mean_std([m["metrics"].get(c, math.nan) for m in members])
+        rows.append(row)
+    return rows
+
+
+def columns_of(rows: Sequence[dict]) -> list[str]:
+    return [k for k in (rows[0] if rows else {}) if k not in ("strategy", "n", "seeds")]
+
+
+def _cell(mean: float, std: float) -> str:
+    if not math.isfinite(mean):
+        return "-"
+    digits = 2 if abs(mean) >= 100 else 4
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if math.isfinite(std) else "")
+
+
+def text_table(rows: Sequence[dict]) -> str:
+    """Aligned columns for a terminal: mean ± std over seeds, and how many runs."""
+    columns = columns_of(rows)
+    cells = [["strategy", "runs", "seeds"] + columns]
+    for row in rows:
+        cells.append([row["strategy"], str(row["n"]), _seeds(row["seeds"])] + [_cell(*row[c]) for c in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in cells)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    columns = columns_of(rows)
+    out = ["| strategy | runs | seeds | " + " | ".join(columns) + " |",
+           "| --- | --- | --- | " + " | ".join("---" for _ in columns) + " |"]
+    for row in rows:
+        out.append(f"| {row['strategy']} | {row['n']} | {_seeds(row['seeds'])} | "
+                   + " | ".join(_cell(*row[c]) for c in columns) + " |")
+    return "\n".join(out)
+
+
+def table_columns(rows: Sequence[dict]) -> dict[str, list]:
+    """The comparison as columns ({name: values}): CSV and MLflow's `log_table`. NaN is None."""
+    columns = columns_of(rows)
+    out: dict[str, list] = {"strategy": [r["strategy"] for r in rows], "runs": [r["n"] for r in rows],
+                            "seeds": [_seeds(r["seeds"]) for r in rows]}
+    for c in columns:
+        out[f"{c}_mean"] = [_none(r[c][0]) for r in rows]
+        out[f"{c}_std"] = [_none(r[c][1]) for r in rows]
+    return out
+
+
+def csv_table(rows: Sequence[dict]) -> str:
+    data = table_columns(rows)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(list(data))
+    writer.writerows(zip(*data.values()))
+    return buf.getvalue()
+
+
+def _none(v: float):
+    return v if math.isfinite(v) else None
+
+
+def _seeds(seeds: Sequence) -> str:
+    return ",".join("?" if s is None else str(s) for s in seeds)
+
+
+def metric_key(label: str) -> str:
+    """A strategy label as MLflow allows in a metric name (letters, digits, _ - . / and space)."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", label)
+
+
+def parent_metrics(rows: Sequence[dict]) -> dict[str, float]:
+    """The comparison as the parent run's metrics: `<strategy>/<metric>_mean` and `_std`."""
+    out = {}
+    for row in rows:
+        for c in columns_of([row]):
+            mean, std = row[c]
+            if math.isfinite(mean):
+                out[f"{metric_key(row['strategy'])}/{c}_mean"] = mean
+            if math.isfinite(std):
+                out[f"{metric_key(row['strategy'])}/{c}_std"] = std
+    return out
+
+
+# ---------------------------------------------------------------- plots
+def mean_matrices(runs: Sequence[dict], score: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per strategy, the element-wise mean and std over seeds of its `score` matrix (runs
+    without one, or of another shape than the group's first, are left out)."""
+    out = {}
+    for label, members in group(runs).items():
+        mats = [np.asarray(m["matrices"][score], dtype=float) for m in members if score in (m.get("matrices") or {})]
+        mats = [M for M in mats if M.shape == mats[0].shape]
+        if mats:
+            stack = np.stack(mats)
+            std = stack.std(axis=0, ddof=1) if len(mats) > 1 else np.full(stack.shape[1:], np.nan)
+            out[label] = (stack.mean(axis=0), std)
+    return out
+
+
+def primary_score(runs: Sequence[dict]) -> str:
+    scores = [s for run in runs for s in (run.get("matrices") or {})]
+    return "acc" if "acc" in scores or not scores else scores[0]
+
+
+def comparison_plots(runs: Sequence[dict], title: str) -> dict[str, bytes]:
+    """The plots a researcher looks at instead of reading the table, as {file name: PNG}:
+    each strategy's per-task scores over the stream (mean over seeds, std as error bars),
+    the final score and forgetting per strategy with error bars, the mean matrices side by
+    side, and the score on the seen tasks over iterations where runs evaluated periodically."""
+    from evaluation.charts import bar_chart_png, line_chart_png, panels_png
+    from evaluation.metrics import metric_names
+    from evaluation.report import heatmap_png, task_curves_png
+
+    score = primary_score(runs)
+    name = "accuracy" if score == "acc" else score
+    plots: dict[str, bytes] = {}
+    matrices = mean_matrices(runs, score)
+    groups = group(runs)
+    if matrices:
+        plots["comparison_tasks.png"] = panels_png(
+            [task_curves_png(M, f"{label} (mean of {len(groups[label])} run(s))", name,
+                             errors=None if np.isnan(S).all() else np.nan_to_num(S))
+             for label, (M, S) in matrices.items()], columns=2)
+        plots["comparison_matrices.png"] = panels_png(
+            [heatmap_png(M, f"{label}: mean of {len(groups[label])} run(s)", name) for label, (M, _) in matrices.items()],
+            columns=3)
+    names = metric_names(score)
+    rows = comparison(runs, [names["final"], names["forgetting"]])
+    bars = {c: ([r[c][0] for r in rows], [r[c][1] for r in rows]) for c in (names["final"], names["forgetting"])}
+    if any(math.isfinite(v) for means, _ in bars.values() for v in means):
+        plots["comparison_scores.png"] = bar_chart_png([r["strategy"] for r in rows], bars,
+                                                       f"{title}: mean ± std over seeds", name)
+    curves = {label: [m["curve"] for m in members if m.get("curve")] for label, members in groups.items()}
+    curves = {k: v for k, v in curves.items() if v}
+    if curves:
+        series = {}
+        for label, members in curves.items():
+            xs = [p[0] for p in members[0]]
+            same = [c for c in members if [p[0] for p in c] == xs]  # seeds evaluated at the same iterations
+            values = np.array([[p[1] for p in c] for c in same], dtype=float)
+            std = values.std(axis=0, ddof=1) if len(same) > 1 else None
+            series[label] = (xs, values.mean(axis=0).tolist(), None if std is None else std.tolist())
+        ends = next((m["experience_ends"] for ms in groups.values() for m in ms if m.get("experience_ends")), [])
+        plots["comparison_stability.png"] = line_chart_png(
+            series, f"{title}: {name} on the tasks seen so far", "iteration", f"{name} (seen tasks)",
+            ylim=(0.0, 1.0) if score == "acc" else (None, None), vlines=ends[:-1])
+    return plots
