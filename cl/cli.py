@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import signal
 import sys
@@ -30,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="of a file that compares several runs, run only these")
     run.add_argument("--system-metrics", type=float, default=None, metavar="SECONDS",
                      help="log CPU/GPU use and memory to each run every SECONDS (default: 10 on a GPU, off on the CPU)")
+    run.add_argument("--tracking-timeout", type=float, default=None, metavar="SECONDS",
+                     help="how long the store may fail before you are told what waits in the journal, and how "
+                          "long a run's end waits for it (default 5, or CL_TRACKING_TIMEOUT)")
     run.add_argument("--log-model", action="store_true",
                      help="also log each run's final model as an MLflow model (runs:/<run id>/model)")
     run.add_argument("--seeds", default=None, metavar="S[,S]",
@@ -67,7 +69,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--experiment", default=None, help="print only this experiment's link")
-    for command in (run, describe, schedules, compare, ui):  # `cl run FILE --debug` as well as `cl --debug run FILE`
+    sync = sub.add_parser("sync", help="deliver the tracking records that wait in journals to their MLflow stores")
+    sync.add_argument("folders", nargs="*", help="journal folders, or folders holding them: checkpoint folders, "
+                                                 "./cl-journal (default: CL_JOURNAL_DIR, else ./cl-journal)")
+    sync.add_argument("--tracking-uri", default=None, help="deliver here instead of the store each run names")
+    for command in (run, describe, schedules, compare, ui, sync):  # `cl run FILE --debug` as well as `cl --debug run FILE`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an error, not just its message")
     return p
@@ -256,6 +262,12 @@ def _compare(args) -> int:
     return 0
 
 
+def _sync(args) -> int:
+    from cl.sync import sync
+
+    return sync(args.folders, args.tracking_uri)
+
+
 def _ui(args) -> int:
     from cl.browse import serve_ui
     from cl.tracking import default_tracking_uri
@@ -277,7 +289,8 @@ def _run(args) -> int:
     runs = run_experiment(cfg, tracking_uri=args.tracking_uri or default_tracking_uri(), track=not args.no_track,
                           progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                           only=args.only.split(",") if args.only else None, seeds=seeds,
-                          system_metrics_s=args.system_metrics, log_model=args.log_model)
+                          system_metrics_s=args.system_metrics, log_model=args.log_model,
+                          **({"tracking_timeout": args.tracking_timeout} if args.tracking_timeout else {}))
     failed = [r for r in runs if r.get("status") == "FAILED"]
     several = len(seeds) > 1
     print(f"{cfg.name} (seed{'s' if several else ''} {','.join(map(str, seeds))}, "
@@ -308,6 +321,8 @@ def _run(args) -> int:
                 from evaluation import compare
 
                 out["comparison"] = compare.table_columns(rows)
+        from cl.runner import json_safe
+
         print(json.dumps(json_safe(out), allow_nan=False))
     for run in failed:
         print(f"cl: error: run {run['name']} failed: {run['error']}", file=sys.stderr)
@@ -322,17 +337,6 @@ def _seeds(text: str) -> list[int]:
     if not seeds:
         raise ValueError("--seeds: no seed given")
     return seeds
-
-
-def json_safe(value):
-    """NaN and infinities become null: JSON has no spelling for them."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def _interrupt_on_sigterm(signum, frame):
@@ -368,6 +372,8 @@ def _main(args) -> int:
             return _compare(args)
         if args.command == "ui":
             return _ui(args)
+        if args.command == "sync":
+            return _sync(args)
         if args.command == "streams":
             return _streams()
         return _list(args.command, args.name)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import uuid
@@ -20,7 +21,9 @@ from cl.components import build_model_from, build_optimizer, build_stream, build
 from cl.config import ExperimentConfig, flatten
 from cl.registry import plugins_from
 from cl.provenance import data_dir_of, dataset_inputs, source_tags
-from cl.tracking import ConsoleSink, MLflowSink, StoreWarmup, TrackingError, run_link
+from cl.journal import Journal, journal_root
+from cl.tracking import (DEFAULT_TIMEOUT_S, ConsoleSink, Deliverer, MLflowSink, StoreWarmup, TrackingError, is_server,
+                         run_link)
 from cl.trainer import LifelongTrainer, NonFiniteLossError, RunRecord, resolve_device
 from evaluation import compare, continual, metrics
 from evaluation.evaluators import perplexity
@@ -52,7 +55,8 @@ def usable_cores() -> int:
 def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, track: bool = True,
                    progress: bool = False, checkpoint_dir: str | None = None, resume: bool = False,
                    only: list[str] | None = None, seeds: list[int] | None = None,
-                   system_metrics_s: float | None = None, log_model: bool = False) -> list[dict]:
+                   system_metrics_s: float | None = None, log_model: bool = False,
+                   tracking_timeout: float = DEFAULT_TIMEOUT_S) -> list[dict]:
     """Run every run of `cfg` (or those labelled in `only`) once per seed (`seeds`, else the
     file's `seeds`, else its `seed`); returns one summary dict per run and seed (the `--json`
     fields). Tracked, the invocation is one parent MLflow run holding the comparison, with a
@@ -61,7 +65,9 @@ def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, tr
     `cfg.threads`, else the usable cores, for the duration of the call. `system_metrics_s`:
     sample CPU/GPU use and memory into each child run this often (default: every 10 s on a
     GPU, never on the CPU, where training is the only load worth watching). `log_model`: each
-    child run also holds its final model as an MLflow model."""
+    child run also holds its final model as an MLflow model. `tracking_timeout`: how long the
+    store may fail before the user is told what waits in the journals, and how long a run's
+    end waits for it."""
     runs = cfg.run_specs()
     if only:
         unknown = [label for label in only if label not in runs]
@@ -78,13 +84,18 @@ def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, tr
             invocation = Invocation(cfg, runs, seeds, tracking_uri if track else None, track,
                                     progress and cfg.progress, checkpoint_dir, resume)
             invocation.system_metrics_s, invocation.log_model = system_metrics_s, log_model
+            invocation.timeout = tracking_timeout
             return invocation.run()
     finally:
         torch.set_num_threads(before)
 
 
 class Invocation:
-    """One `cl run`: every run of the file over every seed, under one parent MLflow run."""
+    """One `cl run`: every run of the file over every seed, under one parent MLflow run.
+
+    Each MLflow run is written through a journal (`cl.journal`): beside the checkpoints
+    (`<run>.journal/`, `parent.journal/`), where a resume finds it, or else under
+    `CL_JOURNAL_DIR` (default ./cl-journal), removed once delivered."""
 
     def __init__(self, cfg, runs, seeds, tracking_uri, track, progress, checkpoint_dir, resume):
         self.cfg, self.runs, self.seeds = cfg, runs, seeds
@@ -94,17 +105,25 @@ class Invocation:
         self.parent: MLflowSink | None = None
         self.system_metrics_s: float | None = None
         self.log_model = False
+        self.timeout = DEFAULT_TIMEOUT_S
         self.source = source_tags(cfg.source_file) if track else {}
+
+    def run_name(self, label: str, seed: int) -> str:
+        return label if len(self.seeds) == 1 else f"{label}-seed{seed}"
 
     def checkpoint_path(self, label: str, seed: int) -> Path | None:
         if not self.checkpoint_dir:
             return None
-        name = label if len(self.seeds) == 1 else f"{label}-seed{seed}"
-        return Path(self.checkpoint_dir) / f"{name}.pt"
+        return Path(self.checkpoint_dir) / f"{self.run_name(label, seed)}.pt"
+
+    def journal_folder(self, name: str) -> Path:
+        if self.checkpoint_dir:
+            return Path(self.checkpoint_dir) / f"{name}.journal"
+        return journal_root() / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', self.cfg.name)}-{self.id}" / f"{name}.journal"
 
     def run(self) -> list[dict]:
         cfg = self.cfg
-        warmup = StoreWarmup(self.tracking_uri) if self.track else None
+        warmup = StoreWarmup(self.tracking_uri, self.timeout) if self.track else None
         results, setup_s, stream, stream_seed = [], 0.0, None, None
         try:
             for seed in self.seeds:
@@ -114,7 +133,7 @@ class Invocation:
                     stream, stream_seed = build_stream(cfg_s), cfg_s.stream_seed
                 if warmup is not None:
                     # Seconds the experiment waited for MLflow's import and store after the data was loaded.
-                    setup_s, warmup = warmup.wait(), None
+                    setup_s, warmup = warmup.wait(), self._store_unreachable(warmup)
                     self._open_parent()
                 for label, specs in self.runs.items():
                     results.append(self._run_one(cfg_s, stream, label, specs))
@@ -128,64 +147,70 @@ class Invocation:
         results[0]["tracking_setup_s"] = setup_s
         return results
 
+    def _store_unreachable(self, warmup: StoreWarmup) -> None:
+        if warmup.unreachable is not None:
+            err = warmup.unreachable
+            print(f"cl: warning: MLflow server {self.tracking_uri} does not answer ({type(err).__name__}); "
+                  f"the runs go on, their records wait in {self.journal_folder('parent').parent} and are "
+                  f"delivered when it answers (or by `cl sync`)", file=sys.stderr)
+
+    def _sink(self, name: str, run_name: str, params: dict, tags: dict, parent=None, system_metrics_s=None):
+        return MLflowSink(Journal(self.journal_folder(name)), self.cfg.name, run_name, params, tags,
+                          self.tracking_uri, parent=parent, system_metrics_s=system_metrics_s, timeout=self.timeout,
+                          remove_when_delivered=not self.checkpoint_dir)
+
     # ------------------------------------------------------------ the parent run
     def _open_parent(self) -> None:
         cfg = self.cfg
-        resumed = self._resumed_parent() if self.resume else None
-        if resumed is not None:
-            self.id = resumed[1] or self.id
+        folder = self.journal_folder("parent")
+        if self.resume and folder.exists():  # the resumed invocation keeps its id
+            created = next((r for r in Journal(folder).records if r["op"] == "create"), None)
+            if created is not None:
+                self.id = created["tags"].get("cl.invocation", self.id)
         resolved = cfg.model_dump(mode="json", exclude_none=True, exclude={"runs", "strategies", "seed", "seeds"})
         params = {**flatten(resolved), "seeds": ",".join(map(str, self.seeds)), "runs": ",".join(self.runs)}
         tags = {**self.source, "cl.role": "parent", "cl.invocation": self.id, "runs": ",".join(self.runs),
                 "seeds": ",".join(map(str, self.seeds)), **_stream_tags(cfg)}
-        self.parent = MLflowSink(cfg.name, f"{cfg.name}-{self.id}", params, tags, self.tracking_uri,
-                                 resume_run_id=resumed[0] if resumed else None)
-
-    def _resumed_parent(self) -> tuple[str, str | None] | None:
-        """(parent run id, invocation id) saved with the first checkpoint of this invocation's runs."""
-        for seed in self.seeds:
-            for label in self.runs:
-                path = self.checkpoint_path(label, seed)
-                if path is not None and path.exists():
-                    meta = load_checkpoint(path)[1]
-                    if meta.get("mlflow_parent_run_id"):
-                        return meta["mlflow_parent_run_id"], meta.get("invocation")
-        return None
+        self.parent = self._sink("parent", f"{cfg.name}-{self.id}", params, tags)
 
     def _close_parent(self, results: list[dict], status: str) -> None:
         """The comparison over what finished, then the parent's end. A store that fails here
-        costs the comparison, never the results."""
+        costs nothing: the records wait in the parent's journal."""
         parent, self.parent = self.parent, None
         if parent is None:
             return
         finished = [r for r in results if r.get("status") == "FINISHED"]
+        if finished:
+            entries = [comparison_entry(r) for r in finished]
+            rows = compare.comparison(entries)
+            parent.log_metrics(compare.parent_metrics(rows), 0, "summary")
+            parent.log_table("comparison.json", compare.table_columns(rows))
+            table = compare.markdown_table(rows)
+            parent.log_artifact("comparison.md", table + "\n")
+            # The run's description in the UI: the comparison is the first thing on its page.
+            parent.set_tags({"mlflow.note.content": f"**{self.cfg.name}**: mean ± std over seeds "
+                             f"{','.join(map(str, self.seeds))}\n\n{table}\n"})
+            parent.log_artifact("comparison.csv", compare.csv_table(rows))
+            for name, png in compare.comparison_plots(entries, self.cfg.name).items():
+                parent.log_artifact(name, png)
         try:
-            if finished:
-                entries = [comparison_entry(r) for r in finished]
-                rows = compare.comparison(entries)
-                parent.log_metrics(compare.parent_metrics(rows), 0, "summary")
-                parent.log_table("comparison.json", compare.table_columns(rows))
-                table = compare.markdown_table(rows)
-                parent.log_artifact("comparison.md", table + "\n")
-                # The run's description in the UI: the comparison is the first thing on its page.
-                parent.set_tags({"mlflow.note.content": f"**{self.cfg.name}**: mean ± std over seeds "
-                                 f"{','.join(map(str, self.seeds))}\n\n{table}\n"})
-                parent.log_artifact("comparison.csv", compare.csv_table(rows))
-                for name, png in compare.comparison_plots(entries, self.cfg.name).items():
-                    parent.log_artifact(name, png)
             parent.close(status)
         except TrackingError as err:
-            print(f"cl: warning: {err}; the comparison is not in MLflow", file=sys.stderr)
-            return
+            print(f"cl: warning: {err}", file=sys.stderr)
         for r in results:
             r["mlflow_parent_run_id"] = parent.run_id
-        remote = (self.tracking_uri or "").startswith(("http://", "https://"))
-        print(f"cl: MLflow: {run_link(self.tracking_uri, parent.experiment_id, parent.run_id)}"
-              + ("" if remote else "  (open it after `cl ui`)"), file=sys.stderr)
+        if parent.run_id is not None:
+            remote = is_server(self.tracking_uri)
+            print(f"cl: MLflow: {run_link(self.tracking_uri, parent.experiment_id, parent.run_id)}"
+                  + ("" if remote else "  (open it after `cl ui`)"), file=sys.stderr)
 
     # ------------------------------------------------------------ one child run
     def _run_one(self, cfg, stream, label, specs):
         wall_start = time.perf_counter()
+        name = self.run_name(label, cfg.seed)
+        finished = self._finished_before(name) if self.resume else None
+        if finished is not None:
+            return finished
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
         model = build_model_from(cfg, stream)
@@ -199,6 +224,10 @@ class Invocation:
         state, meta = (load_checkpoint(checkpoint) if self.resume and checkpoint and checkpoint.exists() else (None, {}))
         if state is not None:
             check_same_config(checkpoint, meta, run_config)
+        elif self.resume:
+            again = self.track and self.journal_folder(name).exists()
+            print(f"cl: no checkpoint of {name} in {self.checkpoint_dir}: it trains from the beginning"
+                  + (", into the MLflow run it started before" if again else ""), file=sys.stderr)
 
         sinks, mlflow_sink = [], None
         if self.parent is not None:
@@ -206,12 +235,11 @@ class Invocation:
                     "seed": str(cfg.seed), "cl.invocation": self.id, "device": str(device),
                     "torch_threads": str(torch.get_num_threads())}
             params = {**flatten(run_config), "torch_threads": torch.get_num_threads()}
-            mlflow_sink = MLflowSink(cfg.name, f"{label}-seed{cfg.seed}-{self.id}", params, tags, self.tracking_uri,
-                                     resume_run_id=meta.get("mlflow_run_id"), parent=self.parent,
-                                     system_metrics_s=self.system_metrics_s if self.system_metrics_s is not None
-                                     else (10.0 if device.type == "cuda" else None))
-            if state is None:  # a resumed run logged its inputs when it started
-                mlflow_sink.log_inputs(dataset_inputs(stream, _dataset_name(cfg), data_dir_of(cfg)))
+            every = self.system_metrics_s if self.system_metrics_s is not None else \
+                (10.0 if device.type == "cuda" else None)
+            mlflow_sink = self._sink(name, f"{label}-seed{cfg.seed}-{self.id}", params, tags, parent=self.parent,
+                                     system_metrics_s=every)
+            mlflow_sink.log_inputs(dataset_inputs(stream, _dataset_name(cfg), data_dir_of(cfg)))
             sinks.append(mlflow_sink)
         if self.progress:
             sinks.append(ConsoleSink(label if len(self.seeds) == 1 else f"{label} seed {cfg.seed}"))
@@ -219,13 +247,13 @@ class Invocation:
         trainer = build_trainer(cfg, model, optimizer, scheduler, strategies, device, sinks=sinks,
                                 progress=self.progress, checkpoint_path=str(checkpoint) if checkpoint else None)
         if checkpoint is not None:
-            # Read when a checkpoint is written: the configuration it belongs to, and the MLflow
-            # runs a resumed run continues.
+            # Read when a checkpoint is written: the configuration it belongs to. The journals
+            # hold every record emitted up to it, on disk, before it counts as written.
             def checkpoint_meta():
-                run_id = None if mlflow_sink is None or mlflow_sink.failed else mlflow_sink.run_id
-                parent_id = None if self.parent is None or self.parent.failed else self.parent.run_id
-                return {"config": run_config, "config_hash": config_hash(run_config), "mlflow_run_id": run_id,
-                        "mlflow_parent_run_id": parent_id, "invocation": self.id}
+                for sink in (mlflow_sink, self.parent):
+                    if sink is not None:
+                        sink.checkpointed()
+                return {"config": run_config, "config_hash": config_hash(run_config)}
 
             trainer.checkpoint_meta = checkpoint_meta
         if state is not None:
@@ -244,12 +272,12 @@ class Invocation:
                 mlflow_sink.set_tags({"failure_reason": f"{type(err).__name__}: {err}"[:5000]})
                 try:
                     mlflow_sink.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-                except TrackingError:
-                    pass  # the training error is the one to report
+                except TrackingError as tracking:
+                    print(f"cl: warning: {tracking}", file=sys.stderr)  # the training error is the one raised
             if isinstance(err, NonFiniteLossError):  # this run failed; the file's other runs go on
-                run_id = None if mlflow_sink is None or mlflow_sink.failed else mlflow_sink.run_id
                 return {"name": label, "seed": cfg.seed, "status": "FAILED", "error": str(err),
-                        "mlflow_run_id": run_id, "wall_time_s": time.perf_counter() - wall_start}
+                        "mlflow_run_id": mlflow_sink.run_id if mlflow_sink else None,
+                        "wall_time_s": time.perf_counter() - wall_start}
             raise
         finally:
             gc.unfreeze()  # what this run made may be collected again once it is over (the next run freezes anew)
@@ -263,6 +291,25 @@ class Invocation:
             result["mlflow_run_id"] = None
         result["wall_time_s"] = time.perf_counter() - wall_start
         return result
+
+    def _finished_before(self, name: str) -> dict | None:
+        """A run this invocation already finished (its journal ends FINISHED with its result):
+        its result, delivering what it has not; it is not trained or logged again."""
+        folder = self.journal_folder(name)
+        if not self.track or not folder.exists():
+            return None
+        journal = Journal(folder)
+        end = journal.ended
+        if end is None or end["status"] != "FINISHED" or "result" not in end:
+            journal.close()
+            return None
+        print(f"cl: {name} finished before: its results are kept, it is not run again", file=sys.stderr)
+        if journal.pending:
+            deliverer = Deliverer(journal, self.tracking_uri, self.parent.journal if self.parent else None)
+            if not deliverer.deliver():
+                print(f"cl: warning: {deliverer.pending_notice()}", file=sys.stderr)
+        journal.close()
+        return {**end["result"], "mlflow_run_id": journal.state.get("run_id"), "resumed": "finished before"}
 
     @staticmethod
     def _result(label, cfg, record, stream) -> dict:
@@ -315,13 +362,24 @@ class Invocation:
                                   f"{prefix}stability_gap_recovery_iters": gap["recovery"] or float("nan")},
                                  gap["boundary"], "summary")
         try:
-            result["mlflow_run_id"] = sink.close()
-        except TrackingError as err:  # the results stand without the store: report them anyway
-            print(f"cl: warning: {err}; this run's results are not in MLflow", file=sys.stderr)
-            result["mlflow_run_id"], result["tracking_error"] = None, str(err)
+            result["mlflow_run_id"] = sink.close(result=json_safe(result))
+        except TrackingError as err:  # the results stand without the store, and wait in the journal
+            print(f"cl: warning: {err}", file=sys.stderr)
+            result["mlflow_run_id"], result["tracking_error"] = sink.run_id, str(err)
         # What tracking cost this run: waits on the sink while training, plus the final
         # metrics and artifacts (the plots included) and draining the queue.
         result["tracking_time_s"] = waited + time.perf_counter() - finish_start
+
+
+def json_safe(value):
+    """NaN and infinities become None (JSON has no spelling for them), tuples lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def scalar_metrics(result: dict) -> dict[str, float]:

@@ -1,18 +1,17 @@
 """Tracking sinks: the trainer emits records, sinks write them.
 
-`MLflowSink` writes one MLflow run from a background thread, in batches, so
-the training path never waits on the tracking store; `close()` waits for the
-queue to drain and marks the run FINISHED or FAILED. `ConsoleSink` prints a
-line per experience.
+`MLflowSink` writes one MLflow run through its journal (`cl.journal`): records go
+to local disk first and a background thread delivers them, so the training path
+never waits on the tracking store and a store that is down loses nothing;
+`close()` waits, bounded by the sink's timeout, until every record is in the
+store. `ConsoleSink` prints a line per experience.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import queue
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -20,8 +19,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cl.journal import BLOBS, Journal
+
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 MAX_PARAM_LENGTH = 6000
+# How long a store may fail before the user is told what waits, and how long a run's end
+# waits for it: `--tracking-timeout`, or CL_TRACKING_TIMEOUT.
+DEFAULT_TIMEOUT_S = float(os.environ.get("CL_TRACKING_TIMEOUT") or 5.0)
 
 
 class TrackingError(RuntimeError):
@@ -46,181 +50,322 @@ class ConsoleSink:
 
 
 class MLflowSink:
-    """Writes one MLflow run. Calls enqueue and return at once; a worker thread talks to the store."""
+    """One MLflow run, written through its journal: calls append a record and return at
+    once; a worker thread delivers the records in order, retrying with backoff while the
+    store does not answer. Nothing is dropped: what cannot be delivered stays in the
+    journal (`cl sync` delivers it later)."""
 
-    def __init__(self, experiment_name: str, run_name: str, params: dict[str, object], tags: dict[str, str],
-                 tracking_uri: str | None = None, resume_run_id: str | None = None,
-                 parent: "MLflowSink | None" = None, system_metrics_s: float | None = None):
-        self.tracking_uri = tracking_uri
-        self._system_metrics_s = system_metrics_s  # sample CPU/GPU use and memory this often (needs psutil)
-        self.experiment_id: str | None = None
-        self._parent = parent  # this run is nested under the parent's in the MLflow UI
+    def __init__(self, journal: Journal, experiment_name: str, run_name: str, params: dict[str, object],
+                 tags: dict[str, str], tracking_uri: str | None = None, parent: "MLflowSink | None" = None,
+                 system_metrics_s: float | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 remove_when_delivered: bool = False):
+        self.journal, self.tracking_uri, self.timeout = journal, tracking_uri, timeout
         self.blocked_s = 0.0  # time the caller spent in this sink: what tracking costs the run
-        self._queue: queue.Queue = queue.Queue()
-        self._run_id: str | None = resume_run_id
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._closed = False
-        self._thread = threading.Thread(target=self._work, name="mlflow-sink", daemon=True,
-                                        args=(experiment_name, run_name, params, tags))
+        self._remove = remove_when_delivered
+        self._system_metrics_s = system_metrics_s  # sample CPU/GPU use and memory this often (needs psutil)
+        if not journal.created:
+            journal.append("create", experiment=experiment_name, name=run_name, tracking_uri=tracking_uri,
+                           params={k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()},
+                           tags={**tags, "cl.run_key": journal.state["key"]},
+                           parent_key=parent.journal.state["key"] if parent is not None else None)
+        elif journal.ended is not None:  # a resumed run: running again until it ends anew
+            journal.append("status", status="RUNNING")
+        self._deliverer = Deliverer(journal, tracking_uri, parent.journal if parent is not None else None)
+        self._deliverer.parent_deliverer = parent._deliverer if parent is not None else None
+        self._stop = False
+        self._thread = threading.Thread(target=self._work, name="mlflow-sink", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------ caller side
-    def _put(self, item) -> None:
+    def _append(self, op: str, **fields) -> None:
         t = time.perf_counter()
-        self._queue.put(item)
+        self.journal.append(op, **fields)
         self.blocked_s += time.perf_counter() - t
 
     def log_metrics(self, metrics: dict[str, float], step: int, kind: str = "evaluation") -> None:
-        self._put(("metrics", metrics, step))
+        self._append("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=int(step))
 
     def log_artifact(self, name: str, data: bytes | str) -> None:
-        self._put(("artifact", name, data))
+        t = time.perf_counter()
+        path = self.journal.blob(name, data)
+        self.blocked_s += time.perf_counter() - t
+        self._append("artifact", path=path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._put(("tags", tags))
+        self._append("tags", tags={k: str(v) for k, v in tags.items()})
 
     def log_inputs(self, inputs: list[dict]) -> None:
         """Datasets the run trained or was tested on, each {name, digest, source, context,
         profile}: MLflow's Dataset column and the run's Datasets section."""
-        self._put(("inputs", inputs))
+        self._append("inputs", inputs=inputs)
 
     def log_model(self, model) -> None:
         """The trained model as an MLflow model (PyTorch flavour) under the run's `model/`:
-        `mlflow.pytorch.load_model("runs:/<run id>/model")` loads it back."""
-        self._put(("model", model))
+        `mlflow.pytorch.load_model("runs:/<run id>/model")` loads it back. Saved into the
+        journal now, delivered like any artifact."""
+        t = time.perf_counter()
+        folder = self.journal.folder / BLOBS / f"model-{len(self.journal.records)}"
+        _save_model(model, folder / "model")
+        self.blocked_s += time.perf_counter() - t
+        self._append("artifact", path=str((folder / "model").relative_to(self.journal.folder)))
 
     def log_table(self, name: str, data: dict[str, list]) -> None:
         """A table of columns, shown by MLflow's artifact viewer (`MlflowClient.log_table`)."""
-        self._put(("table", name, data))
+        self._append("table", name=name, data=data)
+
+    def checkpointed(self) -> None:
+        """Called before a checkpoint is written: every record up to it is on disk."""
+        self.journal.sync()
 
     @property
-    def failed(self) -> bool:
-        return self._error is not None
+    def run_id(self) -> str | None:
+        """The MLflow run's id once it exists in the store (None before)."""
+        return self.journal.state.get("run_id")
 
     @property
-    def run_id(self) -> str:
-        t = time.perf_counter()
-        self._ready.wait()
-        self.blocked_s += time.perf_counter() - t
-        if self._error is not None:
-            raise self._failure()
-        return self._run_id
+    def experiment_id(self) -> str | None:
+        return self.journal.state.get("experiment_id")
 
-    def close(self, status: str = "FINISHED") -> str:
-        """Flush everything, end the run with `status`, and return its id."""
-        t = time.perf_counter()
-        if not self._closed:
-            self._closed = True
-            self._queue.put(("end", status))
-            self._thread.join()
-        self.blocked_s += time.perf_counter() - t
-        if self._error is not None:
-            raise self._failure()
-        return self._run_id
+    @property
+    def failing(self) -> BaseException | None:
+        """The store's last error while records are waiting, else None."""
+        return self._deliverer.error if self.journal.pending else None
 
-    def _failure(self) -> TrackingError:
-        return TrackingError(f"MLflow store {self.tracking_uri or '(default)'} could not be written: "
-                             f"{type(self._error).__name__}: {self._error}")
+    def close(self, status: str = "FINISHED", result: dict | None = None) -> str | None:
+        """End the run with `status` and wait until every record is delivered, but no longer
+        than the sink's timeout once the store stops answering. Returns the run's id; raises
+        `TrackingError` (what is pending, where, and why) if records are left waiting."""
+        t = time.perf_counter()
+        self._append("end", status=status, **({"result": result} if result is not None else {}))
+        with self.journal.changed:
+            while not self.journal.complete:
+                failing = self._deliverer.failing_for()
+                if failing is not None and failing >= self.timeout * (1 if self._deliverer.outage else 10):
+                    break
+                self.journal.changed.wait(0.05)
+        self.blocked_s += time.perf_counter() - t
+        if self.journal.complete:
+            self._stop = True
+            with self.journal.changed:
+                self.journal.changed.notify_all()
+            self._thread.join(timeout=self.timeout)
+            run_id = self.run_id
+            if self._remove:
+                self.journal.remove()
+            return run_id
+        # What is left waits in the journal for `cl sync`; the worker stops trying, so the two
+        # never deliver one journal at once.
+        self._stop = True
+        with self.journal.changed:
+            self.journal.changed.notify_all()
+        raise TrackingError(self._deliverer.pending_notice())
 
     # ------------------------------------------------------------ worker side
-    def _work(self, experiment_name, run_name, params, tags) -> None:
-        try:
-            from mlflow.entities import Metric, Param, RunTag
-            from mlflow.tracking import MlflowClient
+    def _work(self) -> None:
+        monitor, told, backoff = None, False, 0.5
+        while True:
+            with self.journal.changed:
+                while not self.journal.pending and not self._stop:
+                    self.journal.changed.wait()
+                if self._stop:  # closed: delivered, or left to `cl sync`
+                    break
+            if self._deliverer.deliver():
+                told, backoff = False, 0.5
+                if monitor is None and self._system_metrics_s and self.run_id:
+                    monitor = _start_system_metrics(self.run_id, self._system_metrics_s, self.tracking_uri)
+                if monitor is not None and self.journal.ended is not None:
+                    monitor.finish()
+                    monitor = None
+                with self.journal.changed:
+                    self.journal.changed.notify_all()
+                continue
+            if self._stop:
+                break
+            failing = self._deliverer.failing_for() or 0.0
+            patience = self.timeout * (1 if self._deliverer.outage else 10)
+            if not told and failing >= patience:  # said once per outage, within the timeout
+                print(f"cl: warning: {self._deliverer.pending_notice()}; training goes on", file=sys.stderr)
+                told = True
+            if not self._deliverer.outage:  # a lock or the parent: try again soon
+                time.sleep(0.1)
+                continue
+            time.sleep(min(backoff, max(self.timeout / 4, 0.05)) if not told else backoff)
+            backoff = min(backoff * 2, 5.0)  # a server back up is found within seconds
 
-            _quiet_mlflow()
-            client = MlflowClient(self.tracking_uri)
-            if self._parent is not None:
-                tags = {**tags, "mlflow.parentRunId": self._parent.run_id}
-            if self._run_id is None:
-                with sqlite_store_lock(self.tracking_uri):  # sweeps started together create one experiment
-                    exp = client.get_experiment_by_name(experiment_name)
-                    exp_id = exp.experiment_id if exp else client.create_experiment(experiment_name)
-                run = client.create_run(exp_id, run_name=run_name, tags=tags)
-                self._run_id, self.experiment_id = run.info.run_id, exp_id
-                items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
-                for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-                    client.log_batch(self._run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
-            else:
-                client.update_run(self._run_id, status="RUNNING")
-                self.experiment_id = client.get_run(self._run_id).info.experiment_id
-        except BaseException as err:  # reported to the caller at run_id/close
-            self._error = err
-            self._ready.set()
-            self._drain()
+
+class Deliverer:
+    """Delivers a journal's pending records to the store, in order, noting progress in the
+    journal; shared by the sink's worker and `cl sync`."""
+
+    def __init__(self, journal: Journal, tracking_uri: str | None, parent: Journal | None = None):
+        self.journal, self.tracking_uri, self.parent = journal, tracking_uri, parent
+        self.error: BaseException | None = None
+        self.parent_deliverer: Deliverer | None = None  # set by the sink: whose failure a child's wait is
+        self._failing_since: float | None = None
+        self._client = None
+
+    def failing_for(self) -> float | None:
+        """Seconds the store has been failing this journal's deliveries, or None. Waiting for
+        the parent run to exist is not a failure of this journal's: the parent's counts."""
+        if self._failing_since is None:
+            return None
+        if isinstance(self.error, ParentNotCreated) and self.parent_deliverer is not None:
+            return self.parent_deliverer.failing_for()
+        return time.monotonic() - self._failing_since
+
+    @property
+    def outage(self) -> bool:
+        """The store does not answer at all (a server down), as against answering slowly or
+        with a lock held by another process (a busy SQLite store): an outage ends a run's
+        wait for delivery after the timeout, contention is waited out (up to 10 times it)."""
+        return self.error is not None and _unanswered(self.error)
+
+    def pending_notice(self) -> str:
+        err = self.error
+        if isinstance(err, ParentNotCreated) and self.parent_deliverer is not None and self.parent_deliverer.error:
+            err = self.parent_deliverer.error  # the reason the parent is not there
+        return (f"MLflow store {self.tracking_uri or '(default)'} is not answering "
+                f"({type(err).__name__}: {err}); {self.journal.pending} record(s) wait in "
+                f"{self.journal.folder}, delivered when it answers, or by `cl sync {self.journal.folder}`")
+
+    def deliver(self) -> bool:
+        """Deliver everything pending; True if nothing is left. A record the store refuses
+        for good (a changed parameter value, say) is reported and passed over."""
+        try:
+            if self._client is None:
+                from mlflow.tracking import MlflowClient
+
+                _quiet_mlflow()
+                self._client = MlflowClient(self.tracking_uri)
+            while self.journal.pending:
+                self._deliver_next()
+        except Exception as err:  # the store is down, locked, or refused: try again later
+            self.error = err
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+            return False
+        self.error, self._failing_since = None, None
+        return True
+
+    def _deliver_next(self) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        journal, client = self.journal, self._client
+        i = journal.state["delivered"]
+        record = journal.records[i]
+        op, run_id = record["op"], journal.state.get("run_id")
+        if op == "create":
+            self._create(record)
             return
-        monitor = self._start_system_metrics()
-        self._ready.set()
-        while True:
-            item = self._queue.get()
-            try:
-                kind = item[0]
-                if kind == "end":
-                    if monitor is not None:
-                        monitor.finish()
-                    client.set_terminated(self._run_id, item[1])
-                    return
-                if kind == "metrics":
-                    _, metrics, step = item
-                    now = int(time.time() * 1000)
-                    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-                    client.log_batch(self._run_id, metrics=batch)
-                elif kind == "tags":
-                    client.log_batch(self._run_id, tags=[RunTag(k, str(v)) for k, v in item[1].items()])
-                elif kind == "inputs":
-                    client.log_inputs(self._run_id, datasets=[_dataset_input(d) for d in item[1]])
-                elif kind == "model":
-                    _log_model(client, self._run_id, item[1])
-                elif kind == "table":
-                    client.log_table(self._run_id, data=item[2], artifact_file=item[1])
-                elif kind == "artifact":
-                    _, name, data = item
-                    with tempfile.TemporaryDirectory() as tmp:
-                        path = Path(tmp) / name
-                        path.write_bytes(data if isinstance(data, bytes) else data.encode())
-                        client.log_artifact(self._run_id, str(path))
-            except BaseException as err:
-                self._error = err
-                self._drain()
-                return
-
-    def _start_system_metrics(self):
-        """MLflow's system-metrics monitor on this run (system/cpu_utilization_percentage,
-        system/system_memory_usage_megabytes, GPU figures where there is a GPU), or None."""
-        if not self._system_metrics_s:
-            return None
+        if run_id is None:
+            raise TrackingError(f"{journal.folder}: a record before the run's creation")
         try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            monitor = SystemMetricsMonitor(self._run_id, sampling_interval=self._system_metrics_s,
-                                           samples_before_logging=1, tracking_uri=self.tracking_uri)
-            monitor.start()
-            return monitor
-        except ImportError as err:  # psutil missing: the run goes on without them, and says so
-            print(f"cl: warning: no system metrics: {err} (pip install psutil)", file=sys.stderr)
-            return None
-
-    def _drain(self) -> None:
-        # After a failure keep accepting items so callers never block, until the end marker.
-        while True:
-            if self._queue.get()[0] == "end":
+            if op == "metrics":  # consecutive metric records go as one batch (MLflow takes 1000 at most)
+                batch, j = [], i
+                while j < len(journal.records) and journal.records[j]["op"] == "metrics" and \
+                        len(batch) + len(journal.records[j]["metrics"]) <= 1000:
+                    r = journal.records[j]
+                    batch += [Metric(k, v, r["time"], r["step"]) for k, v in r["metrics"].items()]
+                    j += 1
+                client.log_batch(run_id, metrics=batch)
+                journal.mark_delivered(j)
                 return
+            if op == "tags":
+                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+            elif op == "status":
+                client.update_run(run_id, status=record["status"])
+            elif op == "inputs":
+                client.log_inputs(run_id, datasets=[_dataset_input(d) for d in record["inputs"]])
+            elif op == "table":
+                client.log_table(run_id, data=record["data"], artifact_file=record["name"])
+            elif op == "artifact":
+                path = journal.folder / record["path"]
+                if path.is_dir():
+                    client.log_artifacts(run_id, str(path), path.name)
+                else:
+                    client.log_artifact(run_id, str(path))
+            elif op == "end":
+                client.set_terminated(run_id, record["status"], end_time=record["time"])
+        except Exception as err:
+            if not _refused(err):
+                raise
+            print(f"cl: warning: MLflow refused a '{op}' record of {journal.folder}: {err}", file=sys.stderr)
+        journal.mark_delivered(i + 1)
+
+    def _parent_id(self, experiment_id: str, parent_key: str) -> str:
+        """The parent's run id: from its journal, else (a journal already delivered and
+        removed) from the store, by the key it was tagged with."""
+        parent_id = self.parent.state.get("run_id") if self.parent is not None else None
+        if parent_id is None:
+            found = _find_run(self._client, experiment_id, parent_key)
+            if found is None:
+                raise ParentNotCreated("the parent run is not in the store yet")
+            parent_id = found.info.run_id
+        return parent_id
+
+    def _create(self, record: dict) -> None:
+        from mlflow.entities import Param
+
+        journal, client = self.journal, self._client
+        tags = dict(record["tags"])
+        run_id = journal.state.get("run_id")
+        if run_id is None:
+            with sqlite_store_lock(self.tracking_uri):  # processes started together create one experiment
+                exp = client.get_experiment_by_name(record["experiment"])
+                exp_id = exp.experiment_id if exp else client.create_experiment(record["experiment"])
+            if record.get("parent_key"):
+                tags["mlflow.parentRunId"] = self._parent_id(exp_id, record["parent_key"])
+            # A process killed between creating the run and noting it: find that run again.
+            run = _find_run(client, exp_id, journal.state["key"]) or client.create_run(exp_id, run_name=record["name"], tags=tags,
+                                                           start_time=record["time"])
+            run_id = run.info.run_id
+            journal.mark_delivered(journal.state["delivered"], run_id=run_id, experiment_id=exp_id)
+        items = [Param(k, v) for k, v in record["params"].items()]
+        for k in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=items[k:k + MAX_PARAMS_PER_BATCH])
+        journal.mark_delivered(journal.state["delivered"] + 1)
 
 
-def _log_model(client, run_id: str, model) -> None:
+class ParentNotCreated(RuntimeError):
+    """A child's creation waits for its parent's."""
+
+
+def _find_run(client, experiment_id: str, key: str):
+    found = client.search_runs([experiment_id], f"tags.`cl.run_key` = '{key}'", max_results=1)
+    return found[0] if found else None
+
+
+def _refused(err: BaseException) -> bool:
+    """The store answered and said no to this record: sending it again would not help."""
+    code = getattr(err, "error_code", None)
+    return code in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST", "INVALID_STATE")
+
+
+def _start_system_metrics(run_id: str, every_s: float, tracking_uri: str | None):
+    """MLflow's system-metrics monitor on a run (system/cpu_utilization_percentage,
+    system/system_memory_usage_megabytes, GPU figures where there is a GPU), or None."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, samples_before_logging=1,
+                                       tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except ImportError as err:  # psutil missing: the run goes on without them, and says so
+        print(f"cl: warning: no system metrics: {err} (pip install psutil)", file=sys.stderr)
+        return None
+
+
+def _save_model(model, path: Path) -> None:
     import mlflow.pytorch
     import torch
 
     import cl
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model"
-        # Requirements named, not inferred: inference imports and probes for seconds.
-        # Pickled, which any model allows: MLflow 3's default, a traced pt2 graph, needs an input example.
-        mlflow.pytorch.save_model(model, str(path), serialization_format="pickle",
-                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"cl-lab=={cl.__version__}"])
-        client.log_artifacts(run_id, str(path), "model")
+    # Pickled, which any model allows (MLflow 3's default, a traced pt2 graph, needs an input
+    # example); requirements named, not inferred: inference imports and probes for seconds.
+    mlflow.pytorch.save_model(model, str(path), serialization_format="pickle",
+                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"cl-lab=={cl.__version__}"])
 
 
 def _dataset_input(d: dict):
@@ -264,9 +409,12 @@ class StoreWarmup:
     """Imports MLflow and opens (creating if needed) the tracking store on a thread,
     so the seconds this takes the first time overlap with loading the data."""
 
-    def __init__(self, tracking_uri: str | None):
+    def __init__(self, tracking_uri: str | None, timeout: float = DEFAULT_TIMEOUT_S):
         self.tracking_uri = tracking_uri
+        self.unreachable: BaseException | None = None  # a server that does not answer (yet)
         self._error: BaseException | None = None
+        if is_server(tracking_uri):
+            bound_http_requests(timeout)
         self._thread = threading.Thread(target=self._work, name="mlflow-warmup", daemon=True)
         self._thread.start()
 
@@ -281,13 +429,41 @@ class StoreWarmup:
             self._error = err
 
     def wait(self) -> float:
-        """Block until the store is ready; return the seconds spent waiting."""
+        """Block until the store is ready; return the seconds spent waiting. A store that can
+        never work (a malformed URI, a path that cannot be written) raises `TrackingError`
+        naming it; a tracking server that does not answer is noted in `unreachable`, and the
+        runs go on, their records waiting in their journals."""
         t = time.perf_counter()
         self._thread.join()
         if self._error is not None:
-            raise TrackingError(f"MLflow store {self.tracking_uri or '(default)'} could not be opened: "
-                                f"{type(self._error).__name__}: {self._error}")
+            if is_server(self.tracking_uri) and _unanswered(self._error):
+                self.unreachable = self._error
+            else:
+                raise TrackingError(f"MLflow store {self.tracking_uri or '(default)'} could not be opened: "
+                                    f"{type(self._error).__name__}: {self._error}")
         return time.perf_counter() - t
+
+
+def is_server(tracking_uri: str | None) -> bool:
+    return bool(tracking_uri) and tracking_uri.startswith(("http://", "https://"))
+
+
+def _unanswered(err: BaseException) -> bool:
+    """A server that is down or overloaded, not one that refuses: worth waiting for."""
+    import requests
+
+    if isinstance(err, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return True
+    text = str(err)
+    return any(s in text for s in ("Max retries exceeded", "Connection refused", "timed out", "503", "502"))
+
+
+def bound_http_requests(timeout: float) -> None:
+    """MLflow's REST client retries a dead server for minutes (7 retries with backoff) before
+    it says anything; the sink retries on its own, so each request gets one try of at most
+    `timeout` seconds. A user's own settings win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(timeout))))
 
 
 UI_PORT = 5000  # where `cl ui` serves a local store

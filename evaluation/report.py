@@ -1,7 +1,6 @@
 """Reports of recorded results: text tables, CSV/JSON of the matrix, a heatmap."""
 from __future__ import annotations
 
-import io
 import json
 from typing import Sequence
 

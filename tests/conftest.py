@@ -77,6 +77,15 @@ def cifar_root() -> Path:
     return need_real_data("cifar10-jpeg/cifar10_jpeg.npz")
 
 
+@pytest.fixture(autouse=True)
+def journal_dir(tmp_path, monkeypatch) -> Path:
+    """Tracking journals of runs without a checkpoint folder go under the test's folder,
+    never the working directory (subprocesses inherit it)."""
+    folder = tmp_path / "cl-journal"
+    monkeypatch.setenv("CL_JOURNAL_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture
 def tracking_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"

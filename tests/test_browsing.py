@@ -41,7 +41,8 @@ def seeded(tmp_path_factory):
     path.write_text(textwrap.dedent(EXPERIMENT))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     out, err = io.StringIO(), io.StringIO()  # captured by hand: a module-scoped fixture cannot take capsys
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.MonkeyPatch.context() as env:
+        env.setenv("CL_JOURNAL_DIR", str(tmp / "cl-journal"))
         code = main(["run", str(path), "--seeds", "0,1,2", "--tracking-uri", uri, "--json", "--no-progress"])
     assert code == 0, err.getvalue()
     return json.loads(out.getvalue().strip().splitlines()[-1]), err.getvalue(), uri

@@ -186,16 +186,35 @@ def test_unusable_tracking_store_fails_before_training(tmp_path, capsys):
     assert "could not be opened" in capsys.readouterr().err
 
 
-def test_tracking_failure_after_training_keeps_the_results(tmp_path, tracking_uri, capsys, monkeypatch):
+def test_a_store_that_fails_mid_run_loses_nothing(tmp_path, tracking_uri, capsys, monkeypatch):
+    """Artifacts cannot be written (a full disk): the run's results stand, the user is told
+    within the sink's (tiny) timeout what waits and where, and `cl sync` delivers it later."""
     def broken_log_artifact(self, *args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr("mlflow.tracking.MlflowClient.log_artifact", broken_log_artifact)
+    monkeypatch.setenv("CL_JOURNAL_DIR", str(tmp_path / "journal"))
     path = tmp_path / "one.yaml"
     path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [naive]\n")
-    result = run_cli(capsys, str(path), "--tracking-uri", tracking_uri)
-    assert result["mlflow_run_id"] is None and "disk full" in result["tracking_error"]
+    result = run_cli(capsys, str(path), "--tracking-uri", tracking_uri, "--tracking-timeout", "0.2")
     assert len(result["accuracy_matrix"]) == 6
+    assert "disk full" in result["tracking_error"] and "cl sync" in result["tracking_error"]
+    journal = next((tmp_path / "journal").rglob("naive.journal"))
+    assert str(journal) in result["tracking_error"]
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result["mlflow_run_id"])  # created, its metrics in, its artifacts waiting
+    assert run.info.status == "RUNNING" and run.data.metrics["acc"] == pytest.approx(result["acc"])
+    assert not client.list_artifacts(run.info.run_id)
+
+    monkeypatch.undo()  # the disk has room again
+    assert main(["sync", str(tmp_path / "journal")]) == 0
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"accuracy_matrix.png", "config.yaml"}
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED" and "comparison.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert not (tmp_path / "journal").exists()  # delivered journals are removed
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "acc_seen")) == [1, 2, 3, 4, 5]
 
 
 def test_a_terminated_run_is_marked_killed_not_left_running(tmp_path, tracking_uri):
