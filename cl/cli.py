@@ -69,11 +69,24 @@ def _parser() -> argparse.ArgumentParser:
                     help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--experiment", default=None, help="print only this experiment's link")
+    sweep = sub.add_parser("sweep", help="run the points of a file's sweep: block (grid or random) on Ray Tune, "
+                                         "or one after another; choose on a validation split")
+    sweep.add_argument("file", help="experiment YAML file with a sweep: block")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sweep.add_argument("--workers", type=int, default=2, help="trials at once on Ray (default 2)")
+    sweep.add_argument("--no-ray", action="store_true", help="run the points one after another in this process")
+    sweep.add_argument("--address", default=None, help="an existing Ray cluster (default: a local one)")
+    sweep.add_argument("--cpus-per-trial", type=float, default=1.0)
+    sweep.add_argument("--gpus-per-trial", type=float, default=0.0)
+    sweep.add_argument("--tracking-uri", default=None,
+                       help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    sweep.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    sweep.add_argument("--json", action="store_true", help="end standard output with one JSON object")
     sync = sub.add_parser("sync", help="deliver the tracking records that wait in journals to their MLflow stores")
     sync.add_argument("folders", nargs="*", help="journal folders, or folders holding them: checkpoint folders, "
                                                  "./cl-journal (default: CL_JOURNAL_DIR, else ./cl-journal)")
     sync.add_argument("--tracking-uri", default=None, help="deliver here instead of the store each run names")
-    for command in (run, describe, schedules, compare, ui, sync):  # `cl run FILE --debug` as well as `cl --debug run FILE`
+    for command in (run, describe, schedules, compare, ui, sync, sweep):  # `cl run FILE --debug` as well as `cl --debug run FILE`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an error, not just its message")
     return p
@@ -262,6 +275,31 @@ def _compare(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from cl.runner import json_safe
+    from cl.sweep import sweep, sweep_table
+    from cl.tracking import default_tracking_uri
+
+    out = sweep(args.file, args.overrides, tracking_uri=args.tracking_uri or default_tracking_uri(),
+                track=not args.no_track, workers=args.workers, ray=False if args.no_ray else None,
+                address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
+    from cl.config import load_experiment
+
+    objective = load_experiment(args.file, args.overrides).sweep.objective
+    print(sweep_table(out["rows"], objective))
+    if out["best"] is not None:
+        print(f"chosen: {out['best']['run']} {out['best']['point']} "
+              f"({objective} on validation {out['best']['mean']:.4f})")
+    if out["final"]:
+        from evaluation.report import results_table
+
+        print("the chosen point on the whole stream, test sets:")
+        print(results_table(out["final"], show_seed=True))
+    if args.json:
+        print(json.dumps(json_safe(out), allow_nan=False, default=str))
+    return 1 if any("error" in t for t in out["trials"]) else 0
+
+
 def _sync(args) -> int:
     from cl.sync import sync
 
@@ -374,6 +412,8 @@ def _main(args) -> int:
             return _ui(args)
         if args.command == "sync":
             return _sync(args)
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "streams":
             return _streams()
         return _list(args.command, args.name)

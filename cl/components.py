@@ -16,6 +16,7 @@ from cl.registry import (DATASETS, SCENARIOS, STRATEGIES, optimizer_class, plugi
                          scheduler_class)
 from strategies.base import Strategy
 from streams.experience import Dataset, Stream
+from streams.holdout import first_experiences, validation_split
 from streams.online import blur, online
 
 
@@ -41,6 +42,10 @@ def _build_stream(cfg: ExperimentConfig, source: str) -> Stream:
         if "load_dataset" in inspect.signature(scenario).parameters:
             args["load_dataset"] = lambda spec: build_dataset(spec, cfg.data_dir, source)
         stream = scenario(data_dir=cfg.data_dir, seed=seed, **args)
+    if cfg.stream.first_experiences is not None:
+        stream = first_experiences(stream, cfg.stream.first_experiences)
+    if cfg.stream.validation is not None:
+        stream = validation_split(stream, cfg.stream.validation, seed=seed)
     if cfg.stream.blurry:
         stream = blur(stream, cfg.stream.blurry, seed=seed)
     if cfg.stream.online is not None:

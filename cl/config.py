@@ -52,6 +52,10 @@ class StreamConfig(BaseModel):
     online: OnlineConfig | None = None
     seed: int | None = Field(None, description="seed of the stream (class order, permutations, blur, "
                                                "online cuts); default: the run's seed")
+    first_experiences: int | None = Field(None, ge=1, description="keep only the first k experiences "
+                                                                  "(tuning without the tasks to come)")
+    validation: float | None = Field(None, gt=0.0, lt=1.0, description="hold this share of each experience's "
+                                     "training data out and evaluate on it instead of the test sets")
 
 
 class TrainingConfig(BaseModel):
@@ -86,6 +90,53 @@ class TrainingConfig(BaseModel):
         return self
 
 
+class SweepRange(BaseModel):
+    """A continuous range a random search draws from (log-uniformly with `log: true`)."""
+    model_config = ConfigDict(extra="forbid")
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high or (self.log and self.low <= 0):
+            raise ValueError(f"expected 0 < low < high for a log range, low < high otherwise; got {self.low}, {self.high}")
+        return self
+
+
+class SweepConfig(BaseModel):
+    """`cl sweep`: the points to run (a grid, or random draws) and how to choose among them.
+    Every trial is scored on a validation split of the training data, never on a test set."""
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["grid", "random"] = "grid"
+    samples: int | None = Field(None, ge=1, description="random search: how many points to draw")
+    parameters: dict[str, list[Any] | SweepRange] = Field(description="config key -> values (or a range to draw "
+                                                                      "from); 'seed' sweeps seeds")
+    validation: float = Field(0.1, gt=0.0, lt=1.0, description="share of each experience's training data the "
+                                                               "objective is measured on")
+    protocol: Literal["whole_stream", "first_experiences"] = Field(
+        "whole_stream", description="tune on the whole stream, or on its first k experiences only (no peeking "
+                                    "at the tasks to come), then run the whole stream with the chosen point")
+    first_experiences: int | None = Field(None, ge=1, description="k, for protocol: first_experiences")
+    objective: str = Field("acc", description="the trial's metric to choose by (mean over seeds)")
+    mode: Literal["max", "min"] = "max"
+    final_run: bool = Field(True, description="run the chosen point on the whole stream and its test sets")
+    seed: int = Field(0, description="random search's draws")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.method == "grid" and any(isinstance(v, SweepRange) for v in self.parameters.values()):
+            raise ValueError("a grid takes lists of values; ranges are for method: random")
+        if self.method == "random" and self.samples is None:
+            raise ValueError("method: random needs 'samples'")
+        if (self.protocol == "first_experiences") != (self.first_experiences is not None):
+            raise ValueError("protocol: first_experiences goes with first_experiences: k (and only with it)")
+        if any(isinstance(v, list) and not v for v in self.parameters.values()):
+            raise ValueError("every swept parameter needs at least one value")
+        return self
+
+
 class ExperimentConfig(BaseModel):
     """A whole experiment file. Either `strategies` (one run) or `runs` (label -> strategies)."""
 
@@ -104,6 +155,7 @@ class ExperimentConfig(BaseModel):
     training: TrainingConfig = TrainingConfig()
     strategies: list[ComponentSpec] | None = None
     runs: dict[str, list[ComponentSpec]] | None = None
+    sweep: SweepConfig | None = Field(None, description="what `cl sweep` runs; `cl run` ignores it")
     # The experiment file's folder: plugin modules it names are looked up there first.
     _source_dir: Path | None = PrivateAttr(default=None)
     _source_file: Path | None = PrivateAttr(default=None)  # the YAML file, for MLflow's source tags

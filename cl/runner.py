@@ -56,7 +56,8 @@ def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, tr
                    progress: bool = False, checkpoint_dir: str | None = None, resume: bool = False,
                    only: list[str] | None = None, seeds: list[int] | None = None,
                    system_metrics_s: float | None = None, log_model: bool = False,
-                   tracking_timeout: float = DEFAULT_TIMEOUT_S) -> list[dict]:
+                   tracking_timeout: float = DEFAULT_TIMEOUT_S, parent_key: str | None = None,
+                   invocation_id: str | None = None, trial: int | None = None) -> list[dict]:
     """Run every run of `cfg` (or those labelled in `only`) once per seed (`seeds`, else the
     file's `seeds`, else its `seed`); returns one summary dict per run and seed (the `--json`
     fields). Tracked, the invocation is one parent MLflow run holding the comparison, with a
@@ -67,7 +68,8 @@ def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, tr
     GPU, never on the CPU, where training is the only load worth watching). `log_model`: each
     child run also holds its final model as an MLflow model. `tracking_timeout`: how long the
     store may fail before the user is told what waits in the journals, and how long a run's
-    end waits for it."""
+    end waits for it. A sweep's trial runs under the sweep's parent (`parent_key`, the key
+    of its journal) with the sweep's `invocation_id`, numbered `trial`."""
     runs = cfg.run_specs()
     if only:
         unknown = [label for label in only if label not in runs]
@@ -84,7 +86,8 @@ def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, tr
             invocation = Invocation(cfg, runs, seeds, tracking_uri if track else None, track,
                                     progress and cfg.progress, checkpoint_dir, resume)
             invocation.system_metrics_s, invocation.log_model = system_metrics_s, log_model
-            invocation.timeout = tracking_timeout
+            invocation.timeout, invocation.parent_key, invocation.trial = tracking_timeout, parent_key, trial
+            invocation.id = invocation_id or invocation.id
             return invocation.run()
     finally:
         torch.set_num_threads(before)
@@ -106,10 +109,13 @@ class Invocation:
         self.system_metrics_s: float | None = None
         self.log_model = False
         self.timeout = DEFAULT_TIMEOUT_S
+        self.parent_key: str | None = None  # a parent opened elsewhere (a sweep's)
+        self.trial: int | None = None
         self.source = source_tags(cfg.source_file) if track else {}
 
     def run_name(self, label: str, seed: int) -> str:
-        return label if len(self.seeds) == 1 else f"{label}-seed{seed}"
+        name = label if len(self.seeds) == 1 else f"{label}-seed{seed}"
+        return name if self.trial is None else f"trial{self.trial}-{name}"
 
     def checkpoint_path(self, label: str, seed: int) -> Path | None:
         if not self.checkpoint_dir:
@@ -134,7 +140,8 @@ class Invocation:
                 if warmup is not None:
                     # Seconds the experiment waited for MLflow's import and store after the data was loaded.
                     setup_s, warmup = warmup.wait(), self._store_unreachable(warmup)
-                    self._open_parent()
+                    if self.parent_key is None:
+                        self._open_parent()
                 for label, specs in self.runs.items():
                     results.append(self._run_one(cfg_s, stream, label, specs))
         except BaseException as err:
@@ -167,7 +174,8 @@ class Invocation:
             created = next((r for r in Journal(folder).records if r["op"] == "create"), None)
             if created is not None:
                 self.id = created["tags"].get("cl.invocation", self.id)
-        resolved = cfg.model_dump(mode="json", exclude_none=True, exclude={"runs", "strategies", "seed", "seeds"})
+        resolved = cfg.model_dump(mode="json", exclude_none=True,
+                                  exclude={"runs", "strategies", "seed", "seeds", "sweep"})
         params = {**flatten(resolved), "seeds": ",".join(map(str, self.seeds)), "runs": ",".join(self.runs)}
         tags = {**self.source, "cl.role": "parent", "cl.invocation": self.id, "runs": ",".join(self.runs),
                 "seeds": ",".join(map(str, self.seeds)), **_stream_tags(cfg)}
@@ -218,7 +226,7 @@ class Invocation:
         strategies = build_strategies(specs)
 
         resolved = cfg.model_dump(mode="json", exclude_none=True)
-        run_config = {k: v for k, v in resolved.items() if k not in ("runs", "strategies")}
+        run_config = {k: v for k, v in resolved.items() if k not in ("runs", "strategies", "sweep")}
         run_config["strategies"] = [s.model_dump(mode="json") for s in specs]
         checkpoint = self.checkpoint_path(label, cfg.seed)
         state, meta = (load_checkpoint(checkpoint) if self.resume and checkpoint and checkpoint.exists() else (None, {}))
@@ -230,15 +238,18 @@ class Invocation:
                   + (", into the MLflow run it started before" if again else ""), file=sys.stderr)
 
         sinks, mlflow_sink = [], None
-        if self.parent is not None:
+        if self.track:
             tags = {**self.source, **_stream_tags(cfg), "strategy": label, "stream": stream.name,
                     "seed": str(cfg.seed), "cl.invocation": self.id, "device": str(device),
                     "torch_threads": str(torch.get_num_threads())}
             params = {**flatten(run_config), "torch_threads": torch.get_num_threads()}
             every = self.system_metrics_s if self.system_metrics_s is not None else \
                 (10.0 if device.type == "cuda" else None)
-            mlflow_sink = self._sink(name, f"{label}-seed{cfg.seed}-{self.id}", params, tags, parent=self.parent,
-                                     system_metrics_s=every)
+            if self.trial is not None:
+                tags["cl.trial"] = str(self.trial)
+            trial = "" if self.trial is None else f"-trial{self.trial}"
+            mlflow_sink = self._sink(name, f"{label}{trial}-seed{cfg.seed}-{self.id}", params, tags,
+                                     parent=self.parent or self.parent_key, system_metrics_s=every)
             mlflow_sink.log_inputs(dataset_inputs(stream, _dataset_name(cfg), data_dir_of(cfg)))
             sinks.append(mlflow_sink)
         if self.progress:

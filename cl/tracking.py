@@ -53,10 +53,11 @@ class MLflowSink:
     """One MLflow run, written through its journal: calls append a record and return at
     once; a worker thread delivers the records in order, retrying with backoff while the
     store does not answer. Nothing is dropped: what cannot be delivered stays in the
-    journal (`cl sync` delivers it later)."""
+    journal (`cl sync` delivers it later). `parent`: the parent run's sink, or the key of a
+    parent another process opened (a sweep's trials)."""
 
     def __init__(self, journal: Journal, experiment_name: str, run_name: str, params: dict[str, object],
-                 tags: dict[str, str], tracking_uri: str | None = None, parent: "MLflowSink | None" = None,
+                 tags: dict[str, str], tracking_uri: str | None = None, parent: "MLflowSink | str | None" = None,
                  system_metrics_s: float | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                  remove_when_delivered: bool = False):
         self.journal, self.tracking_uri, self.timeout = journal, tracking_uri, timeout
@@ -67,11 +68,12 @@ class MLflowSink:
             journal.append("create", experiment=experiment_name, name=run_name, tracking_uri=tracking_uri,
                            params={k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()},
                            tags={**tags, "cl.run_key": journal.state["key"]},
-                           parent_key=parent.journal.state["key"] if parent is not None else None)
+                           parent_key=parent if isinstance(parent, str) or parent is None else parent.journal.state["key"])
         elif journal.ended is not None:  # a resumed run: running again until it ends anew
             journal.append("status", status="RUNNING")
-        self._deliverer = Deliverer(journal, tracking_uri, parent.journal if parent is not None else None)
-        self._deliverer.parent_deliverer = parent._deliverer if parent is not None else None
+        local_parent = parent if isinstance(parent, MLflowSink) else None  # else a key: another process's
+        self._deliverer = Deliverer(journal, tracking_uri, local_parent.journal if local_parent else None)
+        self._deliverer.parent_deliverer = local_parent._deliverer if local_parent else None
         self._stop = False
         self._thread = threading.Thread(target=self._work, name="mlflow-sink", daemon=True)
         self._thread.start()

@@ -1,0 +1,246 @@
+"""`cl sweep FILE`: run the points of a file's `sweep:` block, on Ray Tune or one after another.
+
+Every trial is the file with the point's keys set, scored on a validation split carved
+from each experience's training data (`stream.validation`), so choosing never sees a
+test set. `protocol: whole_stream` still tunes on every task of the stream;
+`protocol: first_experiences` tunes on the first k experiences only, which does not
+peek at the tasks to come. Either way the chosen point (the best mean objective over the
+swept seeds) then runs on the whole stream and its test sets (`final_run`).
+
+Each trial is a child MLflow run under one parent holding the sweep's table. With Ray
+(`pip install "cl-lab[ray]"`) trials run in parallel as Tune trials, locally or on a
+cluster (`--address`); a failed trial is reported and the others go on.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import traceback
+import uuid
+from pathlib import Path
+
+import yaml
+
+from cl.config import ExperimentConfig, SweepConfig, SweepRange, load_experiment
+
+
+def expand(sweep: SweepConfig) -> list[dict]:
+    """The points of a sweep, each {config key: value}: the grid's product in order, or
+    `samples` random draws (values chosen uniformly, ranges uniformly or log-uniformly)."""
+    keys = list(sweep.parameters)
+    if sweep.method == "grid":
+        return [dict(zip(keys, values)) for values in itertools.product(*(sweep.parameters[k] for k in keys))]
+    rng = random.Random(sweep.seed)
+    points = []
+    for _ in range(sweep.samples):
+        point = {}
+        for k in keys:
+            spec = sweep.parameters[k]
+            if isinstance(spec, SweepRange):
+                lo, hi = (math.log(spec.low), math.log(spec.high)) if spec.log else (spec.low, spec.high)
+                v = rng.uniform(lo, hi)
+                v = math.exp(v) if spec.log else v
+                point[k] = round(v) if spec.integer else v
+            else:
+                point[k] = rng.choice(spec)
+        points.append(point)
+    return points
+
+
+def overrides_of(point: dict) -> list[str]:
+    """A point as `--set` overrides (values in YAML, as on the command line)."""
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in point.items()]
+
+
+def trial_overrides(sweep: SweepConfig, point: dict) -> list[str]:
+    extra = [f"stream.validation={sweep.validation}"]
+    if sweep.protocol == "first_experiences":
+        extra.append(f"stream.first_experiences={sweep.first_experiences}")
+    return overrides_of(point) + extra
+
+
+def run_trial(spec: dict) -> dict:
+    """One trial, in this process: {"trial", "point", "results"} or {"trial", "point", "error"}.
+    Also the body of a Ray Tune trial (`spec` travels as plain data)."""
+    from cl.runner import run_experiment
+
+    if spec.get("journal_dir"):
+        os.environ["CL_JOURNAL_DIR"] = spec["journal_dir"]
+    try:
+        cfg = load_experiment(spec["file"], spec["overrides"])
+        results = run_experiment(cfg, tracking_uri=spec["tracking_uri"], track=spec["track"], progress=False,
+                                 parent_key=spec["parent_key"], invocation_id=spec["invocation"],
+                                 trial=spec["trial"])
+        keep = ("name", "seed", "status", "error", "mlflow_run_id", "accuracy_matrix", "train_time_s")
+        slim = [{k: v for k, v in r.items() if k in keep or isinstance(v, (int, float)) and not isinstance(v, bool)}
+                for r in results]
+        return {"trial": spec["trial"], "point": spec["point"], "results": slim}
+    except Exception as err:  # a failed trial is reported; the others go on
+        return {"trial": spec["trial"], "point": spec["point"], "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc()}
+
+
+def _tune_trial(config: dict) -> None:
+    from ray import tune
+
+    out = run_trial(config["spec"])
+    Path(config["spec"]["out"]).write_text(json.dumps(out))
+    if "error" in out:
+        raise RuntimeError(out["error"])
+    tune.report({"done": 1})
+
+
+def run_points(specs: list[dict], workers: int, use_ray: bool, address: str | None, cpus: float,
+               gpus: float) -> list[dict]:
+    """Every trial's outcome, in trial order: on Ray Tune, or one after another here."""
+    if not use_ray:
+        return [run_trial(spec) for spec in specs]
+    import ray
+    from ray import tune
+
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # relative paths in the file keep their meaning
+    ray.init(address=address, num_cpus=None if address else max(1, int(workers * cpus)), include_dashboard=False,
+             log_to_driver=False, ignore_reinit_error=True, configure_logging=False)
+    try:
+        storage = tempfile.mkdtemp(prefix="cl-sweep-")
+        tuner = tune.Tuner(
+            tune.with_resources(_tune_trial, {"cpu": cpus, "gpu": gpus}),
+            param_space={"spec": tune.grid_search(specs)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=workers),
+            run_config=tune.RunConfig(storage_path=storage, name="cl-sweep", verbose=0))
+        with contextlib.redirect_stdout(sys.stderr):  # Tune's tables; standard output is the sweep's
+            tuner.fit()
+    finally:
+        ray.shutdown()
+    outcomes = []
+    for spec in specs:
+        path = Path(spec["out"])
+        outcomes.append(json.loads(path.read_text()) if path.exists() else
+                        {"trial": spec["trial"], "point": spec["point"], "error": "the Ray trial died before reporting"})
+    return outcomes
+
+
+def choose(outcomes: list[dict], sweep: SweepConfig) -> tuple[list[dict], dict | None]:
+    """Rows per (point without its seed, run label): mean ± std of the objective over seeds;
+    and the best row."""
+    from evaluation.compare import mean_std
+
+    groups: dict[tuple, dict] = {}
+    for out in outcomes:
+        point = {k: v for k, v in out["point"].items() if k != "seed"}
+        for r in out.get("results", []):
+            key = (json.dumps(point, sort_keys=True), r["name"])
+            row = groups.setdefault(key, {"point": point, "run": r["name"], "values": [], "seeds": [], "trials": []})
+            row["values"].append(r.get(sweep.objective, math.nan) if r.get("status") == "FINISHED" else math.nan)
+            row["seeds"].append(r.get("seed"))
+            row["trials"].append(out["trial"])
+    rows = []
+    for row in groups.values():
+        mean, std = mean_std(row.pop("values"))
+        rows.append({**row, "mean": mean, "std": std})
+    finite = [r for r in rows if math.isfinite(r["mean"])]
+    best = (max if sweep.mode == "max" else min)(finite, key=lambda r: r["mean"]) if finite else None
+    return rows, best
+
+
+def sweep_table(rows: list[dict], objective: str) -> str:
+    keys = sorted({k for r in rows for k in r["point"]})
+    out = ["| run | " + " | ".join(keys) + f" | seeds | {objective} (validation) |",
+           "| --- | " + " | ".join("---" for _ in keys) + " | --- | --- |"]
+    for r in rows:
+        cell = "-" if not math.isfinite(r["mean"]) else f"{r['mean']:.4f}" + (
+            f" ± {r['std']:.4f}" if math.isfinite(r["std"]) else "")
+        out.append(f"| {r['run']} | " + " | ".join(str(r["point"].get(k, "")) for k in keys)
+                   + f" | {','.join(map(str, r['seeds']))} | {cell} |")
+    return "\n".join(out)
+
+
+def sweep(path: str, overrides: list[str], *, tracking_uri: str | None, track: bool, workers: int = 2,
+          ray: bool | None = None, address: str | None = None, cpus_per_trial: float = 1.0,
+          gpus_per_trial: float = 0.0) -> dict:
+    """Run the sweep of the file at `path`; returns {"trials", "rows", "best", "final"}."""
+    from cl.journal import Journal, journal_root
+    from cl.runner import run_experiment
+    from cl.tracking import MLflowSink, StoreWarmup
+
+    cfg: ExperimentConfig = load_experiment(path, overrides)
+    if cfg.sweep is None:
+        raise ValueError(f"{path}: no 'sweep:' block to run (cl run runs the file as it is)")
+    if ray is None or ray:
+        try:
+            import ray as _  # noqa: F401
+            use_ray = True
+        except ImportError:
+            if ray:
+                raise ValueError('--ray needs Ray: pip install "cl-lab[ray]"') from None
+            use_ray = False
+            print('cl: Ray is not installed (pip install "cl-lab[ray]"): the points run one after another here',
+                  file=sys.stderr)
+    else:
+        use_ray = False
+    points = expand(cfg.sweep)
+    invocation = uuid.uuid4().hex[:8]
+    folder = journal_root().resolve() / f"{cfg.name}-{invocation}"
+    parent, parent_key = None, None
+    if track:
+        StoreWarmup(tracking_uri).wait()
+        parent = MLflowSink(Journal(folder / "parent.journal"), cfg.name, f"{cfg.name}-sweep-{invocation}",
+                            {"points": len(points), "method": cfg.sweep.method, "protocol": cfg.sweep.protocol,
+                             "objective": cfg.sweep.objective, "validation": cfg.sweep.validation},
+                            {"cl.role": "parent", "cl.invocation": invocation, "cl.sweep": "true"}, tracking_uri,
+                            remove_when_delivered=True)
+        parent_key = parent.journal.state["key"]
+    outs = Path(tempfile.mkdtemp(prefix="cl-sweep-out-"))
+    specs = [{"file": str(Path(path).resolve()), "overrides": overrides + trial_overrides(cfg.sweep, point),
+              "point": point, "trial": n, "tracking_uri": tracking_uri, "track": track, "parent_key": parent_key,
+              "invocation": invocation, "journal_dir": str(journal_root().resolve()), "out": str(outs / f"{n}.json")}
+             for n, point in enumerate(points)]
+    print(f"{cfg.name}: {len(points)} point(s), {'on Ray, ' + str(workers) + ' at a time' if use_ray else 'here'}; "
+          f"objective {cfg.sweep.objective} on a {cfg.sweep.validation:.0%} validation split"
+          + (f" of the first {cfg.sweep.first_experiences} experiences" if cfg.sweep.protocol == "first_experiences"
+             else ""), file=sys.stderr)
+    outcomes = run_points(specs, workers, use_ray, address, cpus_per_trial, gpus_per_trial)
+    for out in outcomes:
+        if "error" in out:
+            print(f"cl: trial {out['trial']} {overrides_of(out['point'])} failed: {out['error']}", file=sys.stderr)
+    rows, best = choose(outcomes, cfg.sweep)
+    final = None
+    if best is not None and cfg.sweep.final_run:
+        seeds = sorted({s for s in best["seeds"] if s is not None}) or None
+        final_cfg = load_experiment(path, overrides + overrides_of(best["point"]))
+        final = run_experiment(final_cfg, tracking_uri=tracking_uri, track=track, progress=False, seeds=seeds,
+                               only=[best["run"]], parent_key=parent_key, invocation_id=invocation,
+                               trial=len(points))
+    if parent is not None:
+        table = sweep_table(rows, cfg.sweep.objective)
+        note = f"**{cfg.name}** sweep: {len(points)} points, {cfg.sweep.protocol}\n\n{table}\n"
+        if best is not None:
+            note += f"\nchosen: {best['run']} {best['point']}\n"
+            parent.set_tags({"best_point": json.dumps(best["point"]), "best_run": best["run"]})
+            parent.log_metrics({f"best_{cfg.sweep.objective}_validation": best["mean"]}, 0)
+        if final:
+            finished = [r for r in final if r.get("status") == "FINISHED"]
+            if finished:
+                from evaluation.compare import mean_std
+
+                mean, std = mean_std([r["acc"] for r in finished if "acc" in r])
+                parent.log_metrics({"final_acc_mean": mean, **({"final_acc_std": std} if math.isfinite(std) else {})},
+                                   0)
+                note += f"\non the test sets, whole stream: acc {mean:.4f}" + (
+                    f" ± {std:.4f}" if math.isfinite(std) else "") + "\n"
+        parent.set_tags({"mlflow.note.content": note})
+        parent.log_artifact("sweep.md", table + "\n")
+        parent.log_artifact("sweep.json", json.dumps({"rows": rows, "best": best, "outcomes": outcomes}, default=str))
+        try:
+            parent.close("FINISHED")
+        except Exception as err:
+            print(f"cl: warning: {err}", file=sys.stderr)
+    return {"trials": outcomes, "rows": rows, "best": best, "final": final, "ray": use_ray,
+            "mlflow_parent_run_id": parent.run_id if parent is not None else None}
