@@ -26,6 +26,7 @@ model: {name: mlp, hidden: [32]}
 training:
   epochs: 1
   batch_size: 32
+  eval_every: 10
   optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
 runs:
   naive: [naive]
@@ -87,7 +88,7 @@ def test_the_parents_comparison_equals_the_childrens_metrics_read_back(seeded):
     assert frame["acc_mean"][0] == pytest.approx(np.mean(naive_accs))
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.json", "comparison.md", "comparison.csv", "comparison_tasks.png", "comparison_matrices.png",
-            "comparison_scores.png"} <= artifacts
+            "comparison_scores.png", "comparison_stability.png"} <= artifacts
     assert result["comparison"]["acc_mean"][1] == pytest.approx(frame["acc_mean"][1])
 
 
@@ -141,6 +142,24 @@ def test_compare_reads_the_store_back(seeded, capsys, tmp_path):
     assert "± " in capsys.readouterr().out
     assert main(["compare", "no-such-experiment", "--tracking-uri", uri]) == 2
     assert "no experiment 'no-such-experiment'" in capsys.readouterr().err
+
+
+def test_compare_reads_flat_runs_of_earlier_versions(tmp_path, capsys):
+    """Runs logged before parents existed: flat, tagged strategy and seed, an accuracy_matrix.json."""
+    uri = f"sqlite:///{tmp_path / 'old.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("old-runs")
+    for label, seed, acc in [("naive", 0, 0.2), ("naive", 1, 0.3), ("replay", 0, 0.8)]:
+        run = client.create_run(exp, run_name=f"{label}-seed{seed}", tags={"strategy": label, "seed": str(seed)})
+        client.log_metric(run.info.run_id, "acc", acc)
+        matrix = tmp_path / "accuracy_matrix.json"
+        matrix.write_text(json.dumps({"accuracy_matrix": [[0.1, 0.1], [acc, 0.0], [acc, acc]]}))
+        client.log_artifact(run.info.run_id, str(matrix))
+        client.set_terminated(run.info.run_id)
+    assert main(["compare", "old-runs", "--tracking-uri", uri, "--format", "csv", "--plots", str(tmp_path / "p")]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["strategy"], r["runs"], float(r["acc_mean"])) for r in rows] == [("naive", "2", 0.25), ("replay", "1", 0.8)]
+    assert (tmp_path / "p" / "comparison_matrices.png").exists()
 
 
 def test_comparison_mean_and_sample_std_by_hand():
