@@ -162,11 +162,13 @@ def comparison_plots(runs: Sequence[dict], title: str) -> dict[str, bytes]:
     """The plots a researcher looks at instead of reading the table, as {file name: PNG}:
     each strategy's per-task scores over the stream (mean over seeds, std as error bars),
     the final score and forgetting per strategy with error bars, the mean matrices side by
-    side, and the score on the seen tasks over iterations where runs evaluated periodically."""
+    side, and the score on the seen tasks over iterations where runs evaluated periodically.
+    A single run gets its per-task and seen-task curves only: there is nothing to compare."""
     from evaluation.charts import bar_chart_png, line_chart_png, panels_png
     from evaluation.metrics import metric_names
     from evaluation.report import heatmap_png, task_curves_png
 
+    single = len(runs) == 1  # one run: no bars or mean matrices to compare, the per-task curves stay
     score = primary_score(runs)
     name = "accuracy" if score == "acc" else score
     plots: dict[str, bytes] = {}
@@ -177,13 +179,14 @@ def comparison_plots(runs: Sequence[dict], title: str) -> dict[str, bytes]:
             [task_curves_png(M, f"{label} (mean of {len(groups[label])} run(s))", name,
                              errors=None if np.isnan(S).all() else np.nan_to_num(S))
              for label, (M, S) in matrices.items()], columns=2)
+    if matrices and not single:
         plots["comparison_matrices.png"] = panels_png(
             [heatmap_png(M, f"{label}: mean of {len(groups[label])} run(s)", name) for label, (M, _) in matrices.items()],
             columns=3)
     names = metric_names(score)
     rows = comparison(runs, [names["final"], names["forgetting"]])
     bars = {c: ([r[c][0] for r in rows], [r[c][1] for r in rows]) for c in (names["final"], names["forgetting"])}
-    if any(math.isfinite(v) for means, _ in bars.values() for v in means):
+    if not single and any(math.isfinite(v) for means, _ in bars.values() for v in means):
         plots["comparison_scores.png"] = bar_chart_png([r["strategy"] for r in rows], bars,
                                                        f"{title}: mean ± std over seeds", name)
     curves = {label: [m["curve"] for m in members if m.get("curve")] for label, members in groups.items()}
