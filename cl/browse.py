@@ -54,6 +54,8 @@ def find_runs(tracking_uri: str | None, experiment: str | None = None, parent: s
         if not token:
             break
     runs = [r for r in runs if r.data.tags.get("cl.role") != "parent" and r.info.status in statuses]
+    if parent is None:  # a sweep's trials (validation scores, other hyperparameters) only with --parent
+        runs = [r for r in runs if "cl.trial" not in r.data.tags]
     return sorted(runs, key=lambda r: r.info.start_time or 0)  # the order they ran: the file's order
 
 

@@ -328,7 +328,7 @@ def _run(args) -> int:
                           progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                           only=args.only.split(",") if args.only else None, seeds=seeds,
                           system_metrics_s=args.system_metrics, log_model=args.log_model,
-                          **({"tracking_timeout": args.tracking_timeout} if args.tracking_timeout else {}))
+                          **({"tracking_timeout": args.tracking_timeout} if args.tracking_timeout is not None else {}))
     failed = [r for r in runs if r.get("status") == "FAILED"]
     several = len(seeds) > 1
     print(f"{cfg.name} (seed{'s' if several else ''} {','.join(map(str, seeds))}, "

@@ -30,15 +30,34 @@ RECORDS, STATE, BLOBS = "records.jsonl", "state.json", "blobs"
 class Journal:
     """The journal of one MLflow run, in `folder`. Appends are thread-safe and return at once."""
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, owner: bool = True):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._owner = self._own() if owner else None  # one process writes and delivers a journal at a time
         self._lock = threading.Lock()
         self.records: list[dict] = self._read()
         self.state: dict = self._read_state()
+        if not (self.folder / STATE).exists():  # the run key is on disk before any run carries it
+            self.mark_delivered(0)
         self._points = {(k, r["step"]) for r in self.records if r["op"] == "metrics" for k in r["metrics"]}
         self._file = open(self.folder / RECORDS, "a", encoding="utf-8")
         self.changed = threading.Condition(self._lock)  # notified on every append
+
+    def _own(self):
+        """An exclusive lock on the journal for this process's lifetime (or until `close`);
+        `JournalBusy` if another process holds it (a live run, or a `cl sync`)."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock
+            return None
+        handle = open(self.folder / ".owner", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise JournalBusy(f"{self.folder} is in use by another process (a running `cl run` or `cl sync`)") \
+                from None
+        return handle
 
     # ------------------------------------------------------------ reading
     def _read(self) -> list[dict]:
@@ -125,6 +144,9 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             self._file.close()
+        if self._owner is not None:
+            self._owner.close()  # releases the lock
+            self._owner = None
 
     def remove(self) -> None:
         """Delete the folder (a run whose every record was delivered, outside a checkpoint folder)."""
@@ -135,6 +157,10 @@ class Journal:
                 folder.rmdir()  # only when empty
             except OSError:
                 break
+
+
+class JournalBusy(ValueError):
+    """Another process owns this journal (reported like bad input: exit 2, one line)."""
 
 
 def journal_root() -> Path:

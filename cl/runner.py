@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import yaml
 
-from cl.checkpoint import check_same_config, config_hash, load_checkpoint
+from cl.checkpoint import CheckpointError, check_same_config, config_hash, load_checkpoint
 from cl.components import build_model_from, build_optimizer, build_stream, build_strategies
 from cl.config import ExperimentConfig, flatten
 from cl.registry import plugins_from
@@ -57,7 +57,8 @@ def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, tr
                    only: list[str] | None = None, seeds: list[int] | None = None,
                    system_metrics_s: float | None = None, log_model: bool = False,
                    tracking_timeout: float = DEFAULT_TIMEOUT_S, parent_key: str | None = None,
-                   invocation_id: str | None = None, trial: int | None = None) -> list[dict]:
+                   invocation_id: str | None = None, trial: int | None = None,
+                   extra_tags: dict[str, str] | None = None) -> list[dict]:
     """Run every run of `cfg` (or those labelled in `only`) once per seed (`seeds`, else the
     file's `seeds`, else its `seed`); returns one summary dict per run and seed (the `--json`
     fields). Tracked, the invocation is one parent MLflow run holding the comparison, with a
@@ -88,6 +89,7 @@ def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, tr
             invocation.system_metrics_s, invocation.log_model = system_metrics_s, log_model
             invocation.timeout, invocation.parent_key, invocation.trial = tracking_timeout, parent_key, trial
             invocation.id = invocation_id or invocation.id
+            invocation.extra_tags = dict(extra_tags or {})
             return invocation.run()
     finally:
         torch.set_num_threads(before)
@@ -110,6 +112,7 @@ class Invocation:
         self.log_model = False
         self.timeout = DEFAULT_TIMEOUT_S
         self.parent_key: str | None = None  # a parent opened elsewhere (a sweep's)
+        self.extra_tags: dict[str, str] = {}
         self.trial: int | None = None
         self.source = source_tags(cfg.source_file) if track else {}
 
@@ -139,7 +142,9 @@ class Invocation:
                     stream, stream_seed = build_stream(cfg_s), cfg_s.stream_seed
                 if warmup is not None:
                     # Seconds the experiment waited for MLflow's import and store after the data was loaded.
-                    setup_s, warmup = warmup.wait(), self._store_unreachable(warmup)
+                    setup_s = warmup.wait()
+                    self._store_unreachable(warmup)
+                    warmup = None  # once: the parent opens with the first seed's stream
                     if self.parent_key is None:
                         self._open_parent()
                 for label, specs in self.runs.items():
@@ -162,7 +167,16 @@ class Invocation:
                   f"delivered when it answers (or by `cl sync`)", file=sys.stderr)
 
     def _sink(self, name: str, run_name: str, params: dict, tags: dict, parent=None, system_metrics_s=None):
-        return MLflowSink(Journal(self.journal_folder(name)), self.cfg.name, run_name, params, tags,
+        folder = self.journal_folder(name)
+        if folder.exists() and not self.resume:  # an earlier invocation's, in the same checkpoint folder
+            aside = folder.with_name(f"{folder.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.rename(aside)
+            pending = Journal(aside, owner=False)
+            if pending.pending:
+                print(f"cl: {pending.pending} record(s) of an earlier run wait in {aside}: `cl sync {aside}` "
+                      f"delivers them", file=sys.stderr)
+            pending.close()
+        return MLflowSink(Journal(folder), self.cfg.name, run_name, params, tags,
                           self.tracking_uri, parent=parent, system_metrics_s=system_metrics_s, timeout=self.timeout,
                           remove_when_delivered=not self.checkpoint_dir)
 
@@ -171,7 +185,9 @@ class Invocation:
         cfg = self.cfg
         folder = self.journal_folder("parent")
         if self.resume and folder.exists():  # the resumed invocation keeps its id
-            created = next((r for r in Journal(folder).records if r["op"] == "create"), None)
+            peek = Journal(folder, owner=False)
+            created = next((r for r in peek.records if r["op"] == "create"), None)
+            peek.close()
             if created is not None:
                 self.id = created["tags"].get("cl.invocation", self.id)
         resolved = cfg.model_dump(mode="json", exclude_none=True,
@@ -191,7 +207,9 @@ class Invocation:
         if finished:
             entries = [comparison_entry(r) for r in finished]
             rows = compare.comparison(entries)
-            parent.log_metrics(compare.parent_metrics(rows), 0, "summary")
+            # Step = runs compared: a resumed invocation's fuller comparison is a new point, never a
+            # second value at the partial one's step.
+            parent.log_metrics(compare.parent_metrics(rows), len(finished), "summary")
             parent.log_table("comparison.json", compare.table_columns(rows))
             table = compare.markdown_table(rows)
             parent.log_artifact("comparison.md", table + "\n")
@@ -216,7 +234,10 @@ class Invocation:
     def _run_one(self, cfg, stream, label, specs):
         wall_start = time.perf_counter()
         name = self.run_name(label, cfg.seed)
-        finished = self._finished_before(name) if self.resume else None
+        resolved = cfg.model_dump(mode="json", exclude_none=True)
+        run_config = {k: v for k, v in resolved.items() if k not in ("runs", "strategies", "sweep")}
+        run_config["strategies"] = [s.model_dump(mode="json") for s in specs]
+        finished = self._finished_before(name, run_config) if self.resume else None
         if finished is not None:
             return finished
         seed_everything(cfg.seed)
@@ -225,9 +246,6 @@ class Invocation:
         optimizer, scheduler = build_optimizer(cfg, model.to(device))
         strategies = build_strategies(specs)
 
-        resolved = cfg.model_dump(mode="json", exclude_none=True)
-        run_config = {k: v for k, v in resolved.items() if k not in ("runs", "strategies", "sweep")}
-        run_config["strategies"] = [s.model_dump(mode="json") for s in specs]
         checkpoint = self.checkpoint_path(label, cfg.seed)
         state, meta = (load_checkpoint(checkpoint) if self.resume and checkpoint and checkpoint.exists() else (None, {}))
         if state is not None:
@@ -247,6 +265,7 @@ class Invocation:
                 (10.0 if device.type == "cuda" else None)
             if self.trial is not None:
                 tags["cl.trial"] = str(self.trial)
+            tags.update(self.extra_tags)
             trial = "" if self.trial is None else f"-trial{self.trial}"
             mlflow_sink = self._sink(name, f"{label}{trial}-seed{cfg.seed}-{self.id}", params, tags,
                                      parent=self.parent or self.parent_key, system_metrics_s=every)
@@ -303,9 +322,10 @@ class Invocation:
         result["wall_time_s"] = time.perf_counter() - wall_start
         return result
 
-    def _finished_before(self, name: str) -> dict | None:
+    def _finished_before(self, name: str, run_config: dict) -> dict | None:
         """A run this invocation already finished (its journal ends FINISHED with its result):
-        its result, delivering what it has not; it is not trained or logged again."""
+        its result, delivering what it has not; it is not trained or logged again. With a
+        changed configuration the resume is refused, as a checkpoint's would be."""
         folder = self.journal_folder(name)
         if not self.track or not folder.exists():
             return None
@@ -314,6 +334,10 @@ class Invocation:
         if end is None or end["status"] != "FINISHED" or "result" not in end:
             journal.close()
             return None
+        if end.get("config_hash") not in (None, config_hash(run_config)):
+            journal.close()
+            raise CheckpointError(f"{folder}: {name} finished with another configuration; resuming it with this "
+                                  f"one is refused (run without --resume, or in another --checkpoint-dir)")
         print(f"cl: {name} finished before: its results are kept, it is not run again", file=sys.stderr)
         if journal.pending:
             deliverer = Deliverer(journal, self.tracking_uri, self.parent.journal if self.parent else None)
@@ -373,7 +397,7 @@ class Invocation:
                                   f"{prefix}stability_gap_recovery_iters": gap["recovery"] or float("nan")},
                                  gap["boundary"], "summary")
         try:
-            result["mlflow_run_id"] = sink.close(result=json_safe(result))
+            result["mlflow_run_id"] = sink.close(result=json_safe(result), config_hash=config_hash(run_config))
         except TrackingError as err:  # the results stand without the store, and wait in the journal
             print(f"cl: warning: {err}", file=sys.stderr)
             result["mlflow_run_id"], result["tracking_error"] = sink.run_id, str(err)

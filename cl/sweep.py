@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import traceback
@@ -61,6 +62,8 @@ def overrides_of(point: dict) -> list[str]:
 
 def trial_overrides(sweep: SweepConfig, point: dict) -> list[str]:
     extra = [f"stream.validation={sweep.validation}"]
+    if "seed" in point:
+        extra.append("seeds=null")  # the swept seed, not the file's list of seeds
     if sweep.protocol == "first_experiences":
         extra.append(f"stream.first_experiences={sweep.first_experiences}")
     return overrides_of(point) + extra
@@ -90,11 +93,8 @@ def run_trial(spec: dict) -> dict:
 def _tune_trial(config: dict) -> None:
     from ray import tune
 
-    out = run_trial(config["spec"])
-    Path(config["spec"]["out"]).write_text(json.dumps(out))
-    if "error" in out:
-        raise RuntimeError(out["error"])
-    tune.report({"done": 1})
+    out = run_trial(config["spec"])  # a failed trial reports its error too: the others go on
+    tune.report({"outcome": json.dumps(out, default=str)})  # back to the driver, from any node
 
 
 def run_points(specs: list[dict], workers: int, use_ray: bool, address: str | None, cpus: float,
@@ -116,15 +116,17 @@ def run_points(specs: list[dict], workers: int, use_ray: bool, address: str | No
             tune_config=tune.TuneConfig(max_concurrent_trials=workers),
             run_config=tune.RunConfig(storage_path=storage, name="cl-sweep", verbose=0))
         with contextlib.redirect_stdout(sys.stderr):  # Tune's tables; standard output is the sweep's
-            tuner.fit()
+            grid = tuner.fit()
+        reported = {}
+        for result in grid:
+            out = json.loads(result.metrics["outcome"]) if result.metrics and "outcome" in result.metrics else None
+            if out is not None:
+                reported[out["trial"]] = out
     finally:
         ray.shutdown()
-    outcomes = []
-    for spec in specs:
-        path = Path(spec["out"])
-        outcomes.append(json.loads(path.read_text()) if path.exists() else
-                        {"trial": spec["trial"], "point": spec["point"], "error": "the Ray trial died before reporting"})
-    return outcomes
+        shutil.rmtree(storage, ignore_errors=True)
+    return [reported.get(spec["trial"], {"trial": spec["trial"], "point": spec["point"],
+                                         "error": "the Ray trial died before reporting"}) for spec in specs]
 
 
 def choose(outcomes: list[dict], sweep: SweepConfig) -> tuple[list[dict], dict | None]:
@@ -143,9 +145,12 @@ def choose(outcomes: list[dict], sweep: SweepConfig) -> tuple[list[dict], dict |
             row["trials"].append(out["trial"])
     rows = []
     for row in groups.values():
-        mean, std = mean_std(row.pop("values"))
-        rows.append({**row, "mean": mean, "std": std})
-    finite = [r for r in rows if math.isfinite(r["mean"])]
+        values = row.pop("values")
+        mean, std = mean_std(values)
+        # A point that failed (diverged) on any seed is not chosen on its surviving seeds.
+        rows.append({**row, "mean": mean, "std": std, "complete": all(math.isfinite(v) for v in values)})
+    seeds_swept = max((len(r["seeds"]) for r in rows), default=0)
+    finite = [r for r in rows if r["complete"] and len(r["seeds"]) == seeds_swept]
     best = (max if sweep.mode == "max" else min)(finite, key=lambda r: r["mean"]) if finite else None
     return rows, best
 
@@ -157,6 +162,8 @@ def sweep_table(rows: list[dict], objective: str) -> str:
     for r in rows:
         cell = "-" if not math.isfinite(r["mean"]) else f"{r['mean']:.4f}" + (
             f" ± {r['std']:.4f}" if math.isfinite(r["std"]) else "")
+        if math.isfinite(r["mean"]) and not r.get("complete", True):
+            cell += " (failed on some seed: not chosen)"
         out.append(f"| {r['run']} | " + " | ".join(str(r["point"].get(k, "")) for k in keys)
                    + f" | {','.join(map(str, r['seeds']))} | {cell} |")
     return "\n".join(out)
@@ -197,10 +204,20 @@ def sweep(path: str, overrides: list[str], *, tracking_uri: str | None, track: b
                             {"cl.role": "parent", "cl.invocation": invocation, "cl.sweep": "true"}, tracking_uri,
                             remove_when_delivered=True)
         parent_key = parent.journal.state["key"]
-    outs = Path(tempfile.mkdtemp(prefix="cl-sweep-out-"))
-    specs = [{"file": str(Path(path).resolve()), "overrides": overrides + trial_overrides(cfg.sweep, point),
+    pinned = []
+    if use_ray and cfg.threads is None:  # a trial's torch threads are its CPUs, not the machine's cores
+        pinned = [f"threads={max(1, int(cpus_per_trial))}"]
+        print(f"cl: trials on Ray run on {max(1, int(cpus_per_trial))} thread(s) each; pin 'threads:' in the file for "
+              f"results equal to one after another", file=sys.stderr)
+    if use_ray and not gpus_per_trial:
+        import torch
+
+        if torch.cuda.is_available():
+            print("cl: warning: --gpus-per-trial 0: Ray hides the GPUs from the trials, which train on the CPU",
+                  file=sys.stderr)
+    specs = [{"file": str(Path(path).resolve()), "overrides": overrides + pinned + trial_overrides(cfg.sweep, point),
               "point": point, "trial": n, "tracking_uri": tracking_uri, "track": track, "parent_key": parent_key,
-              "invocation": invocation, "journal_dir": str(journal_root().resolve()), "out": str(outs / f"{n}.json")}
+              "invocation": invocation, "journal_dir": str(journal_root().resolve())}
              for n, point in enumerate(points)]
     print(f"{cfg.name}: {len(points)} point(s), {'on Ray, ' + str(workers) + ' at a time' if use_ray else 'here'}; "
           f"objective {cfg.sweep.objective} on a {cfg.sweep.validation:.0%} validation split"
@@ -210,37 +227,48 @@ def sweep(path: str, overrides: list[str], *, tracking_uri: str | None, track: b
     for out in outcomes:
         if "error" in out:
             print(f"cl: trial {out['trial']} {overrides_of(out['point'])} failed: {out['error']}", file=sys.stderr)
+    reported = {k for out in outcomes for r in out.get("results", []) for k in r}
+    if reported and cfg.sweep.objective not in reported:
+        print(f"cl: error: the objective '{cfg.sweep.objective}' is not a metric of the trials; they report: "
+              f"{', '.join(sorted(k for k in reported if k not in ('name', 'status', 'error')))}", file=sys.stderr)
     rows, best = choose(outcomes, cfg.sweep)
     final = None
-    if best is not None and cfg.sweep.final_run:
-        seeds = sorted({s for s in best["seeds"] if s is not None}) or None
-        final_cfg = load_experiment(path, overrides + overrides_of(best["point"]))
-        final = run_experiment(final_cfg, tracking_uri=tracking_uri, track=track, progress=False, seeds=seeds,
-                               only=[best["run"]], parent_key=parent_key, invocation_id=invocation,
-                               trial=len(points))
-    if parent is not None:
-        table = sweep_table(rows, cfg.sweep.objective)
-        note = f"**{cfg.name}** sweep: {len(points)} points, {cfg.sweep.protocol}\n\n{table}\n"
-        if best is not None:
-            note += f"\nchosen: {best['run']} {best['point']}\n"
-            parent.set_tags({"best_point": json.dumps(best["point"]), "best_run": best["run"]})
-            parent.log_metrics({f"best_{cfg.sweep.objective}_validation": best["mean"]}, 0)
-        if final:
-            finished = [r for r in final if r.get("status") == "FINISHED"]
-            if finished:
-                from evaluation.compare import mean_std
-
-                mean, std = mean_std([r["acc"] for r in finished if "acc" in r])
-                parent.log_metrics({"final_acc_mean": mean, **({"final_acc_std": std} if math.isfinite(std) else {})},
-                                   0)
-                note += f"\non the test sets, whole stream: acc {mean:.4f}" + (
-                    f" ± {std:.4f}" if math.isfinite(std) else "") + "\n"
-        parent.set_tags({"mlflow.note.content": note})
-        parent.log_artifact("sweep.md", table + "\n")
-        parent.log_artifact("sweep.json", json.dumps({"rows": rows, "best": best, "outcomes": outcomes}, default=str))
-        try:
-            parent.close("FINISHED")
-        except Exception as err:
-            print(f"cl: warning: {err}", file=sys.stderr)
+    try:
+        if best is not None and cfg.sweep.final_run:
+            seeds = sorted({s for s in best["seeds"] if s is not None}) or None
+            final_cfg = load_experiment(path, overrides + overrides_of(best["point"]))
+            final = run_experiment(final_cfg, tracking_uri=tracking_uri, track=track, progress=False, seeds=seeds,
+                                   only=[best["run"]], parent_key=parent_key, invocation_id=invocation,
+                                   extra_tags={"cl.sweep_final": "true"})
+    finally:
+        if parent is not None:
+            _close_sweep_parent(parent, cfg, points, rows, best, final, outcomes)
     return {"trials": outcomes, "rows": rows, "best": best, "final": final, "ray": use_ray,
             "mlflow_parent_run_id": parent.run_id if parent is not None else None}
+
+
+def _close_sweep_parent(parent, cfg, points, rows, best, final, outcomes) -> None:
+    """The sweep's table, the chosen point and its test accuracy, into the parent; then its end."""
+    table = sweep_table(rows, cfg.sweep.objective)
+    note = f"**{cfg.name}** sweep: {len(points)} points, {cfg.sweep.protocol}\n\n{table}\n"
+    if best is not None:
+        note += f"\nchosen: {best['run']} {best['point']}\n"
+        parent.set_tags({"best_point": json.dumps(best["point"]), "best_run": best["run"]})
+        parent.log_metrics({f"best_{cfg.sweep.objective}_validation": best["mean"]}, 0)
+    if final:
+        finished = [r for r in final if r.get("status") == "FINISHED"]
+        if finished:
+            from evaluation.compare import mean_std
+
+            mean, std = mean_std([r["acc"] for r in finished if "acc" in r])
+            parent.log_metrics({"final_acc_mean": mean, **({"final_acc_std": std} if math.isfinite(std) else {})},
+                               0)
+            note += f"\non the test sets, whole stream: acc {mean:.4f}" + (
+                f" ± {std:.4f}" if math.isfinite(std) else "") + "\n"
+    parent.set_tags({"mlflow.note.content": note})
+    parent.log_artifact("sweep.md", table + "\n")
+    parent.log_artifact("sweep.json", json.dumps({"rows": rows, "best": best, "outcomes": outcomes}, default=str))
+    try:
+        parent.close("FINISHED" if final is not None or best is None or not cfg.sweep.final_run else "FAILED")
+    except Exception as err:
+        print(f"cl: warning: {err}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cl.journal import Journal, find_journals, journal_root
+from cl.journal import Journal, JournalBusy, find_journals, journal_root
 from cl.tracking import Deliverer
 
 
@@ -22,14 +22,18 @@ def sync(folders: list[str], tracking_uri: str | None = None) -> int:
         return 0
     left = 0
     for folder in found:
-        journal = Journal(folder)
+        try:
+            journal = Journal(folder)
+        except JournalBusy as err:  # a live run delivers it itself
+            print(f"cl: skipped: {err}", file=sys.stderr)
+            continue
         if not journal.pending:
             journal.close()
             continue
         create = next((r for r in journal.records if r["op"] == "create"), {})
         uri = tracking_uri or create.get("tracking_uri")
         parent = folder.parent / "parent.journal"
-        parent_journal = Journal(parent) if create.get("tags", {}).get("cl.role") != "parent" and \
+        parent_journal = Journal(parent, owner=False) if create.get("tags", {}).get("cl.role") != "parent" and \
             (parent / "records.jsonl").exists() else None
         deliverer = Deliverer(journal, uri, parent_journal)
         pending = journal.pending

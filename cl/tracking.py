@@ -64,6 +64,7 @@ class MLflowSink:
         self.blocked_s = 0.0  # time the caller spent in this sink: what tracking costs the run
         self._remove = remove_when_delivered
         self._system_metrics_s = system_metrics_s  # sample CPU/GPU use and memory this often (needs psutil)
+        self._resumed = journal.created
         if not journal.created:
             journal.append("create", experiment=experiment_name, name=run_name, tracking_uri=tracking_uri,
                            params={k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()},
@@ -133,14 +134,14 @@ class MLflowSink:
         """The store's last error while records are waiting, else None."""
         return self._deliverer.error if self.journal.pending else None
 
-    def close(self, status: str = "FINISHED", result: dict | None = None) -> str | None:
+    def close(self, status: str = "FINISHED", result: dict | None = None, **fields) -> str | None:
         """End the run with `status` and wait until every record is delivered, but no longer
         than the sink's timeout once the store stops answering. Returns the run's id; raises
         `TrackingError` (what is pending, where, and why) if records are left waiting."""
         t = time.perf_counter()
-        self._append("end", status=status, **({"result": result} if result is not None else {}))
+        self._append("end", status=status, **({"result": result} if result is not None else {}), **fields)
         with self.journal.changed:
-            while not self.journal.complete:
+            while not self.journal.complete and self._thread.is_alive():
                 failing = self._deliverer.failing_for()
                 if failing is not None and failing >= self.timeout * (1 if self._deliverer.outage else 10):
                     break
@@ -154,13 +155,18 @@ class MLflowSink:
             run_id = self.run_id
             if self._remove:
                 self.journal.remove()
+            else:
+                self.journal.close()  # kept beside the checkpoints; no longer this process's
             return run_id
         # What is left waits in the journal for `cl sync`; the worker stops trying, so the two
         # never deliver one journal at once.
         self._stop = True
         with self.journal.changed:
             self.journal.changed.notify_all()
-        raise TrackingError(self._deliverer.pending_notice())
+        self._thread.join(timeout=self.timeout)  # its attempt under way, then it stops
+        notice = self._deliverer.pending_notice()
+        self.journal.close()  # `cl sync` may own it now
+        raise TrackingError(notice)
 
     # ------------------------------------------------------------ worker side
     def _work(self) -> None:
@@ -174,9 +180,13 @@ class MLflowSink:
             if self._deliverer.deliver():
                 told, backoff = False, 0.5
                 if monitor is None and self._system_metrics_s and self.run_id:
-                    monitor = _start_system_metrics(self.run_id, self._system_metrics_s, self.tracking_uri)
+                    monitor = _start_system_metrics(self.run_id, self._system_metrics_s, self.tracking_uri,
+                                                    resume=self._resumed)
                 if monitor is not None and self.journal.ended is not None:
-                    monitor.finish()
+                    try:
+                        monitor.finish()
+                    except Exception as err:  # never the reason a run's records stop
+                        print(f"cl: warning: system metrics: {err}", file=sys.stderr)
                     monitor = None
                 with self.journal.changed:
                     self.journal.changed.notify_all()
@@ -262,7 +272,13 @@ class Deliverer:
         if run_id is None:
             raise TrackingError(f"{journal.folder}: a record before the run's creation")
         try:
-            if op == "metrics":  # consecutive metric records go as one batch (MLflow takes 1000 at most)
+            if op == "metrics" and len(record["metrics"]) > 1000:  # MLflow takes 1000 per batch at most
+                items = [Metric(k, v, record["time"], record["step"]) for k, v in record["metrics"].items()]
+                for k in range(0, len(items), 1000):
+                    client.log_batch(run_id, metrics=items[k:k + 1000])
+                journal.mark_delivered(i + 1)
+                return
+            if op == "metrics":  # consecutive metric records go as one batch
                 batch, j = [], i
                 while j < len(journal.records) and journal.records[j]["op"] == "metrics" and \
                         len(batch) + len(journal.records[j]["metrics"]) <= 1000:
@@ -318,7 +334,7 @@ class Deliverer:
             if record.get("parent_key"):
                 tags["mlflow.parentRunId"] = self._parent_id(exp_id, record["parent_key"])
             # A process killed between creating the run and noting it: find that run again.
-            run = _find_run(client, exp_id, journal.state["key"]) or client.create_run(exp_id, run_name=record["name"], tags=tags,
+            run = _find_run(client, exp_id, tags["cl.run_key"]) or client.create_run(exp_id, run_name=record["name"], tags=tags,
                                                            start_time=record["time"])
             run_id = run.info.run_id
             journal.mark_delivered(journal.state["delivered"], run_id=run_id, experiment_id=exp_id)
@@ -343,17 +359,18 @@ def _refused(err: BaseException) -> bool:
     return code in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST", "INVALID_STATE")
 
 
-def _start_system_metrics(run_id: str, every_s: float, tracking_uri: str | None):
+def _start_system_metrics(run_id: str, every_s: float, tracking_uri: str | None, resume: bool = False):
     """MLflow's system-metrics monitor on a run (system/cpu_utilization_percentage,
     system/system_memory_usage_megabytes, GPU figures where there is a GPU), or None."""
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        # A resumed run goes on from the steps it logged before, not from step 0 again.
         monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, samples_before_logging=1,
-                                       tracking_uri=tracking_uri)
+                                       tracking_uri=tracking_uri, resume_logging=resume)
         monitor.start()
         return monitor
-    except ImportError as err:  # psutil missing: the run goes on without them, and says so
+    except Exception as err:  # psutil missing (or the monitor failing): the run goes on without them, and says so
         print(f"cl: warning: no system metrics: {err} (pip install psutil)", file=sys.stderr)
         return None
 

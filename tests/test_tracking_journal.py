@@ -257,8 +257,9 @@ def test_a_server_down_at_start_loses_nothing_and_says_so_within_the_timeout(tmp
     assert "does not answer" in proc.stderr and "cl sync" in proc.stderr
     journals = sorted(p.name for p in journal_dir.rglob("*.journal"))
     assert journals == ["parent.journal", "replay.journal"]
-    child = Journal(next(journal_dir.rglob("replay.journal")))
+    child = Journal(next(journal_dir.rglob("replay.journal")), owner=False)  # a look; `cl sync` will own it
     assert child.pending == len(child.records) and child.ended["status"] == "FINISHED"
+    child.close()
 
     uri = f"sqlite:///{tmp_path / 'later.db'}"
     sync = subprocess.run([sys.executable, "-m", "cl", "sync", str(journal_dir), "--tracking-uri", uri],
@@ -270,3 +271,40 @@ def test_a_server_down_at_start_loses_nothing_and_says_so_within_the_timeout(tmp
     assert steps["acc_seen"] == [1, 2, 3, 4, 5] and run.data.metrics["acc"] == pytest.approx(result["acc"])
     assert run.data.tags["mlflow.parentRunId"] == store["parent"][0][2].info.run_id
     assert not journal_dir.exists()
+
+
+def test_journal_keeps_its_run_key_from_the_start_and_has_one_owner(tmp_path):
+    from cl.journal import JournalBusy
+
+    journal = Journal(tmp_path / "j")
+    key = journal.state["key"]
+    assert json.loads((tmp_path / "j" / "state.json").read_text())["key"] == key  # before any run carries it
+    with pytest.raises(JournalBusy, match="in use by another process"):
+        Journal(tmp_path / "j")
+    journal.close()
+    again = Journal(tmp_path / "j")
+    assert again.state["key"] == key
+    again.close()
+
+
+def test_a_record_of_more_metrics_than_mlflow_takes_at_once_is_delivered_in_parts(tmp_path):
+    from cl.tracking import Deliverer
+
+    class Client:
+        def __init__(self):
+            self.batches = []
+
+        def log_batch(self, run_id, metrics=(), **kwargs):
+            assert len(metrics) <= 1000
+            self.batches.append(len(metrics))
+
+    journal = Journal(tmp_path / "j")
+    journal.append("create", experiment="e", name="n", params={}, tags={"cl.run_key": journal.state["key"]})
+    journal.append("metrics", metrics={f"acc_task{j}": 0.5 for j in range(2500)}, step=1)
+    journal.append("metrics", metrics={"lr": 0.1}, step=2)
+    journal.mark_delivered(1, run_id="r", experiment_id="0")
+    deliverer = Deliverer(journal, None)
+    deliverer._client = Client()
+    assert deliverer.deliver() and journal.pending == 0
+    assert deliverer._client.batches == [1000, 1000, 500, 1]
+    journal.close()
