@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -330,7 +331,8 @@ class Deliverer:
         if run_id is None:
             with sqlite_store_lock(self.tracking_uri):  # processes started together create one experiment
                 exp = client.get_experiment_by_name(record["experiment"])
-                exp_id = exp.experiment_id if exp else client.create_experiment(record["experiment"])
+                exp_id = exp.experiment_id if exp else client.create_experiment(
+                    record["experiment"], artifact_location=artifacts_beside(self.tracking_uri, record["experiment"]))
             if record.get("parent_key"):
                 tags["mlflow.parentRunId"] = self._parent_id(exp_id, record["parent_key"])
             # A process killed between creating the run and noting it: find that run again.
@@ -396,6 +398,16 @@ def _dataset_input(d: dict):
     return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
 
 
+def artifacts_beside(uri: str | None, experiment: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: `mlruns/<experiment>/` beside
+    the database, so a store and its plots stay together wherever `cl run` was started (MLflow's
+    default is ./mlruns of the working directory). Other stores choose for themselves (None)."""
+    if not uri or not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment)
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns" / name).as_uri()
+
+
 @contextmanager
 def sqlite_store_lock(uri: str | None):
     """Hold an exclusive lock on `<store>.lock` beside a local SQLite store while opening it.
@@ -416,6 +428,7 @@ def sqlite_store_lock(uri: str | None):
     if path is None or fcntl is None or path in ("", ":memory:"):
         yield
         return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # a store in a folder yet to be made
     with open(path + ".lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

@@ -148,7 +148,7 @@ def test_compare_reads_flat_runs_of_earlier_versions(tmp_path, capsys):
     """Runs logged before parents existed: flat, tagged strategy and seed, an accuracy_matrix.json."""
     uri = f"sqlite:///{tmp_path / 'old.db'}"
     client = MlflowClient(uri)
-    exp = client.create_experiment("old-runs")
+    exp = client.create_experiment("old-runs", artifact_location=(tmp_path / "artifacts").as_uri())
     for label, seed, acc in [("naive", 0, 0.2), ("naive", 1, 0.3), ("replay", 0, 0.8)]:
         run = client.create_run(exp, run_name=f"{label}-seed{seed}", tags={"strategy": label, "seed": str(seed)})
         client.log_metric(run.info.run_id, "acc", acc)
