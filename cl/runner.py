@@ -203,6 +203,9 @@ class Invocation:
         parent, self.parent = self.parent, None
         if parent is None:
             return
+        if status != "FINISHED" and parent.untouched:  # a resume refused before anything ran
+            parent.abandon()
+            return
         finished = [r for r in results if r.get("status") == "FINISHED"]
         if finished:
             entries = [comparison_entry(r) for r in finished]

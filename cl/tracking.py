@@ -71,8 +71,9 @@ class MLflowSink:
                            params={k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()},
                            tags={**tags, "cl.run_key": journal.state["key"]},
                            parent_key=parent if isinstance(parent, str) or parent is None else parent.journal.state["key"])
-        elif journal.ended is not None:  # a resumed run: running again until it ends anew
-            journal.append("status", status="RUNNING")
+        # A resumed run that had ended runs again from its first new record on; until then it
+        # stays as it was (a resume refused before anything ran must not touch it).
+        self._reopen = journal.ended is not None
         local_parent = parent if isinstance(parent, MLflowSink) else None  # else a key: another process's
         self._deliverer = Deliverer(journal, tracking_uri, local_parent.journal if local_parent else None)
         self._deliverer.parent_deliverer = local_parent._deliverer if local_parent else None
@@ -83,6 +84,9 @@ class MLflowSink:
     # ------------------------------------------------------------ caller side
     def _append(self, op: str, **fields) -> None:
         t = time.perf_counter()
+        if self._reopen:
+            self._reopen = False
+            self.journal.append("status", status="RUNNING")
         self.journal.append(op, **fields)
         self.blocked_s += time.perf_counter() - t
 
@@ -116,6 +120,20 @@ class MLflowSink:
     def log_table(self, name: str, data: dict[str, list]) -> None:
         """A table of columns, shown by MLflow's artifact viewer (`MlflowClient.log_table`)."""
         self._append("table", name=name, data=data)
+
+    @property
+    def untouched(self) -> bool:
+        """A resumed run that ended before and has been given nothing new."""
+        return self._reopen
+
+    def abandon(self) -> None:
+        """Leave the run as it was: append nothing, stop delivering (what is pending stays in the
+        journal for the next resume or `cl sync`), let the journal go."""
+        self._stop = True
+        with self.journal.changed:
+            self.journal.changed.notify_all()
+        self._thread.join(timeout=self.timeout)
+        self.journal.close()
 
     def checkpointed(self) -> None:
         """Called before a checkpoint is written: every record up to it is on disk."""

@@ -308,3 +308,17 @@ def test_a_record_of_more_metrics_than_mlflow_takes_at_once_is_delivered_in_part
     assert deliverer.deliver() and journal.pending == 0
     assert deliverer._client.batches == [1000, 1000, 500, 1]
     journal.close()
+
+
+def test_a_refused_resume_leaves_the_finished_runs_finished(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(textwrap.dedent(EXPERIMENT).replace("epochs: 2", "epochs: 1"))
+    uri, ckpt = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "ckpt"
+    cl(str(path), "--tracking-uri", uri, "--checkpoint-dir", str(ckpt))
+    before = store_contents(uri)
+    path.write_text(path.read_text().replace("memory_size: 60", "memory_size: 80"))  # a changed configuration
+    refused = cl(str(path), "--tracking-uri", uri, "--checkpoint-dir", str(ckpt), "--resume", check=False)
+    assert refused.returncode == 2 and "refused" in refused.stderr
+    after = store_contents(uri)
+    assert [s for s, _, _ in after["child"]] == ["FINISHED"] and [s for s, _, _ in after["parent"]] == ["FINISHED"]
+    assert [m for _, m, _ in after["child"]] == [m for _, m, _ in before["child"]]
