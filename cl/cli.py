@@ -11,6 +11,11 @@ import threading
 import time
 
 
+def _tracking_uri_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cl", description="Continual-learning lab: run experiments, track them in MLflow.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -19,8 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key, e.g. --set seed=1 --set training.optimizer.lr=0.1 (repeatable)")
     run.add_argument("--json", action="store_true", help="end standard output with one JSON object of the results")
-    run.add_argument("--tracking-uri", default=None,
-                     help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    _tracking_uri_option(run)
     run.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--checkpoint-dir", default=None, help="save each run's state after every experience here")
@@ -62,11 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--metrics", default=None, metavar="M[,M]", help="columns (default: ACC, BWT, FWT, ...)")
     compare.add_argument("--format", choices=("text", "markdown", "csv"), default="text")
     compare.add_argument("--plots", default=None, metavar="DIR", help="also write the comparison plots here")
-    compare.add_argument("--tracking-uri", default=None,
-                         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    _tracking_uri_option(compare)
     ui = sub.add_parser("ui", help="serve the MLflow UI on the lab's store and print each experiment's link")
-    ui.add_argument("--tracking-uri", default=None,
-                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    _tracking_uri_option(ui)
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--experiment", default=None, help="print only this experiment's link")
     sweep = sub.add_parser("sweep", help="run the points of a file's sweep: block (grid or random) on Ray Tune, "
@@ -78,8 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", default=None, help="an existing Ray cluster (default: a local one)")
     sweep.add_argument("--cpus-per-trial", type=float, default=1.0)
     sweep.add_argument("--gpus-per-trial", type=float, default=0.0)
-    sweep.add_argument("--tracking-uri", default=None,
-                       help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    _tracking_uri_option(sweep)
     sweep.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     sweep.add_argument("--json", action="store_true", help="end standard output with one JSON object")
     sync = sub.add_parser("sync", help="deliver the tracking records that wait in journals to their MLflow stores")
@@ -283,9 +284,7 @@ def _sweep(args) -> int:
     out = sweep(args.file, args.overrides, tracking_uri=args.tracking_uri or default_tracking_uri(),
                 track=not args.no_track, workers=args.workers, ray=False if args.no_ray else None,
                 address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
-    from cl.config import load_experiment
-
-    objective = load_experiment(args.file, args.overrides).sweep.objective
+    objective = out["objective"]
     print(sweep_table(out["rows"], objective))
     if out["best"] is not None:
         print(f"chosen: {out['best']['run']} {out['best']['point']} "

@@ -3,7 +3,6 @@ git commits) and the datasets each experience trained and was tested on."""
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 from pathlib import Path
 
@@ -63,10 +62,10 @@ def dataset_inputs(stream, dataset: str, data_dir: str | None) -> list[dict]:
     tested on (each task's test set, context "test"), for `MLflowSink.log_inputs`."""
     from streams.experience import concat_data
 
-    if dataset == "digits":  # the embedded default, bundled with scikit-learn
-        source = "sklearn.datasets.load_digits"
-    else:
-        source = str(Path(data_dir).resolve()) if data_dir else f"cl:{dataset}"
+    from streams.sources import data_root
+
+    # digits is the embedded default, bundled with scikit-learn; the others come from the data folder
+    source = "sklearn.datasets.load_digits" if dataset == "digits" else str(data_root(data_dir).resolve())
     inputs = []
     experiences = list(stream.experiences)
     if len(experiences) <= MAX_INPUTS:
@@ -89,7 +88,3 @@ def dataset_inputs(stream, dataset: str, data_dir: str | None) -> list[dict]:
         inputs.append({"name": f"{dataset}-test", "digest": digest(test), "source": source, "context": "test",
                        "profile": {"n": len(test), "tasks": len(tests)}})
     return inputs
-
-
-def data_dir_of(cfg) -> str | None:
-    return cfg.data_dir or os.environ.get("CL_DATA_DIR")

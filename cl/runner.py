@@ -20,7 +20,7 @@ from cl.checkpoint import CheckpointError, check_same_config, config_hash, load_
 from cl.components import build_model_from, build_optimizer, build_stream, build_strategies
 from cl.config import ExperimentConfig, flatten
 from cl.registry import plugins_from
-from cl.provenance import data_dir_of, dataset_inputs, source_tags
+from cl.provenance import dataset_inputs, source_tags
 from cl.journal import Journal, journal_root
 from cl.tracking import (DEFAULT_TIMEOUT_S, ConsoleSink, Deliverer, MLflowSink, StoreWarmup, TrackingError, is_server,
                          run_link)
@@ -272,7 +272,7 @@ class Invocation:
             trial = "" if self.trial is None else f"-trial{self.trial}"
             mlflow_sink = self._sink(name, f"{label}{trial}-seed{cfg.seed}-{self.id}", params, tags,
                                      parent=self.parent or self.parent_key, system_metrics_s=every)
-            mlflow_sink.log_inputs(dataset_inputs(stream, _dataset_name(cfg), data_dir_of(cfg)))
+            mlflow_sink.log_inputs(dataset_inputs(stream, _dataset_name(cfg), cfg.data_dir))
             sinks.append(mlflow_sink)
         if self.progress:
             sinks.append(ConsoleSink(label if len(self.seeds) == 1 else f"{label} seed {cfg.seed}"))

@@ -244,6 +244,7 @@ def sweep(path: str, overrides: list[str], *, tracking_uri: str | None, track: b
         if parent is not None:
             _close_sweep_parent(parent, cfg, points, rows, best, final, outcomes)
     return {"trials": outcomes, "rows": rows, "best": best, "final": final, "ray": use_ray,
+            "objective": cfg.sweep.objective,
             "mlflow_parent_run_id": parent.run_id if parent is not None else None}
 
 

@@ -118,7 +118,7 @@ def test_children_carry_datasets_source_and_filterable_tags(seeded):
     assert [i.dataset.digest for i in other] == [i.dataset.digest for i in inputs]
 
 
-def test_heatmap_reads_at_one_to_one_with_colorbar_and_seed(seeded):
+def test_child_plots_are_drawn_at_a_size_that_reads_at_one_to_one(seeded):
     result, _, uri = seeded
     client = MlflowClient(uri)
     run_id = result["runs"][0]["mlflow_run_id"]
