@@ -1,3 +1,3 @@
-from cl.cli import main
+from cl.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -30,17 +30,22 @@ RECORDS, STATE, BLOBS = "records.jsonl", "state.json", "blobs"
 class Journal:
     """The journal of one MLflow run, in `folder`. Appends are thread-safe and return at once."""
 
-    def __init__(self, folder: str | os.PathLike, owner: bool = True):
+    def __init__(self, folder: str | os.PathLike, owner: bool = True, follow: bool = False):
+        """`follow`: the view of the process that delivers a journal another process writes
+        (`cl.delivery`): it reads, `refresh` adds the records written since, and it never
+        touches the records file (a line being written is not a torn one)."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._owner = self._own() if owner else None  # one process writes and delivers a journal at a time
         self._lock = threading.Lock()
-        self.records: list[dict] = self._read()
+        self._offset = 0  # bytes of the records file read so far
+        self.records: list[dict] = []
+        self._read_new(repair=not follow)
         self.state: dict = self._read_state()
         if not (self.folder / STATE).exists():  # the run key is on disk before any run carries it
             self.mark_delivered(0)
         self._points = {(k, r["step"]) for r in self.records if r["op"] == "metrics" for k in r["metrics"]}
-        self._file = open(self.folder / RECORDS, "a", encoding="utf-8")
+        self._file = None if follow else open(self.folder / RECORDS, "a", encoding="utf-8")
         self.changed = threading.Condition(self._lock)  # notified on every append
 
     def _own(self):
@@ -60,22 +65,37 @@ class Journal:
         return handle
 
     # ------------------------------------------------------------ reading
-    def _read(self) -> list[dict]:
+    def _read_new(self, repair: bool) -> int:
+        """Add the whole records written past what was read; returns how many. `repair`: cut
+        off a torn last line (what a killed process was writing) and what follows it."""
         path = self.folder / RECORDS
         if not path.exists():
-            return []
-        records, good = [], 0
+            return 0
+        added = 0
         with open(path, "rb") as f:
+            f.seek(self._offset)
             for line in f:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:  # the line a killed process was writing: drop it and what follows
+                if not line.endswith(b"\n"):  # still being written (or torn)
                     break
-                good += len(line)
-        if good != path.stat().st_size:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    break
+                self.records.append(record)
+                self._offset += len(line)
+                added += 1
+        if repair and self._offset != path.stat().st_size:
             with open(path, "r+b") as f:
-                f.truncate(good)
-        return records
+                f.truncate(self._offset)
+        return added
+
+    def refresh(self) -> int:
+        """(`follow`) Take in the records written since the last look; wakes the waiters."""
+        with self._lock:
+            added = self._read_new(repair=False)
+            if added:
+                self.changed.notify_all()
+        return added
 
     def _read_state(self) -> dict:
         path = self.folder / STATE
@@ -143,7 +163,8 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
         if self._owner is not None:
             self._owner.close()  # releases the lock
             self._owner = None

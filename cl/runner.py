@@ -21,9 +21,10 @@ from cl.components import build_model_from, build_optimizer, build_stream, build
 from cl.config import ExperimentConfig, flatten
 from cl.registry import plugins_from
 from cl.provenance import dataset_inputs, source_tags
+from cl import delivery
 from cl.journal import Journal, journal_root
-from cl.tracking import (DEFAULT_TIMEOUT_S, ConsoleSink, Deliverer, MLflowSink, StoreWarmup, TrackingError, is_server,
-                         run_link)
+from cl.tracking import (DEFAULT_TIMEOUT_S, ConsoleSink, Deliverer, MLflowSink, StoreWarmup, TrackingError,
+                         check_store_location, is_server, run_link)
 from cl.trainer import LifelongTrainer, NonFiniteLossError, RunRecord, resolve_device
 from evaluation import compare, continual, metrics
 from evaluation.evaluators import perplexity
@@ -132,20 +133,21 @@ class Invocation:
 
     def run(self) -> list[dict]:
         cfg = self.cfg
-        warmup = StoreWarmup(self.tracking_uri, self.timeout) if self.track else None
-        results, setup_s, stream, stream_seed = [], 0.0, None, None
+        warmup = self._open_store() if self.track else None
+        results, setup_s, stream, stream_seed, opened = [], 0.0, None, None, False
         try:
             for seed in self.seeds:
                 cfg_s = cfg.with_seed(seed)
                 if stream is None or cfg_s.stream_seed != stream_seed:  # a fixed stream seed is built once
                     stream, stream_seed = None, None
                     stream, stream_seed = build_stream(cfg_s), cfg_s.stream_seed
-                if warmup is not None:
-                    # Seconds the experiment waited for MLflow's import and store after the data was loaded.
-                    setup_s = warmup.wait()
-                    self._store_unreachable(warmup)
-                    warmup = None  # once: the parent opens with the first seed's stream
-                    if self.parent_key is None:
+                if self.track and not opened:
+                    opened = True
+                    if warmup is not None:
+                        # Seconds the experiment waited for MLflow's import and store after the data was loaded.
+                        setup_s = warmup.wait()
+                        self._store_unreachable(warmup.unreachable)
+                    if self.parent_key is None:  # the parent opens with the first seed's stream
                         self._open_parent()
                 for label, specs in self.runs.items():
                     results.append(self._run_one(cfg_s, stream, label, specs))
@@ -159,10 +161,34 @@ class Invocation:
         results[0]["tracking_setup_s"] = setup_s
         return results
 
-    def _store_unreachable(self, warmup: StoreWarmup) -> None:
-        if warmup.unreachable is not None:
-            err = warmup.unreachable
-            print(f"cl: warning: MLflow server {self.tracking_uri} does not answer ({type(err).__name__}); "
+    def _open_store(self) -> StoreWarmup | None:
+        """Open the tracking store off the critical path: in the delivery child (`cl.delivery`)
+        where there is one, which reports on it while the runs go on (None is returned), else on
+        a thread, waited for once the data is loaded. A local store whose folder cannot be made
+        is refused here, before anything trains."""
+        check_store_location(self.tracking_uri)
+        service = delivery.service(self.tracking_uri, self.timeout)
+        if service is None:
+            return StoreWarmup(self.tracking_uri, self.timeout)
+
+        def reported(uri, report):
+            if report.get("unreachable"):
+                self._store_unreachable(report["error"])
+            elif not report.get("ok"):
+                print(f"cl: warning: {report['error']}; the runs go on, their records wait in "
+                      f"{self.journal_folder('parent').parent} (`cl sync --tracking-uri URI` delivers them "
+                      f"to a store that works)", file=sys.stderr)
+
+        service.on_store = reported
+        report = service.store_report(self.tracking_uri)
+        if report:  # already tried (a rerun in one process): said now
+            reported(self.tracking_uri, report)
+        return None
+
+    def _store_unreachable(self, err) -> None:
+        if err is not None:
+            kind = type(err).__name__ if isinstance(err, BaseException) else str(err).split(":")[0]
+            print(f"cl: warning: MLflow server {self.tracking_uri} does not answer ({kind}); "
                   f"the runs go on, their records wait in {self.journal_folder('parent').parent} and are "
                   f"delivered when it answers (or by `cl sync`)", file=sys.stderr)
 
@@ -296,6 +322,7 @@ class Invocation:
         # them out of the cyclic garbage collector, whose full collections would otherwise walk
         # them again and again during training (tens of milliseconds each).
         gc.freeze()
+        fit_start_unix = time.time()  # when training starts (benchmarks/startup.py: the process's cost before it)
         try:
             record = trainer.fit(stream)
         except BaseException as err:
@@ -316,6 +343,7 @@ class Invocation:
             gc.unfreeze()  # what this run made may be collected again once it is over (the next run freezes anew)
 
         result = self._result(label, cfg, record, stream)
+        result["fit_start_unix"] = fit_start_unix
         if mlflow_sink is not None:
             if self.log_model:
                 mlflow_sink.log_model(model)
@@ -424,7 +452,7 @@ def scalar_metrics(result: dict) -> dict[str, float]:
     """A run's final scalar metrics (what its summary logs to MLflow), without the None ones."""
     return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
             and k not in ("seed", "iterations", "threads", "rows_trained", "anneal_steps", "wall_time_s",
-                          "tracking_time_s", "tracking_setup_s", "comparison_time_s")}
+                          "tracking_time_s", "tracking_setup_s", "comparison_time_s", "fit_start_unix")}
 
 
 def comparison_entry(result: dict) -> dict:

@@ -75,11 +75,15 @@ class MLflowSink:
         # stays as it was (a resume refused before anything ran must not touch it).
         self._reopen = journal.ended is not None
         local_parent = parent if isinstance(parent, MLflowSink) else None  # else a key: another process's
-        self._deliverer = Deliverer(journal, tracking_uri, local_parent.journal if local_parent else None)
-        self._deliverer.parent_deliverer = local_parent._deliverer if local_parent else None
-        self._stop = False
-        self._thread = threading.Thread(target=self._work, name="mlflow-sink", daemon=True)
-        self._thread.start()
+        from cl import delivery
+
+        service = delivery.service(tracking_uri)
+        if service is not None:  # MLflow is imported and the store opened in a child process
+            self._deliverer = service.watch(journal, tracking_uri, local_parent.journal if local_parent else None,
+                                            timeout, system_metrics_s, self._resumed)
+        else:  # on a thread of this process
+            self._deliverer = ThreadDelivery(journal, tracking_uri, local_parent._deliverer if local_parent else None,
+                                             timeout, system_metrics_s, self._resumed)
 
     # ------------------------------------------------------------ caller side
     def _append(self, op: str, **fields) -> None:
@@ -129,10 +133,7 @@ class MLflowSink:
     def abandon(self) -> None:
         """Leave the run as it was: append nothing, stop delivering (what is pending stays in the
         journal for the next resume or `cl sync`), let the journal go."""
-        self._stop = True
-        with self.journal.changed:
-            self.journal.changed.notify_all()
-        self._thread.join(timeout=self.timeout)
+        self._deliverer.stop()
         self.journal.close()
 
     def checkpointed(self) -> None:
@@ -159,69 +160,111 @@ class MLflowSink:
         `TrackingError` (what is pending, where, and why) if records are left waiting."""
         t = time.perf_counter()
         self._append("end", status=status, **({"result": result} if result is not None else {}), **fields)
+        worker = self._deliverer
         with self.journal.changed:
-            while not self.journal.complete and self._thread.is_alive():
-                failing = self._deliverer.failing_for()
-                if failing is not None and failing >= self.timeout * (1 if self._deliverer.outage else 10):
+            while not self.journal.complete and worker.alive:
+                failing = worker.failing_for()
+                if failing is not None and failing >= self.timeout * (1 if worker.outage else 10):
                     break
                 self.journal.changed.wait(0.05)
         self.blocked_s += time.perf_counter() - t
+        # Delivered or not, the worker stops: what is left waits in the journal for `cl sync`,
+        # and the two never deliver one journal at once.
+        worker.stop()
         if self.journal.complete:
-            self._stop = True
-            with self.journal.changed:
-                self.journal.changed.notify_all()
-            self._thread.join(timeout=self.timeout)
             run_id = self.run_id
             if self._remove:
                 self.journal.remove()
             else:
                 self.journal.close()  # kept beside the checkpoints; no longer this process's
             return run_id
-        # What is left waits in the journal for `cl sync`; the worker stops trying, so the two
-        # never deliver one journal at once.
-        self._stop = True
-        with self.journal.changed:
-            self.journal.changed.notify_all()
-        self._thread.join(timeout=self.timeout)  # its attempt under way, then it stops
-        notice = self._deliverer.pending_notice()
+        notice = worker.pending_notice()
         self.journal.close()  # `cl sync` may own it now
         raise TrackingError(notice)
 
-    # ------------------------------------------------------------ worker side
-    def _work(self) -> None:
-        monitor, told, backoff = None, False, 0.5
-        while True:
-            with self.journal.changed:
-                while not self.journal.pending and not self._stop:
-                    self.journal.changed.wait()
-                if self._stop:  # closed: delivered, or left to `cl sync`
-                    break
-            if self._deliverer.deliver():
-                told, backoff = False, 0.5
-                if monitor is None and self._system_metrics_s and self.run_id:
-                    monitor = _start_system_metrics(self.run_id, self._system_metrics_s, self.tracking_uri,
-                                                    resume=self._resumed)
-                if monitor is not None and self.journal.ended is not None:
-                    try:
-                        monitor.finish()
-                    except Exception as err:  # never the reason a run's records stop
-                        print(f"cl: warning: system metrics: {err}", file=sys.stderr)
-                    monitor = None
-                with self.journal.changed:
-                    self.journal.changed.notify_all()
-                continue
-            if self._stop:
+
+class ThreadDelivery:
+    """Delivers one journal from a thread of this process (the sink's worker)."""
+
+    def __init__(self, journal: Journal, tracking_uri: str | None, parent: "ThreadDelivery | None",
+                 timeout: float, system_metrics_s: float | None, resumed: bool):
+        self.journal, self.timeout = journal, timeout
+        self.deliverer = Deliverer(journal, tracking_uri, parent.journal if parent else None)
+        self.deliverer.parent_deliverer = parent.deliverer if parent else None
+        self._stopped = False
+        self._thread = threading.Thread(target=deliver_loop, name="mlflow-sink", daemon=True,
+                                        args=(self.deliverer, timeout, lambda: self._stopped, system_metrics_s, resumed))
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.deliverer.error
+
+    @property
+    def outage(self) -> bool:
+        return self.deliverer.outage
+
+    def failing_for(self) -> float | None:
+        return self.deliverer.failing_for()
+
+    def pending_notice(self) -> str:
+        return self.deliverer.pending_notice()
+
+    def stop(self) -> None:
+        """Stop after the attempt under way (bounded by the store's timeout)."""
+        self._stopped = True
+        with self.journal.changed:
+            self.journal.changed.notify_all()
+        self._thread.join(timeout=self.timeout)
+
+
+def deliver_loop(deliverer: "Deliverer", timeout: float, stopped, system_metrics_s: float | None = None,
+                 resumed: bool = False, on_attempt=None) -> None:
+    """Deliver a journal's records as they come, until `stopped()`: retries with backoff while
+    the store fails, says once per outage (within `timeout`) what waits and where, and runs
+    MLflow's system-metrics monitor on the run while it is open. `on_attempt()` after each
+    attempt to deliver (the delivery child reports its progress there)."""
+    journal = deliverer.journal
+    monitor, told, backoff = None, False, 0.5
+    while True:
+        with journal.changed:
+            while not journal.pending and not stopped():
+                journal.changed.wait()
+            if stopped():  # closed: delivered, or left to `cl sync`
                 break
-            failing = self._deliverer.failing_for() or 0.0
-            patience = self.timeout * (1 if self._deliverer.outage else 10)
-            if not told and failing >= patience:  # said once per outage, within the timeout
-                print(f"cl: warning: {self._deliverer.pending_notice()}; training goes on", file=sys.stderr)
-                told = True
-            if not self._deliverer.outage:  # a lock or the parent: try again soon
-                time.sleep(0.1)
-                continue
-            time.sleep(min(backoff, max(self.timeout / 4, 0.05)) if not told else backoff)
-            backoff = min(backoff * 2, 5.0)  # a server back up is found within seconds
+        delivered = deliverer.deliver()
+        if on_attempt is not None:
+            on_attempt()
+        if delivered:
+            told, backoff = False, 0.5
+            run_id = journal.state.get("run_id")
+            if monitor is None and system_metrics_s and run_id:
+                monitor = _start_system_metrics(run_id, system_metrics_s, deliverer.tracking_uri, resume=resumed)
+            if monitor is not None and journal.ended is not None:
+                try:
+                    monitor.finish()
+                except Exception as err:  # never the reason a run's records stop
+                    print(f"cl: warning: system metrics: {err}", file=sys.stderr)
+                monitor = None
+            with journal.changed:
+                journal.changed.notify_all()
+            continue
+        if stopped():
+            break
+        failing = deliverer.failing_for() or 0.0
+        patience = timeout * (1 if deliverer.outage else 10)
+        if not told and failing >= patience:  # said once per outage, within the timeout
+            print(f"cl: warning: {deliverer.pending_notice()}; training goes on", file=sys.stderr)
+            told = True
+        if not deliverer.outage:  # a lock, or the parent run about to be created: try again soon
+            time.sleep(0.01 if isinstance(deliverer.error, ParentNotCreated) else 0.1)
+            continue
+        time.sleep(min(backoff, max(timeout / 4, 0.05)) if not told else backoff)
+        backoff = min(backoff * 2, 5.0)  # a server back up is found within seconds
 
 
 class Deliverer:
@@ -492,6 +535,36 @@ class StoreWarmup:
                 raise TrackingError(f"MLflow store {self.tracking_uri or '(default)'} could not be opened: "
                                     f"{type(self._error).__name__}: {self._error}")
         return time.perf_counter() - t
+
+
+# The schemes of the stores MLflow itself opens; plugins add theirs as `mlflow.tracking_store` entry points.
+MLFLOW_SCHEMES = {"", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
+                  "databricks-uc", "uc"}
+
+
+def check_store_location(uri: str | None) -> None:
+    """Refuse, without importing MLflow, a store URI no MLflow store has the scheme of, and a
+    local SQLite store whose folder cannot be made or is not one: what would otherwise be found
+    only once MLflow is imported in the delivery process, after training started."""
+    if not uri:
+        return
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme not in MLFLOW_SCHEMES:
+        from importlib.metadata import entry_points
+
+        plugins = {e.name for e in entry_points(group="mlflow.tracking_store")}
+        if scheme not in plugins:
+            raise TrackingError(f"MLflow store {uri} could not be opened: no MLflow store has the scheme "
+                                f"'{scheme}' (known: {', '.join(sorted(MLFLOW_SCHEMES - {''} | plugins))})")
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder")
+    except OSError as err:
+        raise TrackingError(f"MLflow store {uri} could not be opened: {type(err).__name__}: {err}") from None
 
 
 def is_server(tracking_uri: str | None) -> bool:

@@ -49,15 +49,19 @@ def _not_found(name: str, looked: list[Path], how: str, cause: Exception | None 
 
 def digits(data_dir: str | None = None, test_fraction: float = 0.25) -> Dataset:
     """scikit-learn's 1,797 8x8 handwritten digits (UCI optdigits test set), split
-    stratified with a fixed seed so every run sees the same train/test split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
+    stratified with a fixed seed so every run sees the same train/test split: of each
+    class, round(n * test_fraction) samples drawn by `numpy.random.default_rng(0)` are
+    its test samples."""
+    images, target = _digits_arrays()
     # Pixel values are 0..16; scale to the uint8 range the image pipeline expects.
-    x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
-    y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=0)
+    x = np.rint(images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    y = target.astype(np.int64)
+    rng = np.random.default_rng(0)
+    test = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        test[rng.permutation(members)[: round(len(members) * test_fraction)]] = True
+    x_tr, y_tr, x_te, y_te = x[~test], y[~test], x[test], y[test]
     mean = float(x_tr.mean() / 255.0)
     std = float(x_tr.std() / 255.0)
     return Dataset(
@@ -67,6 +71,24 @@ def digits(data_dir: str | None = None, test_fraction: float = 0.25) -> Dataset:
         transform=BatchTransform(mean=[mean], std=[std]),
         class_names=[str(c) for c in range(10)],
     )
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The images (n, 8, 8) and labels of scikit-learn's bundled digits. Read from the file
+    `load_digits` reads (64 pixel columns, then the label), found without importing
+    scikit-learn: importing `sklearn.datasets` takes over a second (SciPy), thirty times the
+    read, on every process that starts with this dataset. `load_digits` if the file moved."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is not None and path.exists():
+        table = np.loadtxt(path, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images, bunch.target
 
 
 @lru_cache(maxsize=4)

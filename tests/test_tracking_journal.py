@@ -62,8 +62,9 @@ KILLER = textwrap.dedent("""
                 die()
             return original(obj, f, *args, **kwargs)
         checkpoint.torch.save = save
-    elif moment == "final":  # while the final plots are being delivered
+    elif moment == "final":  # while the final plots are being delivered, by a thread of the run's process
         import cl.tracking as tracking
+        os.environ["CL_TRACKING_DELIVERY"] = "thread"
         original = tracking.Deliverer._deliver_next
 
         def deliver_next(self):
@@ -72,6 +73,16 @@ KILLER = textwrap.dedent("""
                 die()
             return original(self)
         tracking.Deliverer._deliver_next = deliver_next
+    elif moment == "final-child":  # the final plots handed to the delivery child, not all delivered yet
+        import cl.tracking as tracking
+        os.environ["CL_TRACKING_DELIVERY"] = "process"
+        original = tracking.MLflowSink.log_artifact
+
+        def log_artifact(self, name, data):
+            original(self, name, data)
+            if name == "accuracy_matrix.png":
+                die()
+        tracking.MLflowSink.log_artifact = log_artifact
     from cl.cli import main
     sys.exit(main(argv))
 """)
@@ -107,7 +118,7 @@ def uninterrupted(tmp_path_factory):
     return json.loads(proc.stdout.strip().splitlines()[-1]), store_contents(uri)
 
 
-@pytest.mark.parametrize("moment", ["training", "checkpoint", "final"])
+@pytest.mark.parametrize("moment", ["training", "checkpoint", "final", "final-child"])
 def test_sigkill_at_any_moment_then_resume_gives_one_finished_run_with_every_metric_once(
         moment, uninterrupted, tmp_path):
     whole, whole_store = uninterrupted
@@ -207,7 +218,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def test_a_tracking_server_that_dies_mid_run_and_comes_back_gets_every_metric(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT).replace("epochs: 2", "epochs: 6"))  # long enough to kill under
+    path.write_text(textwrap.dedent(EXPERIMENT).replace("epochs: 2", "epochs: 12"))  # long enough to kill under
     reference = f"sqlite:///{tmp_path / 'reference.db'}"
     cl(str(path), "--tracking-uri", reference)  # the same run, uninterrupted
     port, db = _free_port(), f"sqlite:///{tmp_path / 'server.db'}"
