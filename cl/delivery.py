@@ -7,7 +7,7 @@ core. `cl run` starts this process first thing (`prestart`), before it imports t
 the child imports MLflow and opens the store while the parent loads the data and
 trains, and the parent's sinks only append records to their journals (`cl.journal`).
 
-The child follows each journal it is told to watch (`Journal(follow=True)`), delivers
+The child follows each journal it is told to watch (`Journal(follow=True)`: it reads the records, and notes its progress in `state.json`), delivers
 its records with the same `Deliverer` and retry loop as a sink's thread, and reports
 each journal's progress (records delivered, run id, the store's error) on its standard
 output; the parent's sink waits on those reports when the run ends, exactly as it
@@ -39,11 +39,21 @@ _service: "DeliveryProcess | None" = None
 _lock = threading.Lock()
 
 
+_auto: bool | None = None  # the automatic choice, made once per process
+
+
 def wanted() -> bool:
+    """Whether this process delivers through a child. Set by `CL_TRACKING_DELIVERY`; else chosen
+    once, on first use (MLflow imported later in the run, by `--log-model` say, changes nothing)."""
+    global _auto
     mode = os.environ.get(MODE_ENV, "").strip().lower()
     if mode not in ("", "process", "thread"):
         raise ValueError(f"{MODE_ENV}={mode!r}: expected 'process' or 'thread'")
-    return mode == "process" or (mode == "" and "mlflow" not in sys.modules)
+    if mode:
+        return mode == "process"
+    if _auto is None:
+        _auto = "mlflow" not in sys.modules
+    return _auto
 
 
 def prestart(tracking_uri: str | None = None, timeout: float | None = None) -> None:
@@ -71,10 +81,14 @@ class DeliveryProcess:
     """The parent's handle on the child: sends commands, keeps its reports."""
 
     def __init__(self):
+        import atexit
+
         self.pid = os.getpid()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # The child imports `cl` as this process does, wherever that came from (a notebook's sys.path).
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.proc = subprocess.Popen([sys.executable, "-m", "cl.delivery"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+        atexit.register(self.close)
         self.stores: dict[str, dict] = {}  # uri -> the child's report on opening it
         self.on_store = None  # called with (uri, report) when the child has tried a store
         self._watching: dict[str, ChildDelivery] = {}
@@ -86,6 +100,13 @@ class DeliveryProcess:
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def close(self) -> None:
+        """Let the child go (it ends once its deliveries have stopped)."""
+        try:
+            self.proc.stdin.close()
+        except (OSError, ValueError):
+            pass
 
     def send(self, **command) -> None:
         with self._send_lock:
@@ -110,7 +131,7 @@ class DeliveryProcess:
         return self.stores.get(key)
 
     def watch(self, journal, uri, parent_journal, timeout, system_metrics_s, resumed) -> "ChildDelivery":
-        worker = ChildDelivery(self, journal, uri)
+        worker = ChildDelivery(self, journal, uri, timeout)
         self._watching[str(journal.folder)] = worker
         self.send(op="watch", folder=str(journal.folder), uri=uri, timeout=timeout, system_metrics_s=system_metrics_s,
                   resumed=resumed, parent=str(parent_journal.folder) if parent_journal is not None else None)
@@ -139,12 +160,11 @@ class DeliveryProcess:
 
 
 class ChildDelivery:
-    """One journal delivered by the child, seen from the parent: what `MLflowSink` asks of
-    its worker (alive, failing_for, outage, pending_notice, stop)."""
+    """One journal delivered by the child, seen from the parent: a `cl.tracking.DeliveryWorker`."""
 
-    def __init__(self, service: DeliveryProcess, journal, uri: str | None):
-        self.service, self.journal, self.tracking_uri = service, journal, uri
-        self.error: str | None = None
+    def __init__(self, service: DeliveryProcess, journal, uri: str | None, timeout: float):
+        self.service, self.journal, self.tracking_uri, self.timeout = service, journal, uri, timeout
+        self.error: BaseException | None = None
         self._outage = False
         self._failing_since: float | None = None
         self._notice = ""
@@ -162,7 +182,8 @@ class ChildDelivery:
             if "delivered" in report:
                 journal.state.update({k: report[k] for k in ("delivered", "run_id", "experiment_id")
                                       if report.get(k) is not None})
-                self.error, self._outage = report.get("error"), bool(report.get("outage"))
+                self.error = RuntimeError(report["error"]) if report.get("error") else None
+                self._outage = bool(report.get("outage"))
                 self._failing_since, self._notice = report.get("failing_since"), report.get("notice") or ""
             journal.changed.notify_all()
 
@@ -186,9 +207,10 @@ class ChildDelivery:
         return self._notice
 
     def stop(self) -> None:
-        """The child stops delivering this journal (after the attempt under way) and lets it go."""
+        """The child stops delivering this journal (after the attempt under way, waited for as
+        long as a thread's would be) and lets it go."""
         self.service.send(op="stop", folder=str(self.journal.folder))
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + self.timeout
         while self.service.alive and not self._stopped.wait(0.05) and time.monotonic() < deadline:
             pass
         self.service._watching.pop(str(self.journal.folder), None)
@@ -210,11 +232,11 @@ class _Child:
             return
         with self._out:
             try:
-                sys.stdout.write(json.dumps(fields, default=str) + "\n")
-                sys.stdout.flush()
+                self._reports.write(json.dumps(fields, default=str) + "\n")
+                self._reports.flush()
             except (BrokenPipeError, OSError, ValueError):  # the parent is gone: nobody to tell
                 self.parent_gone = True
-                sys.stdout = open(os.devnull, "w")
+                self._reports = open(os.devnull, "w")
 
     def main(self) -> int:
         import signal
@@ -223,19 +245,26 @@ class _Child:
         # KILLED, and those records still need delivering). The child ends when the parent does.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # The reports get standard output to themselves: what libraries print (MLflow's "View run
+        # ..." lines) goes to standard error, where the user sees it.
+        self._reports = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
         threading.Thread(target=self._follow, name="journal-follower", daemon=True).start()
         for line in sys.stdin:
             try:
                 command = json.loads(line)
-            except ValueError:
-                continue
-            op = command.pop("op", None)
-            if op == "open":
-                threading.Thread(target=self._open, kwargs=command, daemon=True).start()
-            elif op == "watch":
-                self._watch(**command)
-            elif op == "stop":
-                self._stop(command["folder"])
+                op = command.pop("op", None)
+                if op == "open":
+                    threading.Thread(target=self._open, kwargs=command, daemon=True).start()
+                elif op == "watch":
+                    self._watch(**command)
+                elif op == "stop":
+                    self._stop(command["folder"])
+            except Exception as err:  # one bad command never stops the others' deliveries
+                print(f"cl: warning: delivery: {type(err).__name__}: {err}", file=sys.stderr)
+                if isinstance(command, dict) and command.get("folder"):
+                    self.report(folder=command["folder"], stopped=True)
         # The parent closed its end (it ended, or died): stop every delivery where it stands.
         self.parent_gone = True
         for folder in list(self.journals):
@@ -243,14 +272,15 @@ class _Child:
         return 0
 
     def _open(self, uri: str | None, timeout: float | None) -> None:
-        from cl.tracking import TrackingError, StoreWarmup, is_server
+        from cl.tracking import StoreWarmup, TrackingError
 
         warmup = StoreWarmup(uri, timeout) if timeout is not None else StoreWarmup(uri)
         try:
             warmup.wait()
             unreachable = warmup.unreachable
             self.report(store=uri, ok=unreachable is None, unreachable=unreachable is not None,
-                        error=None if unreachable is None else f"{type(unreachable).__name__}: {unreachable}")
+                        error=None if unreachable is None else f"{type(unreachable).__name__}: {unreachable}",
+                        error_type=None if unreachable is None else type(unreachable).__name__)
         except TrackingError as err:
             self.report(store=uri, ok=False, unreachable=False, error=str(err))
 
@@ -271,11 +301,19 @@ class _Child:
             self._progress(folder, deliverer)
 
         def run():
-            deliver_loop(deliverer, timeout, lambda: folder in self.stopped, system_metrics_s, resumed,
-                         on_attempt=progress)
-            progress()
-            journal.close()
-            self.report(folder=folder, stopped=True)
+            try:
+                deliver_loop(deliverer, timeout, lambda: folder in self.stopped or self.parent_gone,
+                             system_metrics_s, resumed, on_attempt=progress)
+                progress()
+            except Exception as err:  # reported, never a silent end the parent would wait on
+                print(f"cl: warning: delivering {folder}: {type(err).__name__}: {err}", file=sys.stderr)
+            finally:
+                journal.close()
+                # Forgotten once stopped (a long-lived process watches many); the child runs of a
+                # parent still hold its journal.
+                if self.journals.get(folder) is journal:
+                    del self.journals[folder], self.deliverers[folder]
+                self.report(folder=folder, stopped=True)
 
         thread = threading.Thread(target=run, name=f"deliver-{os.path.basename(folder)}", daemon=True)
         deliverer.thread = thread
@@ -291,15 +329,14 @@ class _Child:
 
     def _stop(self, folder: str, join: bool = False) -> None:
         self.stopped.add(folder)
-        journal = self.journals.get(folder)
+        journal, deliverer = self.journals.get(folder), self.deliverers.get(folder)
         if journal is None:
             self.report(folder=folder, stopped=True)
             return
-        journal.refresh()
         with journal.changed:
             journal.changed.notify_all()
-        if join:
-            self.deliverers[folder].thread.join(timeout=5)
+        if join and deliverer is not None:
+            deliverer.thread.join(timeout=5)
 
     def _follow(self) -> None:
         """Take in what the parent appends to the journals (a look every 20 ms is cheap: a stat)."""
@@ -313,8 +350,11 @@ class _Child:
                 except OSError:
                     continue
                 if sizes.get(folder) != size:
-                    sizes[folder] = size
-                    journal.refresh()
+                    try:
+                        journal.refresh()
+                        sizes[folder] = size
+                    except Exception as err:  # tried again at the next look
+                        print(f"cl: warning: reading {folder}: {err}", file=sys.stderr)
             time.sleep(0.02)
 
 

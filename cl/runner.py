@@ -8,6 +8,7 @@ import os
 import random
 import re
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -146,10 +147,12 @@ class Invocation:
                     if warmup is not None:
                         # Seconds the experiment waited for MLflow's import and store after the data was loaded.
                         setup_s = warmup.wait()
-                        self._store_unreachable(warmup.unreachable)
+                        self._store_unreachable(None if warmup.unreachable is None
+                                                else type(warmup.unreachable).__name__)
                     if self.parent_key is None:  # the parent opens with the first seed's stream
                         self._open_parent()
                 for label, specs in self.runs.items():
+                    self._store_failed()
                     results.append(self._run_one(cfg_s, stream, label, specs))
         except BaseException as err:
             self._close_parent(results, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
@@ -171,9 +174,13 @@ class Invocation:
         if service is None:
             return StoreWarmup(self.tracking_uri, self.timeout)
 
+        told = threading.Lock()  # said once, by whichever comes first: the report or this look
+
         def reported(uri, report):
+            if (uri or "") != (self.tracking_uri or "") or not told.acquire(blocking=False):
+                return
             if report.get("unreachable"):
-                self._store_unreachable(report["error"])
+                self._store_unreachable(report["error_type"])
             elif not report.get("ok"):
                 print(f"cl: warning: {report['error']}; the runs go on, their records wait in "
                       f"{self.journal_folder('parent').parent} (`cl sync --tracking-uri URI` delivers them "
@@ -185,9 +192,17 @@ class Invocation:
             reported(self.tracking_uri, report)
         return None
 
-    def _store_unreachable(self, err) -> None:
-        if err is not None:
-            kind = type(err).__name__ if isinstance(err, BaseException) else str(err).split(":")[0]
+    def _store_failed(self) -> None:
+        """Before a run trains: a store the delivery child could not open at all stops the
+        invocation here, as the thread's wait for it does before the first run (what ran is in
+        the journals)."""
+        service = delivery.service(self.tracking_uri, self.timeout) if self.track else None
+        report = service.store_report(self.tracking_uri) if service is not None else None
+        if report and not report.get("ok") and not report.get("unreachable"):
+            raise TrackingError(report["error"])
+
+    def _store_unreachable(self, kind: str | None) -> None:
+        if kind is not None:
             print(f"cl: warning: MLflow server {self.tracking_uri} does not answer ({kind}); "
                   f"the runs go on, their records wait in {self.journal_folder('parent').parent} and are "
                   f"delivered when it answers (or by `cl sync`)", file=sys.stderr)

@@ -17,6 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 from tqdm import tqdm
 
@@ -77,7 +78,12 @@ class MLflowSink:
         local_parent = parent if isinstance(parent, MLflowSink) else None  # else a key: another process's
         from cl import delivery
 
-        service = delivery.service(tracking_uri)
+        # A child run is delivered where its parent run is (the child's creation needs the parent's id).
+        if local_parent is not None:
+            service = getattr(local_parent._deliverer, "service", None)
+        else:
+            service = delivery.service(tracking_uri, timeout)
+        self._deliverer: DeliveryWorker
         if service is not None:  # MLflow is imported and the store opened in a child process
             self._deliverer = service.watch(journal, tracking_uri, local_parent.journal if local_parent else None,
                                             timeout, system_metrics_s, self._resumed)
@@ -183,6 +189,25 @@ class MLflowSink:
         raise TrackingError(notice)
 
 
+class DeliveryWorker(Protocol):
+    """What a sink asks of whoever delivers its journal: `ThreadDelivery` here, or
+    `cl.delivery.ChildDelivery` (the delivery child)."""
+
+    error: BaseException | None  # the store's last error, None once a delivery succeeds
+
+    @property
+    def alive(self) -> bool: ...  # still delivering
+
+    @property
+    def outage(self) -> bool: ...  # the store does not answer (a run's end waits 1x the timeout, not 10x)
+
+    def failing_for(self) -> float | None: ...  # seconds the store has been failing, or None
+
+    def pending_notice(self) -> str: ...  # what waits, where, and how to deliver it
+
+    def stop(self) -> None: ...  # stop after the attempt under way and let the journal go
+
+
 class ThreadDelivery:
     """Delivers one journal from a thread of this process (the sink's worker)."""
 
@@ -192,6 +217,7 @@ class ThreadDelivery:
         self.deliverer = Deliverer(journal, tracking_uri, parent.journal if parent else None)
         self.deliverer.parent_deliverer = parent.deliverer if parent else None
         self._stopped = False
+        self.deliverer.should_stop = lambda: self._stopped
         self._thread = threading.Thread(target=deliver_loop, name="mlflow-sink", daemon=True,
                                         args=(self.deliverer, timeout, lambda: self._stopped, system_metrics_s, resumed))
         self._thread.start()
@@ -229,7 +255,8 @@ def deliver_loop(deliverer: "Deliverer", timeout: float, stopped, system_metrics
     MLflow's system-metrics monitor on the run while it is open. `on_attempt()` after each
     attempt to deliver (the delivery child reports its progress there)."""
     journal = deliverer.journal
-    monitor, told, backoff = None, False, 0.5
+    deliverer.should_stop = stopped  # checked between records: a stop comes after the record under way
+    monitor, told, backoff, parent_wait = None, False, 0.5, 0.01
     while True:
         with journal.changed:
             while not journal.pending and not stopped():
@@ -240,7 +267,7 @@ def deliver_loop(deliverer: "Deliverer", timeout: float, stopped, system_metrics
         if on_attempt is not None:
             on_attempt()
         if delivered:
-            told, backoff = False, 0.5
+            told, backoff, parent_wait = False, 0.5, 0.01
             run_id = journal.state.get("run_id")
             if monitor is None and system_metrics_s and run_id:
                 monitor = _start_system_metrics(run_id, system_metrics_s, deliverer.tracking_uri, resume=resumed)
@@ -260,8 +287,12 @@ def deliver_loop(deliverer: "Deliverer", timeout: float, stopped, system_metrics
         if not told and failing >= patience:  # said once per outage, within the timeout
             print(f"cl: warning: {deliverer.pending_notice()}; training goes on", file=sys.stderr)
             told = True
-        if not deliverer.outage:  # a lock, or the parent run about to be created: try again soon
-            time.sleep(0.01 if isinstance(deliverer.error, ParentNotCreated) else 0.1)
+        if isinstance(deliverer.error, ParentNotCreated):  # created any moment now, or held up
+            time.sleep(parent_wait)
+            parent_wait = min(parent_wait * 2, 0.2)
+            continue
+        if not deliverer.outage:  # a lock: try again soon
+            time.sleep(0.1)
             continue
         time.sleep(min(backoff, max(timeout / 4, 0.05)) if not told else backoff)
         backoff = min(backoff * 2, 5.0)  # a server back up is found within seconds
@@ -275,6 +306,7 @@ class Deliverer:
         self.journal, self.tracking_uri, self.parent = journal, tracking_uri, parent
         self.error: BaseException | None = None
         self.parent_deliverer: Deliverer | None = None  # set by the sink: whose failure a child's wait is
+        self.should_stop = lambda: False  # set by the delivery loop
         self._failing_since: float | None = None
         self._client = None
 
@@ -312,6 +344,8 @@ class Deliverer:
                 _quiet_mlflow()
                 self._client = MlflowClient(self.tracking_uri)
             while self.journal.pending:
+                if self.should_stop():
+                    return False
                 self._deliver_next()
         except Exception as err:  # the store is down, locked, or refused: try again later
             self.error = err

@@ -118,3 +118,22 @@ def test_digits_are_scikit_learns_bundled_digits_split_stratified_and_fixed():
     counts = np.bincount(first.test.y.numpy(), minlength=10)
     per_class = np.bincount(target, minlength=10)
     assert np.array_equal(counts, np.round(per_class * 0.25).astype(int))  # a quarter of each class
+
+
+def test_mlflow_imported_mid_invocation_keeps_every_run_with_the_delivery_child(tmp_path, journal_dir):
+    """`--log-model` imports MLflow into the run's process after the first run started with the
+    delivery child; the second run (and the parent) must still be delivered by that child."""
+    import os
+
+    path = write_experiment(tmp_path, SMALL.replace("strategies: [naive]", "runs:\n  a: [naive]\n  b: [naive]"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "CL_TRACKING_DELIVERY"}
+    out = probe("run", str(path), "--tracking-uri", uri, "--no-progress", "--log-model", env=env)
+    assert out["code"] == 0
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("fast-start").experiment_id])
+    assert sorted((r.data.tags.get("cl.role", "child"), r.info.status) for r in runs) == \
+        [("child", "FINISHED"), ("child", "FINISHED"), ("parent", "FINISHED")]
+    for run in runs:
+        if run.data.tags.get("cl.role") != "parent":
+            assert "model" in {a.path for a in client.list_artifacts(run.info.run_id)}
