@@ -342,7 +342,10 @@ class Deliverer:
                 from mlflow.tracking import MlflowClient
 
                 _quiet_mlflow()
-                self._client = MlflowClient(self.tracking_uri)
+                # Opening a fresh store creates its schema: under the store's lock, or processes
+                # started together (and the delivery child's warm-up) race to migrate it.
+                with sqlite_store_lock(self.tracking_uri):
+                    self._client = MlflowClient(self.tracking_uri)
             while self.journal.pending:
                 if self.should_stop():
                     return False
