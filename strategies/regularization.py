@@ -340,23 +340,7 @@ class MAS(_QuadraticPenalty):
         self.importance: dict[str, torch.Tensor] | None = None
 
     def after_experience(self, ctx: Context, data: TensorData) -> None:
-        model, b = ctx.model, self.importance_batch_size
-
-        def sq_norm(params, buffers, x, t):
-            # One group of b samples: the mean over it of ||F(x)||^2 (b = 1: one sample's).
-            args = (x, t) if getattr(model, "uses_task_labels", False) else (x,)
-            return functional_call(model, (params, buffers), args).pow(2).sum(-1).mean()
-
-        per_group = vmap(grad(sq_norm), in_dims=(None, None, 0, 0))
-
-        def score(params, buffers, x, t, y):
-            n = len(x) // b * b  # whole groups of b; the remainder is dropped
-            xs, ts = x[:n].unflatten(0, (-1, b)), t[:n].unflatten(0, (-1, b))
-            # Each group's importance counts once per sample in it, so the mean is over samples.
-            return {k: v.abs().repeat_interleave(b, 0) for k, v in per_group(params, buffers, xs, ts).items()}
-
-        new = per_sample_importance(ctx, ctx.experience.train, score, max_samples=self.importance_samples,
-                                    generator=self.rng, batch_size=max(64, b) // b * b)
+        new = self._per_sample(ctx) if self.importance_batch_size == 1 else self._per_group(ctx)
         if self.importance is None:
             self.importance = new
         elif self.decay is None:
@@ -365,6 +349,44 @@ class MAS(_QuadraticPenalty):
             a = self.decay
             self.importance = {n: a * self.importance[n] + (1 - a) * new[n] for n in new}
         self.set_anchor(self.importance, _weights(ctx))
+
+    def _per_group(self, ctx: Context) -> dict[str, torch.Tensor]:
+        """|gradient of a group's mean ||F(x)||^2|, averaged over the whole groups of b samples:
+        one ordinary backward pass per group (what a per-sample vmap would do b times over)."""
+        data, b = ctx.experience.train, self.importance_batch_size
+        params = _trainable(ctx.model)
+        total = {n: torch.zeros_like(p) for n, p in params.items()}
+        index = _subset_index(len(data), self.importance_samples, self.rng)
+        index = index[: len(index) // b * b]  # whole groups; the remainder is dropped
+        with eval_mode(ctx.model):
+            try:
+                for start in range(0, len(index), b):
+                    rows = index[start:start + b]
+                    ctx.model.zero_grad(set_to_none=True)
+                    out = ctx.forward(ctx.prepare(data.x[rows]), data.t[rows].to(ctx.device))
+                    out.pow(2).sum(-1).mean().backward()
+                    for n, p in params.items():
+                        if p.grad is not None:
+                            total[n] += p.grad.detach().abs()
+            finally:
+                ctx.model.zero_grad(set_to_none=True)
+        groups = max(len(index) // b, 1)
+        return {n: v / groups for n, v in total.items()}
+
+    def _per_sample(self, ctx: Context) -> dict[str, torch.Tensor]:
+        """The paper's equation: the mean over samples of |d ||F(x_k)||^2 / d theta|."""
+        model = ctx.model
+
+        def sq_norm(params, buffers, x, t):
+            return _call(model, params, buffers, x, t).pow(2).sum()
+
+        per_sample = vmap(grad(sq_norm), in_dims=(None, None, 0, 0))
+
+        def score(params, buffers, x, t, y):
+            return {k: v.abs() for k, v in per_sample(params, buffers, x, t).items()}
+
+        return per_sample_importance(ctx, ctx.experience.train, score, max_samples=self.importance_samples,
+                                     generator=self.rng)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "importance": self.importance}
