@@ -110,6 +110,7 @@ class Invocation:
         self.checkpoint_dir, self.resume = checkpoint_dir, resume
         self.id = uuid.uuid4().hex[:8]  # tells reruns of one file apart in the store
         self.parent: MLflowSink | None = None
+        self.delivery: delivery.DeliveryProcess | None = None  # the delivery child, where there is one
         self.system_metrics_s: float | None = None
         self.log_model = False
         self.timeout = DEFAULT_TIMEOUT_S
@@ -170,7 +171,7 @@ class Invocation:
         a thread, waited for once the data is loaded. A local store whose folder cannot be made
         is refused here, before anything trains."""
         check_store_location(self.tracking_uri)
-        service = delivery.service(self.tracking_uri, self.timeout)
+        service = self.delivery = delivery.service(self.tracking_uri, self.timeout)
         if service is None:
             return StoreWarmup(self.tracking_uri, self.timeout)
 
@@ -196,8 +197,7 @@ class Invocation:
         """Before a run trains: a store the delivery child could not open at all stops the
         invocation here, as the thread's wait for it does before the first run (what ran is in
         the journals)."""
-        service = delivery.service(self.tracking_uri, self.timeout) if self.track else None
-        report = service.store_report(self.tracking_uri) if service is not None else None
+        report = self.delivery.store_report(self.tracking_uri) if self.delivery is not None else None
         if report and not report.get("ok") and not report.get("unreachable"):
             raise TrackingError(report["error"])
 

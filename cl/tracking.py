@@ -65,7 +65,6 @@ class MLflowSink:
         self.journal, self.tracking_uri, self.timeout = journal, tracking_uri, timeout
         self.blocked_s = 0.0  # time the caller spent in this sink: what tracking costs the run
         self._remove = remove_when_delivered
-        self._system_metrics_s = system_metrics_s  # sample CPU/GPU use and memory this often (needs psutil)
         self._resumed = journal.created
         if not journal.created:
             journal.append("create", experiment=experiment_name, name=run_name, tracking_uri=tracking_uri,
@@ -217,7 +216,6 @@ class ThreadDelivery:
         self.deliverer = Deliverer(journal, tracking_uri, parent.journal if parent else None)
         self.deliverer.parent_deliverer = parent.deliverer if parent else None
         self._stopped = False
-        self.deliverer.should_stop = lambda: self._stopped
         self._thread = threading.Thread(target=deliver_loop, name="mlflow-sink", daemon=True,
                                         args=(self.deliverer, timeout, lambda: self._stopped, system_metrics_s, resumed))
         self._thread.start()

@@ -105,24 +105,31 @@ def _subset_index(n: int, max_samples: int | None, generator) -> torch.Tensor:
 
 
 def _batched_fisher(ctx: Context, data: TensorData, batch_size: int, max_samples, generator):
+    index = _subset_index(len(data), max_samples, generator)
+    return _grouped_gradients(ctx, data, index, batch_size, F.cross_entropy, lambda grad: grad ** 2)
+
+
+def _grouped_gradients(ctx: Context, data: TensorData, index: torch.Tensor, group: int, loss, reduce
+                       ) -> dict[str, torch.Tensor]:
+    """The mean over groups of `group` rows of `reduce(gradient of loss(logits, y))`: one ordinary
+    backward pass per group, in eval mode (no dropout noise in the estimate)."""
     params = _trainable(ctx.model)
     total = {n: torch.zeros_like(p) for n, p in params.items()}
-    index = _subset_index(len(data), max_samples, generator)
-    n_batches = 0
+    n_groups = 0
     with eval_mode(ctx.model):
         try:
-            for start in range(0, len(index), batch_size):
-                rows = index[start:start + batch_size]
+            for start in range(0, len(index), group):
+                rows = index[start:start + group]
                 ctx.model.zero_grad(set_to_none=True)
                 logits = ctx.forward(ctx.prepare(data.x[rows]), data.t[rows].to(ctx.device))
-                F.cross_entropy(logits, data.y[rows].to(ctx.device)).backward()
+                loss(logits, data.y[rows].to(ctx.device)).backward()
                 for n, p in params.items():
                     if p.grad is not None:
-                        total[n] += p.grad.detach() ** 2
-                n_batches += 1
+                        total[n] += reduce(p.grad.detach())
+                n_groups += 1
         finally:
             ctx.model.zero_grad(set_to_none=True)
-    return {n: v / max(n_batches, 1) for n, v in total.items()}
+    return {n: v / max(n_groups, 1) for n, v in total.items()}
 
 
 class _QuadraticPenalty(Strategy):
@@ -354,24 +361,10 @@ class MAS(_QuadraticPenalty):
         """|gradient of a group's mean ||F(x)||^2|, averaged over the whole groups of b samples:
         one ordinary backward pass per group (what a per-sample vmap would do b times over)."""
         data, b = ctx.experience.train, self.importance_batch_size
-        params = _trainable(ctx.model)
-        total = {n: torch.zeros_like(p) for n, p in params.items()}
         index = _subset_index(len(data), self.importance_samples, self.rng)
         index = index[: len(index) // b * b]  # whole groups; the remainder is dropped
-        with eval_mode(ctx.model):
-            try:
-                for start in range(0, len(index), b):
-                    rows = index[start:start + b]
-                    ctx.model.zero_grad(set_to_none=True)
-                    out = ctx.forward(ctx.prepare(data.x[rows]), data.t[rows].to(ctx.device))
-                    out.pow(2).sum(-1).mean().backward()
-                    for n, p in params.items():
-                        if p.grad is not None:
-                            total[n] += p.grad.detach().abs()
-            finally:
-                ctx.model.zero_grad(set_to_none=True)
-        groups = max(len(index) // b, 1)
-        return {n: v / groups for n, v in total.items()}
+        return _grouped_gradients(ctx, data, index, b, lambda logits, y: logits.pow(2).sum(-1).mean(),
+                                  torch.abs)
 
     def _per_sample(self, ctx: Context) -> dict[str, torch.Tensor]:
         """The paper's equation: the mean over samples of |d ||F(x_k)||^2 / d theta|."""
