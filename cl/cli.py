@@ -1,4 +1,4 @@
-"""Command line: `cl run FILE`, `cl compare`, `cl ui`, `cl describe FILE`, `cl schedules FILE`, `cl streams`,
+"""Command line: `cl run FILE`, `cl pretrain FILE`, `cl compare`, `cl ui`, `cl describe FILE`, `cl schedules FILE`, `cl streams`,
 `cl strategies`, `cl models`, `cl datasets`."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 
 def _tracking_uri_option(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +42,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="also log each run's final model as an MLflow model (runs:/<run id>/model)")
     run.add_argument("--seeds", default=None, metavar="S[,S]",
                      help="run every run of the file once per seed, e.g. --seeds 0,1,2 (the file's 'seeds')")
+    pre = sub.add_parser("pretrain", help="train a backbone supervised on a dataset (or some of its classes) and "
+                                          "save its weights for experiments (model.weights)")
+    pre.add_argument("file", help="pre-training YAML file")
+    pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key, e.g. --set training.epochs=2 --set output=/tmp/w.safetensors")
+    pre.add_argument("--json", action="store_true", help="end standard output with one JSON object of the results")
+    _tracking_uri_option(pre)
+    pre.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    pre.add_argument("--no-progress", action="store_true", help="no line per epoch")
+    pre.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
     for name in ("strategies", "models", "datasets", "scenarios"):
         listing = sub.add_parser(name, help=f"list the registered {name}, or show one in full")
@@ -88,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("folders", nargs="*", help="journal folders, or folders holding them: checkpoint folders, "
                                                  "./cl-journal (default: CL_JOURNAL_DIR, else ./cl-journal)")
     sync.add_argument("--tracking-uri", default=None, help="deliver here instead of the store each run names")
-    for command in (run, describe, schedules, compare, ui, sync, sweep):  # `cl run FILE --debug` as well as `cl --debug run FILE`
+    for command in (run, describe, schedules, compare, ui, sync, sweep, pre):  # `cl run FILE --debug` as well as `cl --debug run FILE`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an error, not just its message")
     return p
@@ -367,6 +378,26 @@ def _run(args) -> int:
     return 1 if failed else 0
 
 
+def _pretrain(args) -> int:
+    from cl.pretrain import load_pretrain, pretrain
+    from cl.tracking import default_tracking_uri
+
+    cfg, source = load_pretrain(args.file, args.overrides)
+    out = pretrain(cfg, source, tracking_uri=args.tracking_uri or default_tracking_uri(), track=not args.no_track,
+                   overwrite=args.overwrite, progress=False if args.no_progress else None)
+    print(f"{cfg.name}: {cfg.model.name} on {cfg.dataset.name} classes {out['classes']}: held-out accuracy "
+          f"{out['test_accuracy']:.4f} on {out['test_samples']} test samples after {len(out['epochs'])} epochs "
+          f"({out['train_time_s']:.0f} s training)")
+    print(f"weights: {out['output']}")
+    if out["mlflow_run_id"]:
+        print(f"MLflow run: {out['mlflow_run_id']} (the weights are its artifact model/{Path(out['output']).name})")
+    if args.json:
+        from cl.runner import json_safe
+
+        print(json.dumps(json_safe(out), allow_nan=False))
+    return 0
+
+
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(part) for part in text.split(",") if part.strip()]
@@ -437,6 +468,8 @@ def _main(args) -> int:
             return _sync(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "pretrain":
+            return _pretrain(args)
         if args.command == "streams":
             return _streams()
         return _list(args.command, args.name)

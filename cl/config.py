@@ -403,9 +403,18 @@ def _validate_components(cfg: ExperimentConfig, source: str) -> None:
     elif cfg.stream.dataset is not None:
         raise ConfigError(f"{source}: stream.dataset: scenario '{cfg.stream.scenario.name}' takes its datasets "
                           f"as its own argument; remove stream.dataset")
+    from cl.models import lab_loads_weights
+
+    # `weights` is a file the lab loads into the built model (cl.models.load_backbone_weights),
+    # unless the model's class takes a `weights` argument itself.
     if cfg.model.name in MODELS or ":" in cfg.model.name:
-        args = {k: v for k, v in cfg.model.args.items() if k != "multihead"}
-        coerce_arguments(resolve(MODELS, cfg.model, "model"), args, "model", source, MODEL_INJECTED)
+        cls = resolve(MODELS, cfg.model, "model")
+        lab_args = {"multihead"} | ({"weights"} if lab_loads_weights(cfg.model.name) else set())
+        args = {k: v for k, v in cfg.model.args.items() if k not in lab_args}
+        coerce_arguments(cls, args, "model", source, MODEL_INJECTED)
+    weights = cfg.model.args.get("weights")
+    if weights is not None and not isinstance(weights, str) and lab_loads_weights(cfg.model.name):
+        raise ConfigError(f"{source}: model.weights: expected the path of a weights file, got {weights!r}")
     for label, specs in cfg.run_specs().items():
         for i, spec in enumerate(specs):
             where = f"runs.{label}.{i}" if cfg.runs is not None else f"strategies.{i}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -182,11 +183,116 @@ class MultiHeadClassifier(nn.Module):
         return self.forward_head(self.forward_features(x), t=t)
 
 
+DEFAULT_WEIGHTS_DIR = Path.home() / ".cache" / "cl-lab" / "weights"
+
+
+def weights_root() -> Path:
+    """The folder that holds pre-trained weights files: `CL_WEIGHTS_DIR`, else
+    ~/.cache/cl-lab/weights. `cl pretrain` writes a relative `output` there, and a relative
+    `weights:` not found in the working directory is looked up there, so an experiment file
+    names its weights the same way on every machine."""
+    env = os.environ.get("CL_WEIGHTS_DIR")
+    return Path(env).expanduser() if env else DEFAULT_WEIGHTS_DIR
+
+
+def resolve_weights(weights: str | os.PathLike, model_name: str = "") -> Path:
+    """The weights file `weights` names: an absolute (or ~) path as it is; a relative one in
+    the working directory, else in `weights_root()`."""
+    path = Path(weights).expanduser()
+    if path.is_absolute() or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file for '{model_name}' not found: {path}")
+        return path
+    in_root = weights_root() / path
+    if in_root.is_file():
+        return in_root
+    raise FileNotFoundError(f"weights file for '{model_name}' not found: {weights} (looked in the working "
+                            f"directory {Path.cwd()} and in the weights folder {weights_root()}, set by "
+                            f"CL_WEIGHTS_DIR)")
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with the length of its JSON header (8 bytes, little-endian),
+    then the header itself; a torch file is a zip (or a pickle)."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a weights file and its metadata (empty for a torch file): a safetensors
+    file (what `cl pretrain` writes; safe to read from anyone) or a torch state dict, read
+    with `weights_only=True` (possibly under a 'state_dict' or 'model' key)."""
+    if _is_safetensors(path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as err:  # SafetensorError, or an OSError on a header that lies about sizes
+            raise ValueError(f"weights file {path} is not a readable safetensors file "
+                             f"(corrupt or truncated?): {err}") from err
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"weights file {path} is not a readable torch state dict: {err}") from err
+    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights file {path} holds no state dict of tensors")
+    return state, {}
+
+
+def classifier_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the model's classifier (`get_classifier()`; none for a model
+    without timm's API, whose every tensor then has to fit)."""
+    if not hasattr(model, "get_classifier"):
+        return set()
+    head = model.get_classifier()
+    prefixes = [f"{name}." for name, m in model.named_modules() if m is head]
+    return {k for k in model.state_dict() if any(k.startswith(p) for p in prefixes)}
+
+
+def load_backbone_weights(model: nn.Module, weights: str | os.PathLike, model_name: str = "") -> Path:
+    """Load a weights file into `model`, all but its classifier: the stored one was trained
+    for other classes, so the model keeps its fresh head. Every other tensor must be there
+    with the model's shape; otherwise a ValueError names the file (and the architecture its
+    metadata says it holds). Returns the file's path."""
+    path = resolve_weights(weights, model_name)
+    state, meta = read_weights(path)
+    holds = f" (it holds {meta['architecture']})" if "architecture" in meta else ""
+    head = classifier_keys(model)
+    state = {k: v for k, v in state.items() if k not in head}
+    own = model.state_dict()
+    unexpected = sorted(k for k in state if k not in own)
+    missing = sorted(k for k in own if k not in head and k not in state)
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    for what, keys in (("keys model '%s' lacks" % model_name, unexpected), ("no values for", missing),
+                       ("tensors of other shapes than the model's", wrong)):
+        if keys:
+            raise ValueError(f"weights file {path} does not fit model '{model_name}'{holds}: {what}: {keys[:5]}")
+    model.load_state_dict(state, strict=False)
+    return path
+
+
+def lab_loads_weights(name: str) -> bool:
+    """Whether a model's `weights` argument is a file the lab loads (`load_backbone_weights`):
+    for timm names and the lab's models, not for a class that takes `weights` itself."""
+    from cl.registry import MODELS as registry
+
+    if name in registry or ":" in name:
+        return "weights" not in inspect.signature(registry.get(name)).parameters
+    return True
+
+
 def create_timm_model(name: str, n_classes: int, input_shape: Sequence[int], pretrained: bool = False,
                       weights: str | None = None, **kwargs) -> nn.Module:
     """A timm model with a fresh `n_classes` head. `pretrained=True` takes timm's
-    hub weights (needs internet); `weights` loads a local checkpoint file instead
-    (a state dict, e.g. downloaded once elsewhere), ignoring its classifier."""
+    hub weights (needs internet); `weights` loads a local file instead (a safetensors
+    file as `cl pretrain` writes, or a torch state dict, e.g. downloaded once elsewhere),
+    ignoring its classifier (`load_backbone_weights`)."""
     import timm
 
     if name not in timm.list_models() and name not in timm.list_pretrained():
@@ -194,21 +300,7 @@ def create_timm_model(name: str, n_classes: int, input_shape: Sequence[int], pre
     kwargs.setdefault("in_chans", input_shape[0])
     model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=n_classes, **kwargs)
     if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file for '{name}' not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"weights file {path} is not a readable torch state dict: {err}") from err
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-        # The stored classifier was trained for other classes: keep our fresh head.
-        head_ids = {id(p) for p in model.get_classifier().parameters()}
-        head_keys = {n for n, p in model.named_parameters() if id(p) in head_ids}
-        state = {k: v for k, v in state.items() if k not in head_keys}
-        _, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected:
-            raise ValueError(f"weights file {path} has keys model '{name}' lacks: {unexpected[:5]}")
+        load_backbone_weights(model, weights, name)
     return model
 
 
@@ -216,18 +308,24 @@ def build_model(name: str, input_shape: Sequence[int], n_classes: int, **kwargs)
     """A lab model by registry name, a `module:Class` path, or a timm model name.
 
     `input_shape` and `n_classes` are passed to a model whose constructor takes
-    them (under those names or timm's `num_classes`)."""
+    them (under those names or timm's `num_classes`). `weights: FILE` loads a weights
+    file into any of them, all but the classifier (`load_backbone_weights`)."""
     from cl.registry import MODELS as registry
 
     if name in registry or ":" in name:
         cls = registry.get(name)
         params = inspect.signature(cls).parameters
+        # A lab model (or a class path) takes `weights` like a timm model, unless its class has its own.
+        weights = kwargs.pop("weights", None) if lab_loads_weights(name) else None
         accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         extra = {}
         for key, value in (("input_shape", tuple(input_shape)), ("n_classes", n_classes), ("num_classes", n_classes)):
             if key in params or (accepts_any and key != "num_classes"):
                 extra[key] = value
-        return cls(**extra, **kwargs)
+        model = cls(**extra, **kwargs)
+        if weights is not None:
+            load_backbone_weights(model, weights, name)
+        return model
     return create_timm_model(name, n_classes, input_shape, **kwargs)
 
 

@@ -20,6 +20,8 @@ import yaml
 from cl.checkpoint import CheckpointError, check_same_config, config_hash, load_checkpoint
 from cl.components import build_model_from, build_optimizer, build_stream, build_strategies
 from cl.config import ExperimentConfig, flatten
+from cl.feature_cache import FeatureCache, bypass_reason, cache_root, wants_frozen_features
+from cl.models import lab_loads_weights, resolve_weights
 from cl.registry import plugins_from
 from cl.provenance import dataset_inputs, source_tags
 from cl import delivery
@@ -82,6 +84,9 @@ def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, tr
     seeds = list(seeds) if seeds else cfg.run_seeds()
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {seeds}")
+    weights = cfg.model.args.get("weights")
+    if weights is not None and lab_loads_weights(cfg.model.name):  # a file that is not there: said before the data loads
+        resolve_weights(weights, cfg.model.name)
     threads, before = cfg.threads or usable_cores(), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -118,6 +123,7 @@ class Invocation:
         self.extra_tags: dict[str, str] = {}
         self.trial: int | None = None
         self.source = source_tags(cfg.source_file) if track else {}
+        self.feature_cache: FeatureCache | None = None  # a frozen backbone's features, for every run of the file
 
     def run_name(self, label: str, seed: int) -> str:
         name = label if len(self.seeds) == 1 else f"{label}-seed{seed}"
@@ -289,6 +295,10 @@ class Invocation:
         model = build_model_from(cfg, stream)
         optimizer, scheduler = build_optimizer(cfg, model.to(device))
         strategies = build_strategies(specs)
+        # A frozen backbone's run trains on its features, computed once (`cl.feature_cache`).
+        fit_stream, fit_model, cached = stream, model, {}
+        if wants_frozen_features(strategies):
+            fit_stream, fit_model, cached = self._frozen_features(cfg, label, strategies, stream, model, device)
 
         checkpoint = self.checkpoint_path(label, cfg.seed)
         state, meta = (load_checkpoint(checkpoint) if self.resume and checkpoint and checkpoint.exists() else (None, {}))
@@ -304,6 +314,8 @@ class Invocation:
             tags = {**self.source, **_stream_tags(cfg), "strategy": label, "stream": stream.name,
                     "seed": str(cfg.seed), "cl.invocation": self.id, "device": str(device),
                     "torch_threads": str(torch.get_num_threads())}
+            if cached:
+                tags["feature_cache"] = cached["feature_cache"]
             params = {**flatten(run_config), "torch_threads": torch.get_num_threads()}
             every = self.system_metrics_s if self.system_metrics_s is not None else \
                 (10.0 if device.type == "cuda" else None)
@@ -318,7 +330,7 @@ class Invocation:
         if self.progress:
             sinks.append(ConsoleSink(label if len(self.seeds) == 1 else f"{label} seed {cfg.seed}"))
 
-        trainer = build_trainer(cfg, model, optimizer, scheduler, strategies, device, sinks=sinks,
+        trainer = build_trainer(cfg, fit_model, optimizer, scheduler, strategies, device, sinks=sinks,
                                 progress=self.progress, checkpoint_path=str(checkpoint) if checkpoint else None)
         if checkpoint is not None:
             # Read when a checkpoint is written: the configuration it belongs to. The journals
@@ -339,7 +351,7 @@ class Invocation:
         gc.freeze()
         fit_start_unix = time.time()  # when training starts (benchmarks/startup.py: the process's cost before it)
         try:
-            record = trainer.fit(stream)
+            record = trainer.fit(fit_stream)
         except BaseException as err:
             # What was logged per experience stays in the store; the run is marked as not finished,
             # with the reason as a tag.
@@ -359,6 +371,10 @@ class Invocation:
 
         result = self._result(label, cfg, record, stream)
         result["fit_start_unix"] = fit_start_unix
+        if cached:  # the feature passes are the run's training and evaluation forward passes
+            result["train_time_s"] += cached.get("feature_train_time_s", 0.0)
+            result["eval_time_s"] += cached.get("feature_test_time_s", 0.0)
+            result.update(cached)
         if mlflow_sink is not None:
             if self.log_model:
                 mlflow_sink.log_model(model)
@@ -367,6 +383,31 @@ class Invocation:
             result["mlflow_run_id"] = None
         result["wall_time_s"] = time.perf_counter() - wall_start
         return result
+
+    def _frozen_features(self, cfg, label, strategies, stream, model, device) -> tuple:
+        """For a run whose backbone stays frozen: the stream of its pooled features and the
+        model on them (`cl.feature_cache`), computed once for every run of the invocation and
+        kept on disk, with what that cost; or, where features cannot be kept (augmented
+        training data), the stream and model as they are. Either way the run says which."""
+        reason = bypass_reason(strategies, stream, model)
+        if reason is not None:
+            print(f"cl: {label}: frozen backbone, but no feature cache: {reason}", file=sys.stderr)
+            return stream, model, {"feature_cache": f"bypassed: {reason}"}
+        if self.feature_cache is None:
+            self.feature_cache = FeatureCache(cache_root(), batch_size=cfg.training.eval_batch_size)
+        # Settings that hold no weights may still change the features (timm's global_pool).
+        architecture = json.dumps({"name": cfg.model.name, **{k: v for k, v in cfg.model.args.items()
+                                                              if k not in ("weights", "pretrained")}},
+                                  sort_keys=True, default=str)
+        featured, head, stats = self.feature_cache.featurize(stream, model, device, architecture)
+        where = self.feature_cache.root or "memory only"
+        print(f"cl: {label}: frozen backbone, trained on cached features ({where}): {stats.rows_computed} rows "
+              f"through the backbone, {stats.rows_from_disk} read from disk, {stats.rows_from_memory} from "
+              f"earlier runs, {stats.train_time_s + stats.test_time_s:.1f} s", file=sys.stderr)
+        return featured, head, {"feature_cache": "used", "feature_rows_computed": stats.rows_computed,
+                                "feature_rows_from_disk": stats.rows_from_disk,
+                                "feature_rows_from_memory": stats.rows_from_memory,
+                                "feature_train_time_s": stats.train_time_s, "feature_test_time_s": stats.test_time_s}
 
     def _finished_before(self, name: str, run_config: dict) -> dict | None:
         """A run this invocation already finished (its journal ends FINISHED with its result):

@@ -17,9 +17,11 @@ from strategies.momentum import MomentumWeights
 from strategies.naive import Cumulative, Joint, Naive
 from strategies.nearest_mean import NearestMean
 from strategies.power_law_rehearsal import PowerLawRehearsal
+from strategies.prompting import CODAPrompt, DualPrompt, L2P
 from strategies.regularization import EWC, L2, MAS, SI, OnlineEWC
 from strategies.mixed_replay import MixedReplay
 from strategies.replay import Replay
+from strategies.slca import SLCA
 from strategies.schedules import ConstantLR, InfiniteLR, LRSchedule, Rewarm, WarmupDecay, WarmupStableDecay
 
 STRATEGIES = {
@@ -27,7 +29,8 @@ STRATEGIES = {
     "replay": Replay, "der": DER, "derpp": DERpp, "er_ace": ERACE, "gdumb": GDumb,
     "gem": GEM, "agem": AGEM,
     "ewc": EWC, "online_ewc": OnlineEWC, "si": SI, "mas": MAS, "l2": L2, "lwf": LwF,
-    "icarl": ICaRL, "nearest_mean": NearestMean,
+    "icarl": ICaRL, "nearest_mean": NearestMean, "slca": SLCA,
+    "l2p": L2P, "dualprompt": DualPrompt, "coda_prompt": CODAPrompt,
     "power_law_rehearsal": PowerLawRehearsal,
     "momentum_weights": MomentumWeights,
     "mixed_replay": MixedReplay,
@@ -36,8 +39,8 @@ STRATEGIES = {
 }
 
 __all__ = [
-    "AGEM", "Batch", "EWC", "L2", "LwF", "MAS", "OnlineEWC", "SI", "ClassBalancedBuffer", "Context", "Cumulative", "DER", "DERpp", "ERACE", "GDumb", "GEM",
+    "AGEM", "Batch", "CODAPrompt", "DualPrompt", "L2P", "EWC", "L2", "LwF", "MAS", "OnlineEWC", "SI", "ClassBalancedBuffer", "Context", "Cumulative", "DER", "DERpp", "ERACE", "GDumb", "GEM",
     "GreedyBalancedBuffer", "HerdingBuffer", "ICaRL", "InfiniteLR", "Joint", "LRSchedule", "MixedReplay", "MomentumWeights", "Naive", "NearestMean",
-    "PowerLawRehearsal", "ConstantLR", "Replay", "Rewarm", "WarmupDecay", "WarmupStableDecay", "ReplayBuffer", "ReservoirBuffer", "STRATEGIES", "Strategy",
+    "PowerLawRehearsal", "ConstantLR", "Replay", "Rewarm", "WarmupDecay", "WarmupStableDecay", "ReplayBuffer", "ReservoirBuffer", "SLCA", "STRATEGIES", "Strategy",
     "balanced_quotas", "herding_order",
 ]

@@ -1,6 +1,8 @@
 """GDumb: a greedy class-balanced memory, and a model trained from scratch on it alone."""
 from __future__ import annotations
 
+import torch
+
 from strategies.base import Strategy
 from strategies.buffers import GreedyBalancedBuffer
 from strategies.context import Context
@@ -12,10 +14,11 @@ class GDumb(Strategy):
     Progress in Continual Learning"). A greedy sampler keeps a class-balanced memory of
     `memory_size` samples from the stream (a sample enters while there is room, or when its
     class holds fewer samples than the largest class, evicting a random sample of that
-    class); at each experience the model is re-initialised and trained from scratch on the
-    memory alone, never on the stream itself. The paper trains for many epochs with an
-    SGDR schedule and cutmix; here the experiment's `training` block sets epochs and
-    schedule. The optimizer's state (momentum) is reset with the model."""
+    class; an experience's samples arrive in a random order); at each experience the model
+    is re-initialised and trained from scratch on the memory alone, never on the stream
+    itself. The paper trains for many epochs with an SGDR schedule and cutmix; here the
+    experiment's `training` block sets epochs and schedule. The optimizer's state
+    (momentum) is reset with the model."""
 
     def __init__(self, memory_size: int = 500):
         self.buffer = GreedyBalancedBuffer(memory_size)
@@ -25,7 +28,11 @@ class GDumb(Strategy):
         self.buffer.to(ctx.device)
 
     def training_data(self, ctx: Context, data: TensorData) -> TensorData:
-        self.buffer.add(data.x, data.y, data.t, self.rng)
+        # The greedy sampler keeps the first samples of each class it meets, so they must
+        # arrive in a random order, as a stream's samples do: a dataset file's order need not
+        # be random, and a memory of its first rows would be a biased sample.
+        order = torch.randperm(len(data), generator=self.rng).to(data.y.device)
+        self.buffer.add(data.x[order], data.y[order], data.t[order], self.rng)
         n = len(self.buffer)
         return TensorData(self.buffer.x[:n].clone(), self.buffer.y[:n].clone(), self.buffer.t[:n].clone())
 

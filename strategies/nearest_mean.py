@@ -18,9 +18,15 @@ class NearestMean(Strategy):
 
     the means updated after every batch from running sums (so it runs task-free, and the
     incremental means equal the batch means). With `freeze_backbone` (the paper's setting,
-    a pre-trained extractor) nothing is trained: the model only serves features. Otherwise
+    a pre-trained extractor) nothing is trained: the model only serves features, in eval
+    mode throughout (a frozen extractor's BatchNorm keeps its statistics and dropout is
+    off, so a sample's features are the same in training and evaluation). Otherwise
     the model trains as the rest of the run says, and each mean is of the features each
-    sample had when it was seen. Classes never seen are never predicted."""
+    sample had when it was seen. Classes never seen are never predicted.
+
+    With a frozen backbone the strategy says so (`frozen_features`): a runner may then
+    compute every sample's features once, keep them, and hand this strategy a model whose
+    inputs are those features, making the whole run one forward pass over the data."""
 
     task_free = True
     needs_features = True
@@ -29,6 +35,11 @@ class NearestMean(Strategy):
         self.freeze_backbone = freeze_backbone
         self.sums: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
+
+    @property
+    def frozen_features(self) -> bool:
+        """The model's pooled features of an input never change during the run."""
+        return self.freeze_backbone
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
@@ -44,6 +55,12 @@ class NearestMean(Strategy):
     def _width(ctx: Context) -> int:
         x = ctx.stream.experiences[0].train.x[:1]
         return ctx.embed(x).shape[-1]
+
+    def before_iteration(self, ctx: Context) -> None:
+        # The trainer puts the model in train mode at every experience (a task-free strategy
+        # hears of no boundary); a frozen extractor is used in eval mode.
+        if self.freeze_backbone and ctx.model.training:
+            ctx.model.eval()
 
     def after_step(self, ctx: Context, batch: Batch) -> None:
         rows = batch.incoming

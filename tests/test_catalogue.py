@@ -130,7 +130,24 @@ SMALL = {"replay": {"memory_size": 50}, "der": {"memory_size": 50}, "derpp": {"m
          "er_ace": {"memory_size": 50}, "gdumb": {"memory_size": 50}, "gem": {"patterns_per_experience": 20},
          "agem": {"patterns_per_experience": 20, "sample_size": 16}, "icarl": {"memory_size": 50},
          "power_law_rehearsal": {"budget": 50, "memory_per_task": 40}, "ewc": {"fisher_samples": 64},
-         "online_ewc": {"fisher_samples": 64}, "mas": {"importance_samples": 64}}
+         "online_ewc": {"fisher_samples": 64}, "mas": {"importance_samples": 64},
+         "l2p": {"pool_size": 4, "prompt_length": 2, "top_k": 2}, "dualprompt": {"g_length": 2, "e_length": 2},
+         "coda_prompt": {"n_components": 10, "prompt_length": 2}}
+#: Strategies that need a timm ViT rather than the MLP.
+ON_A_VIT = {"l2p", "dualprompt", "coda_prompt"}
+
+
+def vit_trainer_for(stream, strategies, seed, batch_size, **kw):
+    """A seeded LifelongTrainer over a 5-block ViT of width 32 on the 8x8 digits."""
+    import timm
+
+    from cl.trainer import LifelongTrainer
+
+    torch.manual_seed(seed)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=5,
+                            num_heads=2, num_classes=stream.n_classes)
+    return LifelongTrainer(vit, torch.optim.Adam(vit.parameters(), lr=0.01), strategies, seed=seed,
+                           batch_size=batch_size, **kw)
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -140,8 +157,9 @@ def test_every_strategy_state_loads_with_weights_only_and_resumes_exactly(name, 
     short = class_incremental(digits(), n_experiences=5)
 
     def trainer(path=None):
-        return trainer_for(short, [STRATEGIES[name](**SMALL.get(name, {}))], seed=1, batch_size=64,
-                           checkpoint_path=path)
+        build = vit_trainer_for if name in ON_A_VIT else trainer_for
+        return build(short, [STRATEGIES[name](**SMALL.get(name, {}))], seed=1, batch_size=64,
+                     checkpoint_path=path)
 
     full = trainer().fit(short, stop_after=3)
     first = trainer(str(tmp_path / "c.pt"))

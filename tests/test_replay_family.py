@@ -63,6 +63,21 @@ def test_gdumb_trains_from_scratch_on_its_memory_alone(stream):
     assert record.accuracy_matrix[-1].mean() > 0.7
 
 
+def test_gdumb_memory_is_a_random_sample_of_an_ordered_experience(stream):
+    """The greedy sampler keeps the first samples it meets; GDumb feeds it an experience in
+    a random order, so a dataset stored in some order (here: by row index) is not kept
+    by its first rows."""
+    gdumb = GDumb(40)
+    trainer_for(stream, [gdumb]).fit(stream, stop_after=1)
+    rows = stream[0].train.x.flatten(1)
+    kept = [int((rows == x).all(1).nonzero()[0, 0]) for x in gdumb.buffer.x[:40].flatten(1)]
+    per_class = {c: [i for i in kept if stream[0].train.y[i] == c] for c in (0, 1)}
+    assert all(len(v) == 20 for v in per_class.values())
+    n = len(rows)
+    # Kept in file order, every row would come from the first ~40 + a few of the experience.
+    assert max(kept) > n / 2 and sum(i > n / 2 for i in kept) >= 10
+
+
 def test_der_stores_the_logits_of_the_step_that_stored_them(stream):
     seen = []
 

@@ -1,0 +1,232 @@
+"""Prompt methods on a tiny timm ViT: insertion points, frozen parts, selection, orthogonality."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cl.trainer import LifelongTrainer
+from strategies import CODAPrompt, DualPrompt, L2P
+from strategies.context import Batch
+from strategies.prompting.coda import gram_schmidt
+from strategies.prompting.vit import block_forward, prompted_tokens, split_heads
+from streams import class_incremental, digits
+
+timm = pytest.importorskip("timm")
+
+
+def tiny_vit(n_classes=10, depth=5, seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, in_chans=1, embed_dim=32,
+                             depth=depth, num_heads=2, num_classes=n_classes)
+
+
+@pytest.fixture(scope="module")
+def small_stream():
+    """Split-Digits cut to 120 training rows per experience, so a ViT run takes a second."""
+    s = class_incremental(digits(), n_experiences=5)
+    for e in s.experiences:
+        object.__setattr__(e, "train", e.train.subset(torch.arange(min(120, len(e.train)))))
+    return s
+
+
+@pytest.fixture(scope="module")
+def pretrained_weights(small_stream):
+    """A tiny ViT trained on all of the digits for a few epochs: a backbone whose frozen
+    features separate the classes, as a pre-trained one would."""
+    vit = tiny_vit()
+    data = digits()
+    x, y = small_stream.transform(data.train.x, train=False), data.train.y
+    opt = torch.optim.Adam(vit.parameters(), lr=5e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        for idx in torch.randperm(len(y), generator=g).split(64):
+            opt.zero_grad()
+            F.cross_entropy(vit(x[idx]), y[idx]).backward()
+            opt.step()
+    return {k: v.clone() for k, v in vit.state_dict().items()}
+
+
+def run(stream, strategy, experiences=2, seed=0, lr=0.01, epochs=1, weights=None):
+    vit = tiny_vit(stream.n_classes, seed=seed)
+    if weights is not None:
+        vit.load_state_dict(weights)
+    trainer = LifelongTrainer(vit, torch.optim.Adam(vit.parameters(), lr=lr), [strategy], seed=seed, batch_size=32,
+                              epochs=epochs)
+    trainer.fit(stream, stop_after=experiences)
+    return trainer
+
+
+def test_prefix_attention_gives_each_head_its_own_slice_of_the_prefix():
+    vit = tiny_vit()
+    block = vit.blocks[0]
+    h = torch.randn(3, 5, 32)
+    assert torch.equal(block_forward(block, h, None), block(h))
+    pk, pv = torch.randn(3, 4, 32), torch.randn(3, 4, 32)
+    # By hand, head by head: head i sees width slice i of the prefix tokens, all of them.
+    attn, x = block.attn, block.norm1(h)
+    q, k, v = attn.qkv(x).chunk(3, dim=-1)
+    heads = []
+    for i in range(2):
+        s = slice(16 * i, 16 * (i + 1))
+        keys = torch.cat([pk[..., s], k[..., s]], dim=1)
+        values = torch.cat([pv[..., s], v[..., s]], dim=1)
+        w = torch.softmax(q[..., s] @ keys.transpose(1, 2) / 4.0, dim=-1)
+        heads.append(w @ values)
+    expected = h + attn.proj(torch.cat(heads, dim=-1))
+    expected = expected + block.mlp(block.norm2(expected))
+    assert torch.allclose(block_forward(block, h, (pk, pv)), expected, atol=1e-5)
+    # A reshape instead of the permute would give head 0 the first tokens' whole width.
+    assert split_heads(pk, 2)[:, 0].shape == (3, 4, 16) and torch.equal(split_heads(pk, 2)[:, 1], pk[..., 16:])
+
+
+def test_prompted_tokens_without_prompts_is_the_vits_own_forward():
+    vit = tiny_vit().eval()
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.allclose(prompted_tokens(vit, x), vit.forward_features(x), atol=1e-6)
+    prompt = torch.randn(2, 7, 32)
+    assert prompted_tokens(vit, x, prompt=prompt).shape == (2, 1 + 7 + 4, 32)
+
+
+def test_l2p_inserts_top_k_prompts_and_its_selection_follows_the_query(small_stream, monkeypatch):
+    trainer = run(small_stream, L2P(pool_size=6, prompt_length=3, top_k=2), experiences=1)
+    l2p = trainer.strategies[0]
+    assert l2p.params.prompts.shape == (6, 3, 32) and l2p.params.keys.shape == (6, 32)
+    keys = F.normalize(l2p.params.keys.detach(), dim=-1)
+    for j in (0, 4):  # a query equal to key j selects j first
+        idx, sims = l2p.select(keys[j:j + 1] * 3.0)
+        assert idx[0, 0] == j and sims[0, 0].item() == pytest.approx(1.0, abs=1e-5)
+    import strategies.prompting.l2p as mod
+
+    seen = {}
+
+    def spy(vit, x, prefixes=None, prompt=None):
+        seen["prompt"], seen["prefixes"] = prompt, prefixes
+        return prompted_tokens(vit, x, prefixes, prompt)
+
+    monkeypatch.setattr(mod, "prompted_tokens", spy)
+    trainer.ctx.forward(torch.randn(4, 1, 8, 8))
+    assert seen["prompt"].shape == (4, 2 * 3, 32) and not seen["prefixes"]  # prompt tuning at the input only
+
+
+def test_l2p_trains_only_prompts_keys_and_head(small_stream):
+    vit0 = tiny_vit(small_stream.n_classes)
+    trainer = run(small_stream, L2P(pool_size=4, prompt_length=2, top_k=2))
+    head = {n for n, _ in trainer.model.named_parameters() if n.startswith("head.")}
+    for (name, p0), p1 in zip(vit0.named_parameters(), trainer.model.parameters()):
+        assert torch.equal(p0, p1) != (name in head), name
+    match = trainer.record.loss_terms["l2p_match"]
+    assert 0 < match[0] <= 0.1 * 2 * 2  # weight 0.1 times top 2 distances, each at most 2
+
+
+def test_dualprompt_prefixes_sit_at_g_and_e_layers_and_old_experts_get_no_gradient(small_stream):
+    dp = DualPrompt(g_length=3, e_length=2)
+    trainer = run(small_stream, dp, experiences=2)
+    assert dp.params.g.shape == (2, 2, 3, 32) and dp.params.e.shape == (5, 3, 2, 2, 32)
+    prefixes = dp.prefixes(torch.tensor([0, 1]), 2)
+    assert sorted(prefixes) == [0, 1, 2, 3, 4]
+    assert prefixes[0][0].shape == (2, 3, 32) and prefixes[3][1].shape == (2, 2, 32)
+    assert torch.equal(prefixes[3][0][1], dp.params.e[1, 1, 0])
+    # A training step on task 1: expert 0 (trained before) gets no gradient, expert 1 does.
+    batch = Batch(small_stream[1].train.x[:8], small_stream[1].train.y[:8], small_stream[1].train.t[:8], 8)
+    batch.x = trainer.ctx.prepare(batch.x_raw)
+    trainer.ctx.training = True
+    dp.params.zero_grad(set_to_none=True)
+    dp.forward(trainer.ctx, batch)
+    (F.cross_entropy(batch.logits, batch.y) + sum(batch.losses.values())).backward()
+    grad = dp.params.e.grad
+    assert grad[0].abs().sum() == 0 and grad[1].abs().sum() > 0 and dp.params.keys.grad[0].abs().sum() == 0
+
+
+def test_coda_components_of_a_new_task_are_orthogonal_to_the_old_and_old_ones_are_frozen(small_stream):
+    coda = CODAPrompt(n_components=10, prompt_length=4, layers=(0, 1, 2))
+    trainer = run(small_stream, coda, experiences=1)
+    assert coda.per_task == 2 and coda.params.P.shape == (3, 10, 4, 32)
+    trained = coda.params.K.detach()[:, :2].clone()
+    ctx = trainer.ctx
+    ctx.experience, ctx.training = small_stream[1], True
+    coda.before_experience(ctx)  # task 1 starts: its components are initialised
+    for name in ("P", "K", "A"):
+        for layer in range(3):
+            flat = getattr(coda.params, name).detach()[layer].flatten(1)
+            new, old = flat[2:4], flat[0:2]
+            assert old.norm(dim=1).min() > 0.1  # the old ones were trained, not zero
+            assert torch.allclose(new @ old.T, torch.zeros(2, 2), atol=1e-5), name
+            assert torch.allclose(new @ new.T, torch.eye(2), atol=1e-5), name
+    assert torch.equal(coda.params.K.detach()[:, :2], trained)  # initialising the new ones left the old alone
+    batch = Batch(small_stream[1].train.x[:8], small_stream[1].train.y[:8], small_stream[1].train.t[:8], 8)
+    batch.x = ctx.prepare(batch.x_raw)
+    coda.params.zero_grad(set_to_none=True)  # the last training step's gradients are still there
+    coda.forward(ctx, batch)
+    F.cross_entropy(batch.logits, batch.y).backward()
+    for name in ("P", "K", "A"):
+        g = getattr(coda.params, name).grad
+        assert g[:, :2].abs().sum() == 0 and g[:, 2:4].abs().sum() > 0, name
+        assert g[:, 4:].abs().sum() == 0, name  # future tasks' components are not used yet
+
+
+def test_gram_schmidt_refuses_more_vectors_than_dimensions():
+    q = gram_schmidt(torch.randn(3, 4), torch.zeros(0, 4))
+    assert torch.allclose(q @ q.T, torch.eye(3), atol=1e-5)
+    with pytest.raises(ValueError, match="orthogonal"):
+        gram_schmidt(torch.randn(3, 4), torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("make", [lambda: L2P(pool_size=4, prompt_length=2, top_k=2),
+                                  lambda: DualPrompt(g_length=2, e_length=2),
+                                  lambda: CODAPrompt(n_components=10, prompt_length=2)])
+def test_prompt_methods_learn_and_never_touch_the_backbone(small_stream, pretrained_weights, make):
+    vit0 = tiny_vit(small_stream.n_classes)
+    vit0.load_state_dict(pretrained_weights)
+    with torch.no_grad():
+        vit0.head.weight.normal_(0, 0.02), vit0.head.bias.zero_()  # a fresh head: the classes are new
+    trainer = run(small_stream, make(), experiences=2, lr=0.01, epochs=2, weights=vit0.state_dict())
+    frozen = {n: p for n, p in trainer.model.named_parameters() if not n.startswith("head.")}
+    assert all(torch.equal(p, dict(vit0.named_parameters())[n]) for n, p in frozen.items())
+    acc, aware = trainer.record.matrices["acc"], trainer.record.matrices["task_aware_acc"]
+    # Each task is learnt: the first among all classes, the second among its own (chance 0.5).
+    assert acc[1][0] > 0.85 and aware[2][1] > 0.85, (acc, aware)
+
+
+def test_training_logits_are_masked_to_the_current_classes(small_stream):
+    l2p = L2P(pool_size=4, prompt_length=2, top_k=2)
+    trainer = run(small_stream, l2p, experiences=2)
+    x = trainer.ctx.prepare(small_stream[1].train.x[:3])
+    trainer.ctx.training = True
+    logits = trainer.ctx.forward(x)
+    assert torch.isinf(logits[:, [0, 1, 4, 5]]).all() and torch.isfinite(logits[:, [2, 3]]).all()
+    trainer.ctx.training = False  # evaluation: the classes trained so far
+    logits = trainer.ctx.forward(x)
+    assert torch.isfinite(logits[:, :4]).all() and torch.isinf(logits[:, 4:]).all()
+
+
+def test_a_non_vit_model_is_refused(small_stream):
+    from cl.models import MLP
+
+    model = MLP(small_stream.input_shape, small_stream.n_classes, hidden=(8,))
+    trainer = LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), [L2P()], batch_size=32)
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        trainer.fit(small_stream, stop_after=1)
+
+
+def test_a_resumed_coda_run_equals_an_uninterrupted_one(small_stream, tmp_path):
+    """Interrupted inside the second experience, resumed into fresh objects: the components
+    initialised at that experience's start and the prompt optimizer's state come back."""
+    from cl.checkpoint import load_checkpoint
+    from test_hooks import Interrupt
+
+    def go(path, stop_at=None, resume=False):
+        vit = tiny_vit(small_stream.n_classes)
+        strategies = [CODAPrompt(n_components=10, prompt_length=2, layers=(0, 1)), Interrupt(stop_at)]
+        trainer = LifelongTrainer(vit, torch.optim.Adam(vit.parameters(), lr=0.01), strategies, seed=1,
+                                  batch_size=32, checkpoint_path=str(path), checkpoint_every=3)
+        if resume:
+            trainer.load_state_dict(load_checkpoint(path)[0])
+        return trainer.fit(small_stream, stop_after=3)
+
+    full = go(tmp_path / "full.pt")
+    with pytest.raises(KeyboardInterrupt):
+        go(tmp_path / "run.pt", stop_at=4 + 3 + 1)  # 4 steps per experience: inside the second
+    torch.manual_seed(123)
+    resumed = go(tmp_path / "run.pt", resume=True)
+    np.testing.assert_array_equal(resumed.matrices["acc"], full.matrices["acc"])
+    assert resumed.loss_terms == full.loss_terms
