@@ -100,12 +100,28 @@ def _update_tensor(h, t: torch.Tensor) -> None:
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
+def _code_versions(model: nn.Module) -> str:
+    """The code that computes the features: torch's and timm's versions and the source of
+    the model's class (a lab model edited, or timm upgraded, must not reuse old features)."""
+    import inspect
+
+    import timm
+
+    try:
+        source = inspect.getsource(type(model))
+    except (OSError, TypeError):  # a class defined where its source cannot be read
+        source = ""
+    digest = hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
+    return f"torch {torch.__version__}|timm {timm.__version__}|{digest}"
+
+
 def backbone_fingerprint(model: nn.Module, architecture: str = "") -> str:
-    """A hash of what a model's features depend on: its class, `architecture` (the model's
-    configuration, for settings that hold no weights, such as timm's `global_pool`) and every
-    tensor of its state dict but the classifier's (a fresh head changes no feature)."""
+    """A hash of what a model's features depend on: its class and the code behind it,
+    `architecture` (the model's configuration, for settings that hold no weights, such as
+    timm's `global_pool`) and every tensor of its state dict but the classifier's (a fresh
+    head changes no feature)."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{type(model).__module__}.{type(model).__qualname__}|{architecture}".encode())
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}|{architecture}|{_code_versions(model)}".encode())
     head = classifier_keys(model)
     for name, tensor in sorted(model.state_dict().items()):
         if name not in head:

@@ -295,14 +295,16 @@ class GreedyBalancedBuffer(ReplayBuffer):
     if the memory has room; otherwise, if its class holds fewer than k / |Y| samples (k the
     capacity, Y the classes seen so far, y included), it replaces a random sample of a
     largest class (ties: the lowest label); otherwise it is dropped. Samples are taken in
-    the order they arrive; the decision runs on labels only and the rows are copied once."""
+    the order they arrive (or in `order`); the decision runs on labels only and the rows
+    are copied once."""
 
     def __init__(self, capacity: int, device: torch.device | str = "cpu"):
         super().__init__(capacity, device)
         self.classes: set[int] = set()
 
     def add(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, generator: torch.Generator,
-            **fields: torch.Tensor) -> None:
+            order: torch.Tensor | None = None, **fields: torch.Tensor) -> None:
+        """Offer the rows in `order` (a permutation of their indices; default: as given)."""
         rows = {"x": x, "y": y, "t": t, **fields}
         self._allocate(rows)
         slot_label = self.data["y"][: self.size].tolist() + [-1] * (self.capacity - self.size)
@@ -312,8 +314,9 @@ class GreedyBalancedBuffer(ReplayBuffer):
         by_class: dict[int, list[int]] = {}
         for slot, c in enumerate(slot_label[: self.size]):
             by_class.setdefault(c, []).append(slot)
-        size, writes = self.size, {}
-        for i, c in enumerate(y.tolist()):
+        size, writes, labels = self.size, {}, y.tolist()
+        for i in (range(len(labels)) if order is None else order.tolist()):
+            c = labels[i]
             self.classes.add(c)
             if size < self.capacity:
                 slot, size = size, size + 1

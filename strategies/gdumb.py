@@ -31,8 +31,8 @@ class GDumb(Strategy):
         # The greedy sampler keeps the first samples of each class it meets, so they must
         # arrive in a random order, as a stream's samples do: a dataset file's order need not
         # be random, and a memory of its first rows would be a biased sample.
-        order = torch.randperm(len(data), generator=self.rng).to(data.y.device)
-        self.buffer.add(data.x[order], data.y[order], data.t[order], self.rng)
+        order = torch.randperm(len(data), generator=self.rng)
+        self.buffer.add(data.x, data.y, data.t, self.rng, order=order)
         n = len(self.buffer)
         return TensorData(self.buffer.x[:n].clone(), self.buffer.y[:n].clone(), self.buffer.t[:n].clone())
 

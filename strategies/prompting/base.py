@@ -3,11 +3,18 @@ a trainable classifier, and training logits masked to the current experience's c
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from strategies.base import Strategy
 from strategies.context import Batch, Context
 from strategies.prompting.vit import check_vit
+
+
+#: Subtracted at evaluation from the logits of classes no experience has trained yet: they
+#: cannot win against a trained class, yet keep their order among themselves (a task-aware
+#: reading of a task not trained yet sees the untrained head, as before any training).
+UNTRAINED_OFFSET = 1e4
 
 
 class PromptStrategy(Strategy):
@@ -16,23 +23,32 @@ class PromptStrategy(Strategy):
     The run's model must be a timm `VisionTransformer`. At setup the whole backbone is
     frozen except its classifier; the strategy's own parameters (`self.params`, a
     module made by `build`) join the optimizer as a group of their own. The strategy owns
-    the forward pass.
+    the forward pass and the training loss.
 
-    `mask_past_classes`: while training, logits of classes outside the current experience
-    are set to -inf, so the shared head is not pushed away from old classes by samples
-    that cannot belong to them. The papers leave it unsaid; the authors' code of all three
-    methods trains that way (its `train_mask` option, on by default), and their reported
-    numbers depend on it. At evaluation, classes that no experience has trained yet get
-    -inf as well (as CODA-Prompt's code keeps only the outputs seen so far): their head
+    `mask_other_classes`: the training loss is cross-entropy over the current experience's
+    classes only (rows appended by other strategies, e.g. replayed ones, over every class
+    trained so far), so the shared head is not pushed away from classes a sample cannot
+    belong to. The papers leave it unsaid; the authors' code of all three methods trains
+    that way (its `train_mask` option, on by default), and their reported numbers depend on
+    it. The mask is applied in the loss only: `batch.logits` stay finite for strategies that
+    read them (DER's stored logits, LwF's distillation).
+
+    At evaluation, classes that no experience has trained yet are pushed down by
+    `UNTRAINED_OFFSET` (as CODA-Prompt's code keeps only the outputs seen so far): their head
     rows are untrained, and with training masked they would otherwise win whenever the
     trained logits are negative. Neither uses anything from the test data.
+
+    Each experience starts with fresh optimizer state for the prompts and the classifier,
+    as the authors' code builds a new optimizer per task: with Adam, the moments of an
+    earlier task would otherwise keep moving prompts and head rows that no longer get
+    gradient (an earlier task's E-prompt, CODA's frozen components).
     """
 
-    def __init__(self, mask_past_classes: bool = True):
-        self.mask_past_classes = mask_past_classes
+    def __init__(self, mask_other_classes: bool = True):
+        self.mask_other_classes = mask_other_classes
         self.params: nn.Module | None = None
-        self._train_mask: torch.Tensor | None = None  # additive: 0 for allowed classes, -inf for the rest
-        self._eval_mask: torch.Tensor | None = None
+        self._current: torch.Tensor | None = None  # bool per class: in the current experience
+        self._trained: torch.Tensor | None = None  # bool per class: in an experience trained so far
 
     # ---------------------------------------------------------------- set-up
     def setup(self, ctx: Context) -> None:
@@ -60,22 +76,43 @@ class PromptStrategy(Strategy):
 
     def before_experience(self, ctx: Context) -> None:
         n = ctx.stream.n_classes
-        self._train_mask = torch.full((n,), float("-inf"), device=ctx.device)
-        self._train_mask[list(ctx.experience.classes)] = 0.0
-        self._eval_mask = torch.full((n,), float("-inf"), device=ctx.device)
+        self._current = torch.zeros(n, dtype=torch.bool, device=ctx.device)
+        self._current[list(ctx.experience.classes)] = True
+        self._trained = torch.zeros(n, dtype=torch.bool, device=ctx.device)
         for e in ctx.stream.experiences[:ctx.experience.index + 1]:
-            self._eval_mask[list(e.classes)] = 0.0
+            self._trained[list(e.classes)] = True
+        for p in [*self.params.parameters(), *ctx.model.get_classifier().parameters()]:
+            ctx.optimizer.state.pop(p, None)
+
+    @property
+    def started(self) -> bool:
+        """Whether an experience has begun (before that, the prompts are as initialised)."""
+        return self._trained is not None
 
     # --------------------------------------------------------------- forward
-    def mask_logits(self, ctx: Context, logits: torch.Tensor) -> torch.Tensor:
-        """Training: only the current experience's classes (`mask_past_classes`); evaluation:
-        only the classes trained so far (before any training, all of them)."""
-        if not ctx.training:
-            return logits if self._eval_mask is None else logits + self._eval_mask
-        return logits + self._train_mask if self.mask_past_classes and self._train_mask is not None else logits
+    def eval_logits(self, ctx: Context, logits: torch.Tensor) -> torch.Tensor:
+        """At evaluation, classes not trained yet pushed below every trained one."""
+        if ctx.training or self._trained is None:
+            return logits
+        return logits - UNTRAINED_OFFSET * (~self._trained).to(logits.dtype)
 
     def forward(self, ctx: Context, batch: Batch) -> None:
         raise NotImplementedError
+
+    @staticmethod
+    def plain_forward(ctx: Context, batch: Batch) -> None:
+        """The ViT as it is, without prompts: what is evaluated before any experience (the
+        prompts are then only initialised, CODA's components not even that)."""
+        vit = ctx.model
+        batch.features = vit.forward_head(vit.forward_features(batch.x), pre_logits=True)
+        batch.logits = vit.head(batch.features)
+
+    def loss(self, ctx: Context, batch: Batch) -> torch.Tensor:
+        if not self.mask_other_classes:
+            return F.cross_entropy(batch.logits, batch.y)
+        allowed = self._trained.expand(len(batch.y), -1).clone()
+        allowed[batch.incoming] = self._current
+        return F.cross_entropy(batch.logits.masked_fill(~allowed, float("-inf")), batch.y)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:

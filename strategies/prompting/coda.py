@@ -7,7 +7,7 @@ from torch import nn
 
 from strategies.context import Batch, Context
 from strategies.prompting.base import PromptStrategy
-from strategies.prompting.vit import classify, frozen_query, prompted_tokens
+from strategies.prompting.vit import frozen_query, prompted_tokens
 
 
 def gram_schmidt(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -60,13 +60,14 @@ class CODAPrompt(PromptStrategy):
     """
 
     def __init__(self, n_components: int = 100, prompt_length: int = 8, layers: tuple[int, ...] = (0, 1, 2, 3, 4),
-                 ortho_weight: float = 0.0, mask_past_classes: bool = True):
-        super().__init__(mask_past_classes)
+                 ortho_weight: float = 0.0, mask_other_classes: bool = True):
+        super().__init__(mask_other_classes)
         if prompt_length % 2:
             raise ValueError(f"CODAPrompt: prompt_length must be even (half keys, half values), got {prompt_length}")
         self.n_components, self.prompt_length = n_components, prompt_length
         self.layers, self.ortho_weight = tuple(layers), ortho_weight
         self.task = 0
+        self.per_task = 0  # components per task, known once the stream is (in `build`)
 
     def build(self, ctx: Context, dim: int, depth: int) -> nn.Module:
         bad = [i for i in self.layers if not 0 <= i < depth]
@@ -99,7 +100,7 @@ class CODAPrompt(PromptStrategy):
                 flat[start:end] = gram_schmidt(new, flat[:start])
 
     def components(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """P, K, A of one layer over the tasks so far; earlier tasks' detached while training."""
+        """P, K, A of one layer over the tasks so far, earlier tasks' detached (frozen)."""
         start, end = self._span(self.task)
         out = []
         for name in ("P", "K", "A"):
@@ -108,6 +109,8 @@ class CODAPrompt(PromptStrategy):
         return tuple(out)
 
     def forward(self, ctx: Context, batch: Batch) -> None:
+        if not self.started:  # no component is initialised yet
+            return self.plain_forward(ctx, batch)
         vit = ctx.model
         query = frozen_query(vit, batch.x)
         half = self.prompt_length // 2
@@ -119,8 +122,8 @@ class CODAPrompt(PromptStrategy):
             p = torch.einsum("bm,mld->bld", alpha, P)
             prefixes[layer] = (p[:, :half], p[:, half:])
         tokens = prompted_tokens(vit, batch.x, prefixes=prefixes)
-        batch.features = tokens[:, 0]
-        batch.logits = self.mask_logits(ctx, classify(vit, tokens[:, 0]))
+        batch.features = vit.forward_head(tokens, pre_logits=True)  # timm's pooling (the class token)
+        batch.logits = self.eval_logits(ctx, vit.head(batch.features))
         if ctx.training and self.ortho_weight:
             batch.losses["coda_ortho"] = self.ortho_weight * sum(
                 self._ortho(t.flatten(1)) for j in range(len(self.layers)) for t in self.components(j))

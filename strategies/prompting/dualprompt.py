@@ -7,7 +7,7 @@ from torch import nn
 
 from strategies.context import Batch, Context
 from strategies.prompting.base import PromptStrategy
-from strategies.prompting.vit import classify, frozen_query, prompted_tokens
+from strategies.prompting.vit import frozen_query, prompted_tokens
 
 
 class DualPrompt(PromptStrategy):
@@ -24,14 +24,16 @@ class DualPrompt(PromptStrategy):
 
     with q(x) the class feature of the frozen ViT without prompts. At test time a sample
     uses the E-prompt whose key is nearest to its query among the tasks trained so far
-    (keys of tasks not yet trained are random). The classifier reads the class token.
-    Lengths (5 and 5), layers and the pull weight are those of the authors' configuration.
+    (keys of tasks not yet trained are random). The classifier reads the ViT's own pooling
+    (the class token). Layers and the pull weight are the paper's; the lengths (5 and 5) are
+    those of the widely used PyTorch port's configuration (CODA-Prompt's re-implementation
+    uses 20 for the E-prompt).
     Earlier tasks' E-prompts receive no gradient: training uses only the current one.
     """
 
     def __init__(self, g_length: int = 5, g_layers: tuple[int, ...] = (0, 1), e_length: int = 5,
-                 e_layers: tuple[int, ...] = (2, 3, 4), match_weight: float = 1.0, mask_past_classes: bool = True):
-        super().__init__(mask_past_classes)
+                 e_layers: tuple[int, ...] = (2, 3, 4), match_weight: float = 1.0, mask_other_classes: bool = True):
+        super().__init__(mask_other_classes)
         if set(g_layers) & set(e_layers):
             raise ValueError(f"DualPrompt: g_layers {list(g_layers)} and e_layers {list(e_layers)} overlap")
         self.g_length, self.g_layers = g_length, tuple(g_layers)
@@ -67,6 +69,8 @@ class DualPrompt(PromptStrategy):
         return out
 
     def forward(self, ctx: Context, batch: Batch) -> None:
+        if not self.started:
+            return self.plain_forward(ctx, batch)
         vit, B = ctx.model, len(batch.x)
         query = frozen_query(vit, batch.x)
         cos = F.normalize(query, dim=-1) @ F.normalize(self.params.keys, dim=-1).T  # (B, tasks)
@@ -76,8 +80,8 @@ class DualPrompt(PromptStrategy):
         else:
             expert = cos[:, :self.task + 1].argmax(dim=1)
         tokens = prompted_tokens(vit, batch.x, prefixes=self.prefixes(expert, B))
-        batch.features = tokens[:, 0]
-        batch.logits = self.mask_logits(ctx, classify(vit, tokens[:, 0]))
+        batch.features = vit.forward_head(tokens, pre_logits=True)  # timm's pooling (the class token)
+        batch.logits = self.eval_logits(ctx, vit.head(batch.features))
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "task": self.task}

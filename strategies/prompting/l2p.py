@@ -17,7 +17,7 @@ class L2P(PromptStrategy):
     A pool of `pool_size` prompts P_j (each `prompt_length` tokens of the ViT's width) with
     keys k_j. The query q(x) is the class feature of the frozen pre-trained ViT without
     prompts; the `top_k` prompts whose keys are nearest by cosine distance
-    gamma(q, k) = 1 - cos(q, k) are prepended to the embedded patches (prompt tuning), the
+    gamma(q, k) = 1 - cos(q, k) are inserted into the embedded sequence (prompt tuning), the
     prompted sequence runs through the frozen ViT, and the classifier reads the average of
     the `top_k * prompt_length` prompt positions at the output. The loss is
 
@@ -35,8 +35,8 @@ class L2P(PromptStrategy):
     """
 
     def __init__(self, pool_size: int = 10, prompt_length: int = 5, top_k: int = 5, match_weight: float = 0.1,
-                 mask_past_classes: bool = True):
-        super().__init__(mask_past_classes)
+                 mask_other_classes: bool = True):
+        super().__init__(mask_other_classes)
         if not 1 <= top_k <= pool_size:
             raise ValueError(f"L2P: top_k must be between 1 and pool_size ({pool_size}), got {top_k}")
         self.pool_size, self.prompt_length, self.top_k = pool_size, prompt_length, top_k
@@ -56,6 +56,8 @@ class L2P(PromptStrategy):
         return idx, sims
 
     def forward(self, ctx: Context, batch: Batch) -> None:
+        if not self.started:
+            return self.plain_forward(ctx, batch)
         vit = ctx.model
         idx, sims = self.select(frozen_query(vit, batch.x))
         prompt = self.params.prompts[idx].flatten(1, 2)  # (B, top_k * length, D)
@@ -63,6 +65,6 @@ class L2P(PromptStrategy):
         n = vit.num_prefix_tokens
         pooled = tokens[:, n:n + prompt.shape[1]].mean(dim=1)
         batch.features = pooled
-        batch.logits = self.mask_logits(ctx, classify(vit, pooled))
+        batch.logits = self.eval_logits(ctx, classify(vit, pooled))
         if ctx.training:
             batch.losses["l2p_match"] = self.match_weight * (1 - sims).sum(dim=1).mean()

@@ -7,7 +7,10 @@ Liang 2021). Both are done here by calling the submodules of timm's
 `VisionTransformer` and `Block` (patch embedding, position embedding, the
 block's norms, qkv and projection, MLP, layer scale, drop path) in the order
 timm's own `forward` calls them, so any timm ViT with standard blocks works
-and its pre-trained weights mean what they meant. Nothing is forked.
+and its pre-trained weights mean what they meant. No ViT is forked: two short
+functions repeat timm's `Attention.forward` and `Block.forward` with the prefix
+added (a test checks that without a prefix they equal timm's own). Prefix keys
+are free parameters: a ViT with `qk_norm` normalises its own keys, not them.
 """
 from __future__ import annotations
 
