@@ -275,18 +275,26 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+def read_yaml_mapping(path: str | Path, kind: str = "experiment") -> dict:
+    """The top-level mapping of a YAML file; a missing file, bad YAML or anything but a
+    mapping is a ConfigError naming the file (`kind`: what the file is, for the message)."""
     path = Path(path)
     source = str(path)
     if not path.is_file():
-        raise ConfigError(f"{source}: experiment file not found")
+        raise ConfigError(f"{source}: {kind} file not found")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level")
-    cfg = experiment_from_dict(raw, overrides, source, path.resolve().parent)
+    return raw
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    raw = read_yaml_mapping(path)
+    cfg = experiment_from_dict(raw, overrides, str(path), path.resolve().parent)
     cfg._source_file = path.resolve()
     return cfg
 

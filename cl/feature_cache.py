@@ -12,10 +12,11 @@ the strategies' `ctx.features` and evaluation then run unchanged.
 Features are kept in memory for every run of one invocation (an experiment file's runs and
 seeds), and on disk under `CL_CACHE_DIR` (default ~/.cache/cl-lab/features; `off` keeps
 them in memory only), one safetensors file per (backbone, data, transform): the key hashes
-the backbone's architecture and every weight but the classifier's, every byte of the inputs
+the backbone's architecture, code versions and every weight but the classifier's, every byte of the inputs
 and the transform that prepares them (`feature_key`). A file that cannot be read is computed
-again. Inputs read lazily from disk (`LazyData`) are kept in memory only: hashing them would
-read them all, which is what the cache saves.
+again. Inputs read lazily from disk (`LazyData`), and inputs whose transform cannot describe
+itself, are not kept at all (hashing lazy inputs would read them all, which is what the cache
+saves): their features are computed once per run, still once across its epochs.
 """
 from __future__ import annotations
 

@@ -42,7 +42,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cl.config import ComponentSpec, ConfigError, apply_overrides, coerce_arguments, flatten, format_validation_error
+from cl.config import ComponentSpec, ConfigError, apply_overrides, coerce_arguments, flatten, format_validation_error, \
+    read_yaml_mapping
 
 WEIGHTS_FORMAT = "cl-lab-pretrained/1"
 
@@ -104,16 +105,8 @@ def load_pretrain(path: str | Path, overrides: list[str] | None = None) -> tuple
     from cl.registry import DATASETS, MODELS, ForbiddenComponentError, UnknownComponentError, optimizer_class, \
         scheduler_class
 
-    path = Path(path)
     source = str(path)
-    if not path.is_file():
-        raise ConfigError(f"{source}: pre-training file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    raw = read_yaml_mapping(path, "pre-training")
     raw = apply_overrides(raw, overrides or [], source)
     try:
         cfg = PretrainConfig.model_validate(raw)
