@@ -17,7 +17,7 @@ from strategies.momentum import MomentumWeights
 from strategies.naive import Cumulative, Joint, Naive
 from strategies.nearest_mean import NearestMean
 from strategies.power_law_rehearsal import PowerLawRehearsal
-from strategies.prompting import CODAPrompt, DualPrompt, L2P
+from strategies.prompting import APG, OVOR, CODAPrompt, DualPrompt, L2P
 from strategies.regularization import EWC, L2, MAS, SI, OnlineEWC
 from strategies.mixed_replay import MixedReplay
 from strategies.replay import Replay
@@ -30,7 +30,7 @@ STRATEGIES = {
     "gem": GEM, "agem": AGEM,
     "ewc": EWC, "online_ewc": OnlineEWC, "si": SI, "mas": MAS, "l2": L2, "lwf": LwF,
     "icarl": ICaRL, "nearest_mean": NearestMean, "slca": SLCA,
-    "l2p": L2P, "dualprompt": DualPrompt, "coda_prompt": CODAPrompt,
+    "l2p": L2P, "dualprompt": DualPrompt, "coda_prompt": CODAPrompt, "apg": APG, "ovor": OVOR,
     "power_law_rehearsal": PowerLawRehearsal,
     "momentum_weights": MomentumWeights,
     "mixed_replay": MixedReplay,
@@ -39,8 +39,8 @@ STRATEGIES = {
 }
 
 __all__ = [
-    "AGEM", "Batch", "CODAPrompt", "DualPrompt", "L2P", "EWC", "L2", "LwF", "MAS", "OnlineEWC", "SI", "ClassBalancedBuffer", "Context", "Cumulative", "DER", "DERpp", "ERACE", "GDumb", "GEM",
-    "GreedyBalancedBuffer", "HerdingBuffer", "ICaRL", "InfiniteLR", "Joint", "LRSchedule", "MixedReplay", "MomentumWeights", "Naive", "NearestMean",
+    "AGEM", "APG", "Batch", "CODAPrompt", "DualPrompt", "L2P", "EWC", "L2", "LwF", "MAS", "OnlineEWC", "SI", "ClassBalancedBuffer", "Context", "Cumulative", "DER", "DERpp", "ERACE", "GDumb", "GEM",
+    "GreedyBalancedBuffer", "HerdingBuffer", "ICaRL", "InfiniteLR", "Joint", "LRSchedule", "MixedReplay", "MomentumWeights", "Naive", "NearestMean", "OVOR",
     "PowerLawRehearsal", "ConstantLR", "Replay", "Rewarm", "WarmupDecay", "WarmupStableDecay", "ReplayBuffer", "ReservoirBuffer", "SLCA", "STRATEGIES", "Strategy",
     "balanced_quotas", "herding_order",
 ]

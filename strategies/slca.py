@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from strategies.base import Strategy
 from strategies.context import Batch, Context, eval_mode
+from strategies.gaussians import cholesky_factors
 from strategies.schedules import decay
 from streams.experience import TensorData
 
@@ -201,22 +202,8 @@ class SLCA(Strategy):
             self.stat_experience[c] = experience
 
     def _cholesky(self, classes: torch.Tensor) -> torch.Tensor:
-        """Lower Cholesky factors of Sigma_c + cov_jitter I, in float64; a jitter that grows tenfold
-        where a covariance is still not positive definite."""
-        d = self.covs.shape[-1]
-        eye = torch.eye(d, dtype=torch.float64, device=self.covs.device)
-        cov = self.covs[classes].double() + self.cov_jitter * eye
-        factors, info = torch.linalg.cholesky_ex(cov)
-        extra = max(self.cov_jitter, 1e-8)
-        for _ in range(12):
-            bad = (info > 0).nonzero().squeeze(1)
-            if not len(bad):
-                return factors
-            cov[bad] += extra * eye
-            factors[bad], info[bad] = torch.linalg.cholesky_ex(cov[bad])
-            extra *= 10
-        raise RuntimeError("SLCA: a class covariance stays non-positive-definite whatever the jitter; "
-                           "are its features finite?")
+        """Lower Cholesky factors of Sigma_c + cov_jitter I, in float64."""
+        return cholesky_factors(self.covs[classes], self.cov_jitter, "SLCA")
 
     def mean_scales(self, classes: torch.Tensor, experience: int) -> torch.Tensor:
         """(1 - s) + s (k_c + 1)/(t + 1) for the class means at experience t, k_c the experience a

@@ -13,6 +13,7 @@ from functools import cached_property
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -336,3 +337,17 @@ class Stream:
             "eval_after": self.eval_after,
             "schedule": self.schedule,
         }
+
+
+def reshape_images(x: torch.Tensor, size: int, channels: int, chunk: int = 4096) -> torch.Tensor:
+    """uint8 images (N, C, H, W) brought to (N, channels, size, size): bilinear resizing with
+    antialiasing, grey images repeated over the colour channels (colour ones averaged to grey)."""
+    out = torch.empty((len(x), channels, size, size), dtype=torch.uint8)
+    for b in range(0, len(x), chunk):
+        part = x[b:b + chunk].float()
+        if part.shape[1] != channels:
+            part = part.mean(1, keepdim=True) if channels == 1 else part.repeat(1, channels, 1, 1)
+        if part.shape[-2:] != (size, size):
+            part = F.interpolate(part, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out[b:b + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out

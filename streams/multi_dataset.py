@@ -11,21 +11,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from streams.experience import BatchTransform, Experience, Stream, TensorData
-
-
-def _reshape_images(x: torch.Tensor, size: int, channels: int, chunk: int = 4096) -> torch.Tensor:
-    out = torch.empty((len(x), channels, size, size), dtype=torch.uint8)
-    for b in range(0, len(x), chunk):
-        part = x[b:b + chunk].float()
-        if part.shape[1] != channels:
-            part = part.mean(1, keepdim=True) if channels == 1 else part.expand(-1, channels, -1, -1)
-        if part.shape[-2:] != (size, size):
-            part = F.interpolate(part, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        out[b:b + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
-    return out
+from streams.experience import BatchTransform, Experience, Stream, TensorData, reshape_images
 
 
 def multi_dataset(datasets: list[str | dict], load_dataset: Callable, size: int = 32, channels: int = 3,
@@ -45,9 +32,9 @@ def multi_dataset(datasets: list[str | dict], load_dataset: Callable, size: int 
         if data.train.x.dtype != torch.uint8 or data.train.x.dim() != 4:
             raise ValueError(f"multi_dataset: '{name}' is not a dataset of uint8 images")
         K = data.n_classes
-        train = TensorData(_reshape_images(data.train.x, size, channels), data.train.y + offset,
+        train = TensorData(reshape_images(data.train.x, size, channels), data.train.y + offset,
                            torch.full_like(data.train.y, k))
-        test = TensorData(_reshape_images(data.test.x, size, channels), data.test.y + offset,
+        test = TensorData(reshape_images(data.test.x, size, channels), data.test.y + offset,
                           torch.full_like(data.test.y, k))
         experiences.append(Experience(k, k, list(range(offset, offset + K)), train, test, task_index=k))
         names.append(name)

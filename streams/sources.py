@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streams.experience import BatchTransform, Dataset, TensorData
+from streams.experience import BatchTransform, Dataset, TensorData, reshape_images
 from streams.validation import DataError
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "cl-lab" / "data"
@@ -124,10 +124,20 @@ def _mnist_tensors(root: str, download: bool):
     return split(True), split(False)
 
 
-def mnist(data_dir: str | None = None, download: bool = True) -> Dataset:
-    """MNIST (LeCun et al. 1998), 60,000 train and 10,000 test images, 28x28."""
+def mnist(data_dir: str | None = None, download: bool = True, size: int | None = None,
+          channels: int = 1) -> Dataset:
+    """MNIST (LeCun et al. 1998), 60,000 train and 10,000 test images, 28x28.
+
+    `size` and `channels` reshape the images for a backbone made for other inputs (e.g. a
+    ViT pre-trained on 32x32 colour images: `size: 32, channels: 3`): bilinear resizing, the
+    grey channel repeated. MNIST's own mean and standard deviation normalise every channel."""
+    if size is not None and size < 1 or channels < 1:
+        raise ValueError(f"mnist: size and channels must be positive, got size={size}, channels={channels}")
     train, test = _mnist_tensors(str(data_root(data_dir)), download)
-    return Dataset("mnist", train, test, BatchTransform(mean=[0.1307], std=[0.3081]),
+    if size not in (None, 28) or channels != 1:
+        side = size or 28
+        train, test = (TensorData(reshape_images(d.x, side, channels), d.y) for d in (train, test))
+    return Dataset("mnist", train, test, BatchTransform(mean=[0.1307] * channels, std=[0.3081] * channels),
                    class_names=[str(c) for c in range(10)])
 
 

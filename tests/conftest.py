@@ -45,6 +45,30 @@ def stream():
     return class_incremental(digits(), n_experiences=5)
 
 
+@pytest.fixture(scope="module")
+def small_stream():
+    """Split-Digits cut to 120 training rows per experience, so a tiny ViT run takes a second."""
+    import torch
+
+    from streams import class_incremental, digits
+
+    s = class_incremental(digits(), n_experiences=5)
+    for e in s.experiences:
+        object.__setattr__(e, "train", e.train.subset(torch.arange(min(120, len(e.train)))))
+    return s
+
+
+def tiny_vit(n_classes=10, depth=5, seed=0):
+    """A seeded timm ViT of width 32 (2 heads, patches of 4) on the 8x8 grey digits: what the
+    prompt methods' tests run on."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, in_chans=1, embed_dim=32,
+                             depth=depth, num_heads=2, num_classes=n_classes)
+
+
 def trainer_for(stream, strategies, seed=0, batch_size=16, **kw):
     """A seeded LifelongTrainer over an MLP with one hidden layer of 64, SGD lr 0.05 momentum 0.9."""
     import torch

@@ -12,7 +12,7 @@ from cl.trainer import LifelongTrainer
 from strategies import STRATEGIES, ICaRL, MomentumWeights, NearestMean, Replay, Strategy
 from streams import class_incremental, digits
 from streams.experience import BatchTransform, Experience, Stream, TensorData
-from conftest import trainer_for
+from conftest import tiny_vit, trainer_for
 
 
 def toy_stream():
@@ -132,20 +132,20 @@ SMALL = {"replay": {"memory_size": 50}, "der": {"memory_size": 50}, "derpp": {"m
          "power_law_rehearsal": {"budget": 50, "memory_per_task": 40}, "ewc": {"fisher_samples": 64},
          "online_ewc": {"fisher_samples": 64}, "mas": {"importance_samples": 64},
          "l2p": {"pool_size": 4, "prompt_length": 2, "top_k": 2}, "dualprompt": {"g_length": 2, "e_length": 2},
-         "coda_prompt": {"n_components": 10, "prompt_length": 2}}
+         "coda_prompt": {"n_components": 10, "prompt_length": 2},
+         "apg": {"samples_per_step": 16, "finetune_epochs": 2, "finetune_epochs_per_task": 1,
+                 "finetune_samples_per_class": 16},
+         "ovor": {"lengths": [2, 2, 3, 3, 3], "k": 5, "boundary_per_class": 4, "candidates": 20,
+                  "outliers_per_class": 6}}
 #: Strategies that need a timm ViT rather than the MLP.
-ON_A_VIT = {"l2p", "dualprompt", "coda_prompt"}
+ON_A_VIT = {"l2p", "dualprompt", "coda_prompt", "apg", "ovor"}
 
 
 def vit_trainer_for(stream, strategies, seed, batch_size, **kw):
     """A seeded LifelongTrainer over a 5-block ViT of width 32 on the 8x8 digits."""
-    import timm
-
     from cl.trainer import LifelongTrainer
 
-    torch.manual_seed(seed)
-    vit = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=5,
-                            num_heads=2, num_classes=stream.n_classes)
+    vit = tiny_vit(stream.n_classes, seed=seed)
     return LifelongTrainer(vit, torch.optim.Adam(vit.parameters(), lr=0.01), strategies, seed=seed,
                            batch_size=batch_size, **kw)
 

@@ -188,6 +188,25 @@ def test_configure_optimizer_groups_and_lr_owner_scale(stream):
     assert record.lr_curve[1] == [3, [pytest.approx(0.1 / 4 * 0.01), pytest.approx(0.1 / 4)]]
 
 
+def test_configure_optimizer_keeps_adamw_and_its_settings(stream):
+    """torch's AdamW records `decoupled_weight_decay` in its defaults but refuses it as an
+    argument: the trainer rebuilds it over the new groups all the same."""
+    class TwoGroups(Strategy):
+        def configure_optimizer(self, ctx, groups):
+            return [{"params": list(ctx.model.head.parameters())},
+                    {"params": [p for n, p in ctx.model.named_parameters() if not n.startswith("head")]}]
+
+    torch.manual_seed(0)
+    model = MLP(stream.input_shape, stream.n_classes, hidden=(32,))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.002, weight_decay=0.05, betas=(0.8, 0.99))
+    trainer = LifelongTrainer(model, opt, [TwoGroups()])
+    trainer.fit(stream, stop_after=1)
+    rebuilt = trainer.optimizer
+    assert type(rebuilt) is torch.optim.AdamW and len(rebuilt.param_groups) == 2
+    assert rebuilt.defaults["weight_decay"] == 0.05 and rebuilt.defaults["betas"] == (0.8, 0.99)
+    assert rebuilt.defaults["lr"] == 0.002 and rebuilt.state  # it stepped
+
+
 def test_experience_scoped_scheduler_rewinds_at_every_experience(stream):
     def cosine(opt, steps):
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)

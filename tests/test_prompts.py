@@ -4,29 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_vit
 from cl.trainer import LifelongTrainer
 from strategies import CODAPrompt, DualPrompt, L2P, Strategy
 from strategies.context import Batch
 from strategies.prompting.coda import gram_schmidt
 from strategies.prompting.vit import block_forward, prompted_tokens, split_heads
-from streams import class_incremental, digits
+from streams import digits
 
 timm = pytest.importorskip("timm")
-
-
-def tiny_vit(n_classes=10, depth=5, seed=0):
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, in_chans=1, embed_dim=32,
-                             depth=depth, num_heads=2, num_classes=n_classes)
-
-
-@pytest.fixture(scope="module")
-def small_stream():
-    """Split-Digits cut to 120 training rows per experience, so a ViT run takes a second."""
-    s = class_incremental(digits(), n_experiences=5)
-    for e in s.experiences:
-        object.__setattr__(e, "train", e.train.subset(torch.arange(min(120, len(e.train)))))
-    return s
 
 
 @pytest.fixture(scope="module")

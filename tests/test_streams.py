@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from streams import BatchTransform, DatasetNotFoundError, class_incremental, cifar10, digits, mnist
+from streams.experience import reshape_images
 
 
 def test_digits_is_uint8_images_with_fixed_split():
@@ -88,6 +89,27 @@ def test_real_mnist_split(mnist_root):
     stream = class_incremental(data, n_experiences=5, class_order=list(range(10)))
     assert [e.n_train for e in stream] == [12665, 12089, 11263, 12183, 11800]
     assert [e.n_test for e in stream] == [2115, 2042, 1874, 1986, 1983]
+
+
+def test_reshape_images_repeats_grey_and_resizes():
+    grey = torch.tensor([[[[0, 255], [100, 50]]]], dtype=torch.uint8)
+    rgb = reshape_images(grey, size=2, channels=3)
+    assert rgb.shape == (1, 3, 2, 2) and all(torch.equal(rgb[0, c], grey[0, 0]) for c in range(3))
+    flat = torch.full((2, 1, 28, 28), 77, dtype=torch.uint8)
+    assert torch.equal(reshape_images(flat, size=32, channels=1), torch.full((2, 1, 32, 32), 77, dtype=torch.uint8))
+
+
+def test_mnist_for_a_colour_backbone(mnist_root):
+    plain = mnist(data_dir=str(mnist_root), download=False)
+    data = mnist(data_dir=str(mnist_root), download=False, size=32, channels=3)
+    assert data.train.x.shape == (60_000, 3, 32, 32) and data.test.x.shape == (10_000, 3, 32, 32)
+    assert torch.equal(data.train.y, plain.train.y) and torch.equal(data.train.x[:, 0], data.train.x[:, 2])
+    # Bilinear resizing keeps the ink where it was: the mean intensity barely moves.
+    assert abs(data.train.x[:2000].float().mean() - plain.train.x[:2000].float().mean()) < 1.0
+    x = data.transform(data.train.x[:2000])
+    assert x.shape[1] == 3 and abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.1
+    with pytest.raises(ValueError, match="size and channels"):
+        mnist(data_dir=str(mnist_root), download=False, channels=0)
 
 
 def test_real_cifar10_jpeg_pack(cifar_root):

@@ -111,3 +111,24 @@ def frozen_query(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def tokens_through(vit: nn.Module, x: torch.Tensor, block: int) -> torch.Tensor:
+    """The ViT's token sequence on images `x` after blocks 0..`block` (inclusive), without
+    any prompt and before the final norm: what an intermediate block outputs."""
+    h = embed_tokens(vit, x)
+    for blk in vit.blocks[:block + 1]:
+        h = blk(h)
+    return h
+
+
+def tokens_from(vit: nn.Module, h: torch.Tensor, block: int, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    """Continue from `h`, the output of block `block`: `prompt` tokens (B, P, D) inserted right
+    after the class (and register) tokens, then blocks `block`+1.. and the final norm. With
+    `tokens_through`, `tokens_from(vit, tokens_through(vit, x, m), m)` is the plain ViT."""
+    if prompt is not None:
+        n = vit.num_prefix_tokens
+        h = torch.cat([h[:, :n], prompt, h[:, n:]], dim=1)
+    for blk in vit.blocks[block + 1:]:
+        h = blk(h)
+    return vit.norm(h)
