@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import math
 import sys
 import time
@@ -317,13 +316,13 @@ class LifelongTrainer:
             groups = [dict(g) for g in self.optimizer.param_groups]
             for s in self.hooks["configure_optimizer"]:
                 groups = s.configure_optimizer(ctx, groups)
-            # The same optimizer class and settings over the strategies' parameter groups. Only
-            # the settings its constructor takes: `defaults` may hold more (torch's AdamW records
-            # `decoupled_weight_decay`, which its own constructor refuses).
-            cls = type(self.optimizer)
-            takes = inspect.signature(cls.__init__).parameters
-            settings = {k: v for k, v in self.optimizer.defaults.items() if k in takes}
-            self.optimizer = ctx.optimizer = cls(groups, **settings)
+            # The same optimizer, its settings filling what a new group leaves out, over the
+            # strategies' parameter groups (refilled in place rather than rebuilt: `defaults`
+            # can hold more than the constructor takes, e.g. AdamW's `decoupled_weight_decay`).
+            self.optimizer.param_groups.clear()
+            self.optimizer.state.clear()
+            for group in groups:
+                self.optimizer.add_param_group(group)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         if self._scheduler_factory is not None and self.scheduler_scope == "run":

@@ -346,6 +346,9 @@ def reshape_images(x: torch.Tensor, size: int, channels: int, chunk: int = 4096)
     for b in range(0, len(x), chunk):
         part = x[b:b + chunk].float()
         if part.shape[1] != channels:
+            if channels != 1 and part.shape[1] != 1:
+                raise ValueError(f"cannot bring images of {part.shape[1]} channels to {channels}: "
+                                 f"only grey to colour (repeated) or colour to grey (averaged)")
             part = part.mean(1, keepdim=True) if channels == 1 else part.repeat(1, channels, 1, 1)
         if part.shape[-2:] != (size, size):
             part = F.interpolate(part, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

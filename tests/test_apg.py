@@ -11,7 +11,7 @@ from strategies.context import Batch
 from strategies.prompting.apg import APG, PromptGenerator
 from strategies.prompting.vit import tokens_from, tokens_through
 
-pytest.importorskip("timm")
+timm = pytest.importorskip("timm")
 
 M = 1  # the query block in these tests (of 4)
 
@@ -135,7 +135,7 @@ def test_the_library_holds_each_classs_statistics_and_mean_prompt(two_experience
     trainer, apg, vit0 = two_experiences
     s, ctx = apg.stats, trainer.ctx
     assert s["has"].tolist() == [True] * 4 + [False] * 6
-    assert s["int_cov"].shape == (10, 32, 32) and s["prompt_mean"].shape == (10, 2, 32)
+    assert s["mid_cov"].shape == (10, 32, 32) and s["prompt_mean"].shape == (10, 2, 32)
     data = small_stream[1].train
     x = ctx.prepare(data.x)
     with torch.no_grad():
@@ -149,12 +149,12 @@ def test_the_library_holds_each_classs_statistics_and_mean_prompt(two_experience
     f = ctx.embed(data.x)  # the prompted run's pre-logit features
     for c in (2, 3):
         rows = data.y == c
-        assert torch.allclose(s["int_mean"][c], q[rows].mean(0), atol=1e-5)
-        assert torch.allclose(s["int_cov"][c], torch.cov(q[rows].T.double()).float(), atol=1e-5)
+        assert torch.allclose(s["mid_mean"][c], q[rows].mean(0), atol=1e-5)
+        assert torch.allclose(s["mid_cov"][c], torch.cov(q[rows].T.double()).float(), atol=1e-5)
         assert torch.allclose(s["feat_mean"][c], f[rows].mean(0), atol=1e-5)
         assert torch.allclose(s["feat_cov"][c], torch.cov(f[rows].T.double()).float(), atol=1e-5)
         assert torch.allclose(s["prompt_mean"][c], prompt[rows].mean(0), atol=1e-5)
-    assert s["feat_cov"][0].abs().sum() > 0 and s["int_cov"][9].abs().sum() == 0
+    assert s["feat_cov"][0].abs().sum() > 0 and s["mid_cov"][9].abs().sum() == 0
 
 
 def test_sampled_features_match_the_stored_statistics(two_experiences):
@@ -166,10 +166,10 @@ def test_sampled_features_match_the_stored_statistics(two_experiences):
         a = torch.randn(32, 32, generator=g)
         cov = a @ a.T / 32 + 0.1 * torch.eye(32)
         mean = torch.randn(32, generator=g) * 3
-        apg.stats["int_mean"][1], apg.stats["int_cov"][1] = mean, cov
+        apg.stats["mid_mean"][1], apg.stats["mid_cov"][1] = mean, cov
         apg._factors = None
         n = 40000
-        draws = apg.sample("int", torch.tensor([1] * n + [3] * 10))
+        draws = apg.sample("mid", torch.tensor([1] * n + [3] * 10))
         x = draws[:n].double()
         assert torch.allclose(x.mean(0), mean.double(), atol=0.05)
         assert torch.allclose(torch.cov(x.T), cov.double(), atol=0.05)
@@ -204,7 +204,7 @@ def test_after_each_experience_but_the_first_the_library_tunes_generator_and_cla
         head = ctx.model.get_classifier()
         labels = self.stats["has"].nonzero().squeeze(1).repeat_interleave(100)
         g = self.rng.get_state()
-        q, f = self.sample("int", labels), self.sample("feat", labels)
+        q, f = self.sample("mid", labels), self.sample("feat", labels)
         self.rng.set_state(g)
 
         def losses():
@@ -243,8 +243,18 @@ def test_a_bad_query_block_is_refused_and_the_default_keeps_the_papers_relative_
         run(small_stream, make(query_block=3), experiences=1)
     # Block 5 of 12 in the reference's ViT-B; block 2 of a 6-block ViT, block 1 of these 4-block ones.
     assert [APG().block_of(depth) for depth in (12, 6, 4)] == [5, 2, 1]
+    avg = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=4,
+                            num_heads=2, num_classes=10, global_pool="avg", class_token=False)
+    with pytest.raises(ValueError, match="class token"):
+        LifelongTrainer(avg, torch.optim.Adam(avg.parameters()), [make()]).fit(small_stream, stop_after=1)
+    trained = make()
+    run(small_stream, trained, experiences=1)
+    other = make(query_block=2)
+    run(small_stream, other, experiences=1)
+    with pytest.raises(ValueError, match="same query_block"):
+        other.load_state_dict(trained.state_dict())
     assert run(small_stream, APG(samples_per_step=8, finetune_epochs=0, finetune_epochs_per_task=0),
-               experiences=1).strategies[0].block == 1
+               experiences=1).strategies[0].query_index == 1
 
 
 def test_a_resumed_apg_run_equals_an_uninterrupted_one(small_stream, tmp_path):

@@ -205,6 +205,16 @@ def test_configure_optimizer_keeps_adamw_and_its_settings(stream):
     assert type(rebuilt) is torch.optim.AdamW and len(rebuilt.param_groups) == 2
     assert rebuilt.defaults["weight_decay"] == 0.05 and rebuilt.defaults["betas"] == (0.8, 0.99)
     assert rebuilt.defaults["lr"] == 0.002 and rebuilt.state  # it stepped
+    assert all(g["weight_decay"] == 0.05 and g["betas"] == (0.8, 0.99) for g in rebuilt.param_groups)
+
+    class Loose(torch.optim.SGD):  # an optimizer whose constructor takes **kwargs
+        def __init__(self, params, lr=0.1, **kwargs):
+            super().__init__(params, lr=lr, **kwargs)
+
+    model = MLP(stream.input_shape, stream.n_classes, hidden=(32,))
+    trainer = LifelongTrainer(model, Loose(model.parameters(), lr=0.003, momentum=0.7), [TwoGroups()])
+    trainer.fit(stream, stop_after=1)
+    assert [(g["lr"], g["momentum"]) for g in trainer.optimizer.param_groups] == [(0.003, 0.7)] * 2
 
 
 def test_experience_scoped_scheduler_rewinds_at_every_experience(stream):

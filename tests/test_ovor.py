@@ -83,10 +83,22 @@ def test_outliers_start_from_the_boundary_points():
     # The rejection step keeps the candidates farthest from the inliers (k-th nearest, normalised).
     z = F.normalize(TOY_X, dim=1)
     kept = kth_neighbour_distance(F.normalize(b, dim=1) + (out - b) / b.norm(dim=1, keepdim=True), z, 2)
-    for rows, points in ((slice(0, 20), [4, 3]), (slice(20, 40), [8, 5])):
-        noise = torch.randn(400, 2, generator=torch.Generator().manual_seed(2))
-        fresh = z[points].repeat_interleave(200, 0) + std * noise
-        assert kept[rows].min() >= kth_neighbour_distance(fresh, z, 2).median()
+    for point in TOY_BOUNDARY:  # each point's kept candidates are among its farthest
+        noise = torch.randn(200, 2, generator=torch.Generator().manual_seed(2))
+        fresh = z[point] + std * noise
+        assert kept[src == point].min() >= kth_neighbour_distance(fresh, z, 2).median()
+
+
+def test_outliers_spread_over_every_boundary_point():
+    """Each boundary point keeps its own farthest candidates before the class ranks them: the
+    isolated point at 90 degrees (row 4) would otherwise take every place of class 0."""
+    boundary = torch.tensor(TOY_BOUNDARY)
+    out, src = synthesise_outliers(TOY_X, TOY_Y, boundary, per_class=4, std=0.05, candidates=50, k=2,
+                                   generator=torch.Generator().manual_seed(3))
+    assert sorted(src.tolist()) == sorted(TOY_BOUNDARY * 2)  # two from each boundary point
+    one_each, src = synthesise_outliers(TOY_X, TOY_Y, boundary, per_class=1, std=0.05, candidates=50, k=2,
+                                        generator=torch.Generator().manual_seed(3))
+    assert len(one_each) == 2 and TOY_Y[src].tolist() == [0, 1]
 
 
 def test_the_energy_hinge_is_zero_on_the_right_side_of_each_margin():

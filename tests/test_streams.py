@@ -97,6 +97,8 @@ def test_reshape_images_repeats_grey_and_resizes():
     assert rgb.shape == (1, 3, 2, 2) and all(torch.equal(rgb[0, c], grey[0, 0]) for c in range(3))
     flat = torch.full((2, 1, 28, 28), 77, dtype=torch.uint8)
     assert torch.equal(reshape_images(flat, size=32, channels=1), torch.full((2, 1, 32, 32), 77, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="3 channels to 2"):
+        reshape_images(torch.zeros((1, 3, 4, 4), dtype=torch.uint8), size=4, channels=2)
 
 
 def test_mnist_for_a_colour_backbone(mnist_root):

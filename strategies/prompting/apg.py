@@ -129,6 +129,11 @@ class APG(PromptStrategy):
     N(mu, Sigma + `cov_jitter` I) (1e-5, the reference's), the noise from the strategy's
     seeded generator on the CPU (so draws do not depend on the device); q and f samples are
     drawn independently, as the reference does. A class met again is summarised again.
+    Size: two d x d covariances per class (and their Cholesky factors on the device): 4.7 MB
+    per class at ViT-B's d = 768 in float32, about 0.9 GB in a checkpoint for 200 classes.
+
+    The ViT must have a class token that its head reads (timm's `global_pool='token'`): the
+    query is block m's class token, and a pooled head would average the prompt in.
 
     Defaults and choices. The stored text of the paper was not available here; the defaults
     are those of the authors' released configurations for a pre-trained ViT-B/16
@@ -172,7 +177,7 @@ class APG(PromptStrategy):
             if value < 0:
                 raise ValueError(f"APG: {name} must be non-negative, got {value}")
         self.query_block, self.prompt_length, self.heads = query_block, prompt_length, heads
-        self.block: int | None = None  # the query block of the run's ViT, set at setup
+        self.query_index: int | None = None  # the query block of the run's ViT, set by `build`
         self.mlp_dropout, self.attn_residual = mlp_dropout, attn_residual
         self.attn_weight, self.prompt_weight, self.replay_weight = attn_weight, prompt_weight, replay_weight
         self.norm_weight, self.norm_scale = norm_weight, norm_scale
@@ -191,16 +196,22 @@ class APG(PromptStrategy):
         return depth // 2 - 1 if self.query_block is None else self.query_block
 
     def build(self, ctx: Context, dim: int, depth: int) -> nn.Module:
-        self.block = self.block_of(depth)
-        if not 0 <= self.block < depth - 1:
-            raise ValueError(f"APG: query_block {self.block} must be a block of the ViT's {depth} with a "
+        vit = ctx.model
+        if vit.cls_token is None or vit.global_pool != "token" or getattr(vit, "attn_pool", None) is not None:
+            raise ValueError(f"APG needs a ViT with a class token that its head reads (global_pool 'token'); "
+                             f"this one has class_token={vit.cls_token is not None}, "
+                             f"global_pool={vit.global_pool!r}: the query is the class token, and pooling over "
+                             f"the sequence would mix the prompt into the features")
+        self.query_index = self.block_of(depth)
+        if not 0 <= self.query_index < depth - 1:
+            raise ValueError(f"APG: query_block {self.query_index} must be a block of the ViT's {depth} with a "
                              f"block after it (the prompt enters the blocks after the query block only)")
         n = ctx.stream.n_classes
         params = nn.Module()
         params.generator = PromptGenerator(dim, self.prompt_length, self.heads, dim, self.mlp_dropout,
                                            self.attn_residual)
         params.tokens = nn.ParameterList([nn.Parameter(torch.zeros(dim)) for _ in range(n)])
-        self.stats = {"int_mean": torch.zeros(n, dim), "int_cov": torch.zeros(n, dim, dim),
+        self.stats = {"mid_mean": torch.zeros(n, dim), "mid_cov": torch.zeros(n, dim, dim),
                       "feat_mean": torch.zeros(n, dim), "feat_cov": torch.zeros(n, dim, dim),
                       "prompt_mean": torch.zeros(n, self.prompt_length, dim),
                       "has": torch.zeros(n, dtype=torch.bool)}
@@ -216,6 +227,9 @@ class APG(PromptStrategy):
             if c not in earlier:
                 token = self.params.tokens[c]
                 token.copy_((0.02 * torch.randn(token.shape, generator=self.rng)).to(token))
+        current = set(ctx.experience.classes)
+        for c, token in enumerate(self.params.tokens):  # old tokens enter detached; this too keeps
+            token.requires_grad_(c in current)           # them still under any zero_grad setting
 
     # --------------------------------------------------------------- forward
     def pool(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,9 +252,9 @@ class APG(PromptStrategy):
     def run(self, vit: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block-m tokens h, the prompt, the attention logits, and the final token sequence."""
         with torch.no_grad():  # the backbone is frozen and nothing before block m is prompted
-            h = tokens_through(vit, x, self.block)
+            h = tokens_through(vit, x, self.query_index)
         prompt, logits = self.generate(h[:, 0])
-        return h, prompt, logits, tokens_from(vit, h, self.block, prompt)
+        return h, prompt, logits, tokens_from(vit, h, self.query_index, prompt)
 
     def forward(self, ctx: Context, batch: Batch) -> None:
         if not self.started:
@@ -268,7 +282,7 @@ class APG(PromptStrategy):
         if not len(have) or not self.samples_per_step or not (self.prompt_weight or self.replay_weight):
             return
         classes = have[torch.randint(len(have), (self.samples_per_step,), generator=self.rng).to(have.device)]
-        q, f = self.sample("int", classes), self.sample("feat", classes)
+        q, f = self.sample("mid", classes), self.sample("feat", classes)
         dtype = batch.features.dtype
         if self.prompt_weight:
             generated, _ = self.generate(q.to(dtype))
@@ -330,7 +344,7 @@ class APG(PromptStrategy):
                 for epoch in range(epochs):
                     for group in optimizer.param_groups:
                         group["lr"] = decay(epoch / epochs, self.finetune_lr, self.finetune_min_lr)
-                    q, f = self.sample("int", labels), self.sample("feat", labels)
+                    q, f = self.sample("mid", labels), self.sample("feat", labels)
                     order = torch.randperm(len(labels), generator=self.rng).to(labels.device)
                     for idx in order.split(self.finetune_batch_size):
                         y = labels[idx]
@@ -355,7 +369,7 @@ class APG(PromptStrategy):
             rows = y == c
             if not rows.any():
                 continue
-            for name, value in (("int", q[rows].double()), ("feat", f[rows].double())):
+            for name, value in (("mid", q[rows].double()), ("feat", f[rows].double())):
                 s[f"{name}_mean"][c] = value.mean(0).to(s[f"{name}_mean"])
                 s[f"{name}_cov"][c] = torch.cov(value.T).to(s[f"{name}_cov"]) if len(value) > 1 else 0.0
             s["prompt_mean"][c] = p[rows].double().mean(0).to(s["prompt_mean"])
@@ -363,12 +377,12 @@ class APG(PromptStrategy):
         self._factors = None
 
     def sample(self, kind: str, classes: torch.Tensor) -> torch.Tensor:
-        """One draw of the `kind` ("int" or "feat") features of each of `classes` from
+        """One draw of the `kind` ("mid": intermediate class tokens, or "feat": final features) features of each of `classes` from
         N(mu_c, Sigma_c + cov_jitter I); noise from the strategy's generator on the CPU."""
         if self._factors is None:
             have = self.stats["has"]
             self._factors = {}
-            for name in ("int", "feat"):
+            for name in ("mid", "feat"):
                 factors = torch.zeros_like(self.stats[f"{name}_cov"])  # computed in float64, kept in float32
                 if have.any():
                     factors[have] = cholesky_factors(self.stats[f"{name}_cov"][have], self.cov_jitter, "APG").float()
@@ -383,9 +397,13 @@ class APG(PromptStrategy):
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "stats": {k: v.cpu() for k, v in self.stats.items()}}
+        return {**super().state_dict(), "query_index": self.query_index,
+                "stats": {k: v.cpu() for k, v in self.stats.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("query_index", self.query_index) != self.query_index:
+            raise ValueError(f"APG: the checkpoint's prompt enters after block {state['query_index']}, this run's "
+                             f"after block {self.query_index}: resume with the same query_block")
         super().load_state_dict(state)
         device = self.stats["has"].device
         self.stats = {k: v.to(device) for k, v in state["stats"].items()}

@@ -58,7 +58,10 @@ class PromptStrategy(Strategy):
         head = {id(p) for p in vit.get_classifier().parameters()}
         for p in vit.parameters():
             p.requires_grad_(id(p) in head)
-        with torch.random.fork_rng(devices=[]):  # the prompts' draws leave the run's RNG alone
+        # The prompts' draws leave the run's RNG alone (manual_seed reseeds CUDA too: fork it).
+        cuda = [] if ctx.device.type != "cuda" else [ctx.device.index if ctx.device.index is not None
+                                                      else torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(ctx.strategy_seed(self))
             self.params = self.build(ctx, vit.embed_dim, len(vit.blocks)).to(ctx.device)
 

@@ -82,14 +82,16 @@ def synthesise_outliers(features: torch.Tensor, labels: torch.Tensor, boundary: 
     (into `features`) of the boundary point it was drawn around.
 
     In the L2-normalised space, each boundary point b^ gets `candidates` candidates
-    v = b^ + std * eps, eps ~ N(0, I); of the candidates around each class's boundary points,
-    the `per_class` whose distance to their k-th nearest inlier (every normalised feature
-    given, all classes) is largest are kept (NPOS's rejection step: the candidates farthest
-    from the data). A kept candidate is returned at its boundary point's own scale,
-    o = ||b|| v = b + std ||b|| eps, as the head is trained on unnormalised features: with
-    `std` 0 each outlier is exactly its boundary point. The noise is drawn on the CPU from
-    `generator` (the same draws on any device), class by class in increasing order, `chunk`
-    boundary points at a time, keeping only the best `per_class` so far."""
+    v = b^ + std * eps, eps ~ N(0, I). NPOS's rejection step keeps the candidates farthest from
+    the data (distance to their k-th nearest inlier, every normalised feature given, all
+    classes): each boundary point keeps its ceil(`per_class` / boundary points of its class)
+    farthest candidates, and of those the class keeps its `per_class` farthest. Ranking per
+    boundary point first spreads the outliers over the whole boundary: ranked all together,
+    the few most isolated boundary points would take every place. A kept candidate is returned
+    at its boundary point's own scale, o = ||b|| v = b + std ||b|| eps, as the head is trained
+    on unnormalised features: with `std` 0 each outlier is exactly its boundary point. The noise
+    is drawn on the CPU from `generator` (the same draws on any device), class by class in
+    increasing order, `chunk` boundary points at a time."""
     d = features.shape[1]
     x = features.float()
     z = F.normalize(x, dim=1)
@@ -97,21 +99,22 @@ def synthesise_outliers(features: torch.Tensor, labels: torch.Tensor, boundary: 
     outs, sources = [], []
     for c in torch.unique(labels[boundary]).tolist():
         mine = boundary[labels[boundary] == c]
-        best_score = torch.zeros(0, device=x.device)
-        best_out = torch.zeros(0, d, device=x.device)
-        best_src = torch.zeros(0, dtype=torch.long, device=x.device)
+        each = min(candidates, -(-per_class // len(mine)))  # kept per boundary point
+        scores, kept, srcs = [], [], []
         for start in range(0, len(mine), chunk):
-            src = mine[start:start + chunk].repeat_interleave(candidates)
+            points = mine[start:start + chunk]
+            src = points.repeat_interleave(candidates)
             eps = torch.randn(len(src), d, generator=generator).to(x.device)
-            score = kth_neighbour_distance(z[src] + std * eps, z, k)
-            out = x[src] + (std * norms[src]) * eps
-            best_score = torch.cat([best_score, score])
-            best_out = torch.cat([best_out, out])
-            best_src = torch.cat([best_src, src])
-            keep = torch.sort(best_score, descending=True, stable=True).indices[:per_class]
-            best_score, best_out, best_src = best_score[keep], best_out[keep], best_src[keep]
-        outs.append(best_out)
-        sources.append(best_src)
+            score = kth_neighbour_distance(z[src] + std * eps, z, k).view(len(points), candidates)
+            best = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :each]  # per point
+            rows = (best + candidates * torch.arange(len(points), device=x.device).unsqueeze(1)).flatten()
+            scores.append(score.flatten()[rows])
+            kept.append(x[src[rows]] + (std * norms[src[rows]]) * eps[rows])
+            srcs.append(src[rows])
+        score, out, src = torch.cat(scores), torch.cat(kept), torch.cat(srcs)
+        keep = torch.sort(score, descending=True, stable=True).indices[:per_class]
+        outs.append(out[keep])
+        sources.append(src[keep])
     if not outs:
         return features.new_zeros(0, d), torch.zeros(0, dtype=torch.long, device=features.device)
     return torch.cat(outs).to(features.dtype), torch.cat(sources)
@@ -158,7 +161,8 @@ class OVOR(PromptStrategy):
 
     Virtual outlier regularisation, after the ordinary epochs of each experience:
 
-    1. Features. The prompt is frozen from here on; the pooled pre-logit features of the
+    1. Features. The prompt is frozen for the phase (it trains again in the next
+       experience); the pooled pre-logit features of the
        experience's training rows through the prompted ViT are computed once (`ctx.embed`:
        eval mode, no augmentation) and cached for the phase. (The authors' code recomputes them
        each regularised epoch from the augmented loader; with augmentation off that is the same.)
@@ -171,11 +175,16 @@ class OVOR(PromptStrategy):
        draws of std `noise_std` (0.1, the authors' `cov: 0.1`, which multiplies unit noise, so
        it is a standard deviation) around each normalised boundary point; of each class's
        candidates the `outliers_per_class` (40, `num_per_class`) farthest from the inliers
-       (k-th nearest inlier of any class, same k) are kept, at their boundary point's scale.
-       (The code ranks all classes' candidates together, keeping 40 times the number of
-       classes; ranked together, the most isolated boundary point takes nearly every place,
-       so the ranking is done per class, which keeps every class's boundary represented.)
-       Drawn afresh each regularised epoch from the strategy's seeded generator.
+       (k-th nearest inlier of any class, same k) are kept, at their boundary point's scale,
+       at most ceil(40 / 50) = 1 per boundary point. (The code ranks all classes' candidates
+       together, keeping 40 times the number of classes; ranked together, the most isolated
+       boundary points take nearly every place, so the ranking is done per boundary point,
+       then per class, which keeps the whole boundary represented.) Drawn afresh each
+       regularised epoch from the strategy's seeded generator. Scale: the noise's length is
+       about `noise_std` sqrt(d), 1.4 for a width of 192 (2.8 for ViT-B's 768) against unit
+       features, so an outlier keeps only a cosine of about 0.5-0.6 with its boundary point:
+       near it, in a shell, rather than on the boundary itself. That is the authors' value
+       (NPOS's embeddings are of a similar width); lower `noise_std` for closer outliers.
        The released code adds its noise to nothing: its outliers are pure noise, N(0, 0.01 I),
        and the boundary points it computes are never used. The paper's description (noise
        around boundary points) is what is implemented.
