@@ -69,6 +69,30 @@ def tiny_vit(n_classes=10, depth=5, seed=0):
                              depth=depth, num_heads=2, num_classes=n_classes)
 
 
+@pytest.fixture(scope="session")
+def backbone_5_to_9():
+    """A tiny ViT trained for a few epochs on digits 5-9 only: a pre-trained backbone whose
+    features mean something, and which has never seen the classes of experiences 0-1
+    (its weights without the head)."""
+    import torch
+    import torch.nn.functional as F
+
+    from streams import digits
+
+    vit = tiny_vit()
+    data = digits()
+    keep = data.train.y >= 5
+    x, y = data.transform(data.train.x[keep], train=False), data.train.y[keep]
+    opt = torch.optim.Adam(vit.parameters(), lr=5e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        for idx in torch.randperm(len(y), generator=g).split(64):
+            opt.zero_grad()
+            F.cross_entropy(vit(x[idx]), y[idx]).backward()
+            opt.step()
+    return {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
+
+
 def trainer_for(stream, strategies, seed=0, batch_size=16, **kw):
     """A seeded LifelongTrainer over an MLP with one hidden layer of 64, SGD lr 0.05 momentum 0.9."""
     import torch

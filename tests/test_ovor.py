@@ -14,7 +14,7 @@ from strategies.context import Batch
 from strategies.prompting.ovor import (OVOR, boundary_points, energy, energy_hinge, kth_neighbour_distance,
                                        synthesise_outliers)
 from strategies.prompting.vit import prompted_tokens
-from streams import digits
+from test_prompts import FrozenGroups
 
 pytest.importorskip("timm")
 
@@ -264,33 +264,11 @@ def test_a_resumed_ovor_run_equals_an_uninterrupted_one(small_stream, tmp_path):
     assert ovor_resumed.vor_log == ovor_full.vor_log and len(ovor_full.vor_log) == 3
 
 
-class FrozenGroups(Strategy):
-    """Sets the learning rate of the optimizer's parameter groups `groups` to zero."""
-
-    def __init__(self, *groups):
-        self.groups = groups
-
-    def before_experience(self, ctx):
-        for i in self.groups:
-            ctx.optimizer.param_groups[i]["lr"] = 0.0
-
-
-def test_the_one_prompt_learns_on_a_pretrained_backbone(small_stream):
+def test_the_one_prompt_learns_on_a_pretrained_backbone(small_stream, backbone_5_to_9):
     """On a backbone pre-trained on digits 5-9, the learnt prompt lowers the first experience's
     training loss below the same run with the prompt frozen (group 1: the prompt); a prompt that
     never reached the ViT, or never got gradient, would give the frozen run's loss exactly."""
-    vit = tiny_vit()
-    data = digits()
-    keep = data.train.y >= 5
-    x, y = data.transform(data.train.x[keep], train=False), data.train.y[keep]
-    opt = torch.optim.Adam(vit.parameters(), lr=5e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(4):
-        for idx in torch.randperm(len(y), generator=g).split(64):
-            opt.zero_grad()
-            F.cross_entropy(vit(x[idx]), y[idx]).backward()
-            opt.step()
-    weights = {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
+    weights = backbone_5_to_9
 
     def go(extra):
         model = tiny_vit(small_stream.n_classes)

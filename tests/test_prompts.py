@@ -10,27 +10,8 @@ from strategies import CODAPrompt, DualPrompt, L2P, Strategy
 from strategies.context import Batch
 from strategies.prompting.coda import gram_schmidt
 from strategies.prompting.vit import block_forward, prompted_tokens, split_heads
-from streams import digits
 
 timm = pytest.importorskip("timm")
-
-
-@pytest.fixture(scope="module")
-def backbone_5_to_9():
-    """A tiny ViT trained for a few epochs on digits 5-9 only: a pre-trained backbone whose
-    features mean something, and which has never seen the classes of experiences 0-1."""
-    vit = tiny_vit()
-    data = digits()
-    keep = data.train.y >= 5
-    x, y = data.transform(data.train.x[keep], train=False), data.train.y[keep]
-    opt = torch.optim.Adam(vit.parameters(), lr=5e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(6):
-        for idx in torch.randperm(len(y), generator=g).split(64):
-            opt.zero_grad()
-            F.cross_entropy(vit(x[idx]), y[idx]).backward()
-            opt.step()
-    return {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
 
 
 def run(stream, strategy, experiences=2, seed=0, lr=0.01, epochs=1, weights=None):
