@@ -178,6 +178,7 @@ class APG(PromptStrategy):
                 raise ValueError(f"APG: {name} must be non-negative, got {value}")
         self.query_block, self.prompt_length, self.heads = query_block, prompt_length, heads
         self.query_index: int | None = None  # the query block of the run's ViT, set by `build`
+        self._pool_index = None  # (pool classes, their position per class), per experience
         self.mlp_dropout, self.attn_residual = mlp_dropout, attn_residual
         self.attn_weight, self.prompt_weight, self.replay_weight = attn_weight, prompt_weight, replay_weight
         self.norm_weight, self.norm_scale = norm_weight, norm_scale
@@ -227,33 +228,41 @@ class APG(PromptStrategy):
             if c not in earlier:
                 token = self.params.tokens[c]
                 token.copy_((0.02 * torch.randn(token.shape, generator=self.rng)).to(token))
+        self._pool_index = None
         current = set(ctx.experience.classes)
         for c, token in enumerate(self.params.tokens):  # old tokens enter detached; this too keeps
             token.requires_grad_(c in current)           # them still under any zero_grad setting
 
     # --------------------------------------------------------------- forward
-    def pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def pool_index(self) -> tuple[list[tuple[int, bool]], torch.Tensor]:
+        """The pool's classes (those trained so far, each with whether it is in the current
+        experience) and each class's position in the pool (-1: not in it); worked out once
+        per experience, as they change only there."""
+        if self._pool_index is None:
+            trained, current = self._trained.tolist(), self._current.tolist()
+            classes = [c for c, t in enumerate(trained) if t]
+            position = torch.full((len(trained),), -1, dtype=torch.long, device=self._trained.device)
+            position[classes] = torch.arange(len(classes), device=position.device)
+            self._pool_index = ([(c, current[c]) for c in classes], position)
+        return self._pool_index
+
+    def pool(self) -> torch.Tensor:
         """The knowledge pool (K, D): tokens of the classes trained so far, those not in the
-        current experience detached; and each class's position in it (-1: not in the pool)."""
-        trained, current = self._trained.tolist(), self._current.tolist()  # one sync each, not one per class
-        classes = [c for c, t in enumerate(trained) if t]
-        pool = torch.stack([self.params.tokens[c] if current[c] else self.params.tokens[c].detach()
-                            for c in classes])
-        position = torch.full((len(self._trained),), -1, dtype=torch.long, device=pool.device)
-        position[classes] = torch.arange(len(classes), device=pool.device)
-        return pool, position
+        current experience detached."""
+        classes, _ = self.pool_index()
+        return torch.stack([self.params.tokens[c] if now else self.params.tokens[c].detach() for c, now in classes])
 
-    def generate(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, query: torch.Tensor, pool: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt (B, length, D) for intermediate class tokens `query` (B, D), and the
-        attention logits over the pool (B, heads, length, K)."""
-        pool, _ = self.pool()
-        return self.params.generator(query, pool)
+        attention logits over the pool (B, heads, length, K); `pool` if already built."""
+        return self.params.generator(query, self.pool() if pool is None else pool)
 
-    def run(self, vit: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(self, vit: nn.Module, x: torch.Tensor, pool: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block-m tokens h, the prompt, the attention logits, and the final token sequence."""
         with torch.no_grad():  # the backbone is frozen and nothing before block m is prompted
             h = tokens_through(vit, x, self.query_index)
-        prompt, logits = self.generate(h[:, 0])
+        prompt, logits = self.generate(h[:, 0], pool)
         return h, prompt, logits, tokens_from(vit, h, self.query_index, prompt)
 
     def forward(self, ctx: Context, batch: Batch) -> None:
@@ -262,30 +271,31 @@ class APG(PromptStrategy):
         vit = ctx.model
         training = ctx.training and torch.is_grad_enabled()
         self.params.train(training and vit.training)  # the generator's dropout only while training
-        h, prompt, logits, tokens = self.run(vit, batch.x)
+        pool = self.pool()  # one pool for the batch's prompts and the sampled ones
+        h, prompt, logits, tokens = self.run(vit, batch.x, pool)
         batch.features = vit.forward_head(tokens, pre_logits=True)
         batch.logits = self.eval_logits(ctx, vit.head(batch.features))
         if training and batch.y is not None:
-            self._losses(ctx, batch, h, prompt, logits)
+            self._losses(ctx, batch, h, prompt, logits, pool)
 
     def _losses(self, ctx: Context, batch: Batch, h: torch.Tensor, prompt: torch.Tensor,
-                logits: torch.Tensor) -> None:
+                logits: torch.Tensor, pool: torch.Tensor) -> None:
         if self.attn_weight:
-            _, position = self.pool()
+            _, position = self.pool_index()
             B, H, L, K = logits.shape
             target = position[batch.y].view(B, 1, 1).expand(B, H, L)
             batch.losses["apg_attn"] = self.attn_weight * F.cross_entropy(logits.reshape(-1, K), target.reshape(-1))
         if self.norm_weight:
             size = prompt.abs().sum(-1).mean() - self.norm_scale * h.abs().sum(-1).mean()
             batch.losses["apg_norm"] = self.norm_weight * F.relu(size)
-        have = self.stats["has"].nonzero().squeeze(1)
+        have = self.library_classes()
         if not len(have) or not self.samples_per_step or not (self.prompt_weight or self.replay_weight):
             return
         classes = have[torch.randint(len(have), (self.samples_per_step,), generator=self.rng).to(have.device)]
         q, f = self.sample("mid", classes), self.sample("feat", classes)
         dtype = batch.features.dtype
         if self.prompt_weight:
-            generated, _ = self.generate(q.to(dtype))
+            generated, _ = self.generate(q.to(dtype), pool)
             batch.losses["apg_prompt"] = self.prompt_weight * F.l1_loss(generated, self.stats["prompt_mean"][classes])
         if self.replay_weight:
             out = ctx.model.head(f.to(dtype)).masked_fill(~self._trained, float("-inf"))
@@ -334,7 +344,7 @@ class APG(PromptStrategy):
         head = ctx.model.get_classifier()
         params = [*self.params.parameters(), *head.parameters()]
         optimizer = torch.optim.AdamW(params, lr=self.finetune_lr, weight_decay=self.finetune_weight_decay)
-        classes = self.stats["has"].nonzero().squeeze(1)
+        classes = self.library_classes()
         n = self.finetune_samples_per_class
         labels = classes.repeat_interleave(n)
         mode = self.params.training
@@ -376,17 +386,28 @@ class APG(PromptStrategy):
             s["has"][c] = True
         self._factors = None
 
-    def sample(self, kind: str, classes: torch.Tensor) -> torch.Tensor:
-        """One draw of the `kind` ("mid": intermediate class tokens, or "feat": final features) features of each of `classes` from
-        N(mu_c, Sigma_c + cov_jitter I); noise from the strategy's generator on the CPU."""
+    def library_classes(self) -> torch.Tensor:
+        """The classes the library holds, kept with the Cholesky factors (both change only when
+        statistics are stored): no device sync per training step."""
         if self._factors is None:
-            have = self.stats["has"]
-            self._factors = {}
-            for name in ("mid", "feat"):
-                factors = torch.zeros_like(self.stats[f"{name}_cov"])  # computed in float64, kept in float32
-                if have.any():
-                    factors[have] = cholesky_factors(self.stats[f"{name}_cov"][have], self.cov_jitter, "APG").float()
-                self._factors[name] = factors
+            self._factors_for_library()
+        return self._factors["classes"]
+
+    def _factors_for_library(self) -> None:
+        have = self.stats["has"]
+        self._factors = {"classes": have.nonzero().squeeze(1)}
+        for name in ("mid", "feat"):
+            factors = torch.zeros_like(self.stats[f"{name}_cov"])  # computed in float64, kept in float32
+            if have.any():
+                factors[have] = cholesky_factors(self.stats[f"{name}_cov"][have], self.cov_jitter, "APG").float()
+            self._factors[name] = factors
+
+    def sample(self, kind: str, classes: torch.Tensor) -> torch.Tensor:
+        """One draw of the `kind` features ("mid": intermediate class tokens, "feat": final
+        features) of each of `classes` from N(mu_c, Sigma_c + cov_jitter I); noise from the
+        strategy's generator on the CPU."""
+        if self._factors is None:
+            self._factors_for_library()
         mean, factors = self.stats[f"{kind}_mean"], self._factors[kind]
         z = torch.randn(len(classes), mean.shape[-1], generator=self.rng, dtype=torch.float64).to(mean.device)
         out = torch.empty(len(classes), mean.shape[-1], dtype=torch.float64, device=mean.device)
