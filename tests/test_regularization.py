@@ -83,6 +83,30 @@ def test_empirical_fisher_by_hand():
     torch.testing.assert_close(fisher_diagonal(ctx, data, "exact")["w"], exact)
 
 
+def test_batched_fisher_by_hand_in_data_and_class_order():
+    """Squared mini-batch mean gradients of the cross-entropy, averaged over batches: in the data's
+    order, or with each batch holding one class (avalanche-lib's class-sorted datasets)."""
+    W = [[0.5, -0.5], [0.0, 1.0]]
+    x, y = [[1.0, 2.0], [0.0, 1.0], [2.0, 0.0], [1.0, -1.0]], [0, 1, 0, 1]
+    ctx, data = toy_context(Linear2(W), x, y)
+    xs, Wt = torch.tensor(x), torch.tensor(W)
+
+    def grad_of(rows):  # d/dW of the mean cross-entropy over `rows`: mean of (p - onehot(y)) x^T
+        return sum(torch.outer(F.softmax(Wt @ xs[i], 0) - F.one_hot(torch.tensor(y[i]), 2), xs[i])
+                   for i in rows) / len(rows)
+
+    in_order = (grad_of([0, 1]) ** 2 + grad_of([2, 3]) ** 2) / 2
+    by_class = (grad_of([0, 2]) ** 2 + grad_of([1, 3]) ** 2) / 2
+    torch.testing.assert_close(fisher_diagonal(ctx, data, "batched", batch_size=2)["w"], in_order)
+    torch.testing.assert_close(fisher_diagonal(ctx, data, "batched", batch_size=2, batches="class")["w"], by_class)
+    assert not torch.allclose(in_order, by_class)
+    ewc = EWC(fisher="batched", fisher_batch_size=2, fisher_batches="class")
+    ewc.rng = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(ewc.fisher_of(ctx)["w"], by_class)
+    with pytest.raises(ValueError, match="fisher_batches"):
+        EWC(fisher="batched", fisher_batches="shuffled")
+
+
 def test_si_importance_by_hand():
     """Two plain SGD steps on one weight: omega = -sum g * dtheta, Omega = omega / (Delta^2 + xi)."""
 
@@ -201,3 +225,53 @@ def test_lwf_distillation_is_zero_for_an_unchanged_model_and_positive_after_a_st
     F.cross_entropy(ctx.model(ctx.prepare(data.x[:64])), data.y[:64]).backward()
     opt.step()
     assert term().item() > 1e-4
+
+
+def test_fused_penalty_equals_the_plain_expression():
+    """The foreach penalty's value and gradient equal those of lambda' sum(a p^2 - 2 b p + c)."""
+    torch.manual_seed(0)
+    model = MLP((1, 4, 4), 3, hidden=(5,))
+    names = [n for n, _ in model.named_parameters()]
+    importance = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+    anchor = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in model.named_parameters()}
+    ewc = EWC(strength=3.0)
+    ewc.set_anchor(importance, anchor)
+    ewc.add_anchor({n: 2 * v for n, v in importance.items()}, {n: -v for n, v in anchor.items()})  # two anchors
+    ctx = Context(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"))
+    fused = ewc.extra_loss(ctx, None)["ewc"]
+    fused.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    plain = 0.5 * 3.0 * sum((ewc.sums[n]["a"] * p * p - 2 * ewc.sums[n]["b"] * p + ewc.sums[n]["c"]).sum()
+                            for n, p in model.named_parameters())
+    plain.backward()
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-5)
+    for n, g, p in zip(names, got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, msg=n)
+        torch.testing.assert_close(g, ewc.penalty_gradient(n, p.detach()), msg=n)
+
+
+class PlainSI(SI):
+    """SI's path integral written out with dicts, one parameter at a time: the reference the
+    buffered, foreach version must equal."""
+
+    def after_backward(self, ctx, batch):
+        params = {n: p for n, p in ctx.model.named_parameters() if p.requires_grad}
+        self.ref_grad = {n: p.grad.detach().clone() for n, p in params.items()}
+        if self.sums is not None and self.strength:  # the task loss's gradient alone
+            for n, p in params.items():
+                self.ref_grad[n] -= 2 * self.strength * (self.sums[n]["a"] * p.detach() - self.sums[n]["b"])
+        self.ref_before = {n: p.detach().clone() for n, p in params.items()}
+
+    def after_step(self, ctx, batch):
+        for n, p in ctx.model.named_parameters():
+            self.omega[n] -= self.ref_grad[n] * (p.detach() - self.ref_before[n])
+
+
+def test_si_path_integral_equals_the_plain_computation(perm):
+    fast, plain = SI(strength=1.0, xi=0.1), PlainSI(strength=1.0, xi=0.1)
+    trainer_for(perm, [fast]).fit(perm, stop_after=2)
+    trainer_for(perm, [plain]).fit(perm, stop_after=2)  # the penalty is on in the second experience
+    for n in fast.importance:
+        torch.testing.assert_close(fast.importance[n], plain.importance[n], rtol=1e-4, atol=1e-7)
+    assert any(float(v.abs().sum()) > 0 for v in fast.importance.values())
