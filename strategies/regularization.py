@@ -144,16 +144,15 @@ def _grouped_gradients(ctx: Context, data: TensorData, index: torch.Tensor, grou
 
 
 class _QuadraticForm(torch.autograd.Function):
-    """weight * (sum_i sum(a_i p_i^2 - 2 b_i p_i) + c_total) over parameters p_i, by foreach
-    kernels. With u = a p - b the value is sum(p . (u - b)) and the gradient 2 weight u: four
-    passes over the weights forward and one backward, where autograd of the plain expression
-    takes about fourteen (on Split-MNIST's MLP the penalty cost as much as the model's step)."""
+    """weight * (sum_i p_i . (u_i - b_i) + c_total) over parameters p_i, given u = a p - b
+    (computed outside, without a graph): that is weight * sum(a p^2 - 2 b p + c), and its
+    gradient is 2 weight u. With foreach kernels this takes four passes over the weights
+    forward and one backward, where autograd of the plain expression takes about fourteen
+    (on Split-MNIST's MLP the penalty cost as much as the model's own step)."""
 
     @staticmethod
     def forward(fctx, weight: float, c_total: torch.Tensor, n: int, *tensors: torch.Tensor) -> torch.Tensor:
-        p, a, b = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
-        u = torch._foreach_mul(a, p)
-        torch._foreach_sub_(u, b)
+        p, u, b = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
         w = torch._foreach_sub(u, b)
         value = torch.stack([torch.dot(wi.reshape(-1), pi.reshape(-1)) for wi, pi in zip(w, p)]).sum()
         fctx.save_for_backward(*u)
@@ -181,6 +180,7 @@ class _QuadraticPenalty(Strategy):
         self.strength = strength
         self.sums: dict[str, dict[str, torch.Tensor]] | None = None
         self._cached: tuple | None = None  # (key, names, parameters, a's, b's, c_total): see `_terms`
+        self._u: list[torch.Tensor] | None = None
 
     def add_anchor(self, importance: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]) -> None:
         parts = {n: (importance[n], importance[n] * anchor[n], importance[n] * anchor[n] ** 2) for n in importance}
@@ -218,7 +218,11 @@ class _QuadraticPenalty(Strategy):
         _, _, _, held, a, b, c_total = self._terms(ctx)
         if not held:
             return None
-        value = _QuadraticForm.apply(self.scale * self.strength, c_total, len(held), *held, *a, *b)
+        with torch.no_grad():
+            u = torch._foreach_mul(a, [p.detach() for p in held])
+            torch._foreach_sub_(u, b)
+        self._u = u  # A theta - B at this step's weights: SI takes its penalty's gradient from it
+        value = _QuadraticForm.apply(self.scale * self.strength, c_total, len(held), *held, *u, *b)
         return {self.term: value}
 
     def penalty_gradient(self, name: str, p: torch.Tensor) -> torch.Tensor:
@@ -335,8 +339,7 @@ class SI(_QuadraticPenalty):
         self.omega: dict[str, torch.Tensor] | None = None
         self.importance: dict[str, torch.Tensor] | None = None
         self.start: dict[str, torch.Tensor] | None = None
-        self._grad: list[torch.Tensor] | None = None  # per-step buffers, see `after_backward`
-        self._before: list[torch.Tensor] | None = None
+        self._before: list[torch.Tensor] | None = None  # per-step buffer, see `after_backward`
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
@@ -344,36 +347,30 @@ class SI(_QuadraticPenalty):
         self.omega = {n: torch.zeros_like(p) for n, p in self.start.items()}
 
     def after_backward(self, ctx: Context, batch: Batch) -> None:
-        # Per step, in buffers kept across steps and with foreach kernels: the task loss's
-        # gradient alone (this strategy's own penalty gradient, 2 lambda (A theta - B), is known
-        # in closed form and taken off) and the weights before the step.
+        # The weights before the step, in a buffer kept across steps.
         names, params = self._params(ctx)
-        if self._grad is None or len(self._grad) != len(params):
-            self._grad = [torch.zeros_like(p) for p in params]
+        if self._before is None or len(self._before) != len(params):
             self._before = [torch.zeros_like(p) for p in params]
-        weights = [p.detach() for p in params]
-        if all(p.grad is not None for p in params):
-            torch._foreach_copy_(self._grad, [p.grad for p in params])
-        else:
-            for buf, p in zip(self._grad, params):
-                buf.copy_(p.grad) if p.grad is not None else buf.zero_()
-        if self.sums is not None and self.strength:
-            _, _, _, held, a, b, _ = self._terms(ctx)
-            if len(held) == len(params):
-                own = torch._foreach_mul(a, weights)
-                torch._foreach_sub_(own, b)
-                torch._foreach_add_(self._grad, own, alpha=-2 * self.scale * self.strength)
-            else:
-                for i, n in enumerate(names):
-                    if n in self.sums:
-                        self._grad[i] -= self.penalty_gradient(n, weights[i])
-        torch._foreach_copy_(self._before, weights)
+        torch._foreach_copy_(self._before, [p.detach() for p in params])
 
     def after_step(self, ctx: Context, batch: Batch) -> None:
-        # omega -= g * (theta_after - theta_before), as omega += g * (before - after)
+        # omega -= g * Delta theta with g the task loss's gradient alone: the gradient in .grad
+        # (left there by the step) less this strategy's own penalty gradient 2 lambda (A theta - B),
+        # known in closed form (u = A theta - B from this step's penalty). Written as
+        # omega += (grad - 2 lambda u) * (before - after), by foreach kernels.
         names, params = self._params(ctx)
-        torch._foreach_sub_(self._before, [p.detach() for p in params])
-        torch._foreach_addcmul_([self.omega[n] for n in names], self._grad, self._before)
+        torch._foreach_sub_(self._before, [p.detach() for p in params])  # now before - after
+        omega = [self.omega[n] for n in names]
+        if all(p.grad is not None for p in params):
+            torch._foreach_addcmul_(omega, [p.grad for p in params], self._before)
+        else:
+            for o, p, d in zip(omega, params, self._before):
+                if p.grad is not None:
+                    o.addcmul_(p.grad, d)
+        if self.sums is not None and self.strength and self._u is not None:
+            held = [i for i, n in enumerate(names) if n in self.sums]
+            torch._foreach_addcmul_([omega[i] for i in held], self._u, [self._before[i] for i in held],
+                                    value=-2 * self.scale * self.strength)
 
     def after_experience(self, ctx: Context, data: TensorData) -> None:
         now = _weights(ctx)
