@@ -7,11 +7,14 @@ accuracies and the ratios. Also measures what MLflow tracking costs a lab
 run: the same run with and without tracking, against a store that exists.
 
     python benchmarks/split_mnist_speed.py [--workload replay|naive] [--rounds 5] [--no-avalanche]
-                                           [--baseline DIR]
+                                           [--baseline DIR] [--cpu N]
 
 `--baseline DIR` also times another checkout of the lab (e.g. `git worktree add
 ../baseline main`) in the same rounds, so a change is compared with main in
-one sitting ("lab@baseline").
+one sitting ("lab@baseline"). `--cpu N` runs every contender on core N with one thread
+(affinity and OMP_NUM_THREADS=1, inherited by each process): on this 2-core machine, runs on
+two threads fall into two speed groups about 40% apart whatever runs, while one pinned thread
+varies by about 5% (the bare loop: 3.96-4.34 s over six runs on either core).
 
 Needs the reference scripts and MNIST: ../shared/bench and CL_DATA_DIR (default ../shared/data).
 """
@@ -56,9 +59,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-avalanche", action="store_true")
     p.add_argument("--baseline", type=Path, default=None, help="another checkout of the lab to time alongside")
+    p.add_argument("--cpu", type=int, default=None, metavar="N", help="run every contender on core N, one thread")
     args = p.parse_args()
     data = os.environ.get("CL_DATA_DIR", str(ROOT.parent / "shared" / "data"))
     env = {**os.environ, "CL_DATA_DIR": data}
+    if args.cpu is not None:  # children inherit the affinity; the lab takes its thread count from it
+        os.sched_setaffinity(0, {args.cpu})
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
     times: dict[str, list[float]] = {"bare": [], "lab": [], "lab@baseline": [], "avalanche": [], "lab+mlflow": []}
     accs: dict[str, float] = {}
@@ -100,7 +107,8 @@ def main() -> None:
             print(f"round {r + 1}: " + ", ".join(f"{k}={v[-1]:.2f}s" for k, v in times.items() if v), flush=True)
 
     med = {k: statistics.median(v) for k, v in times.items() if v}
-    print(f"\nSplit-MNIST {args.workload}, {args.rounds} rounds, median training seconds:")
+    where = f", all on core {args.cpu} with one thread" if args.cpu is not None else ""
+    print(f"\nSplit-MNIST {args.workload}, {args.rounds} rounds{where}, median training seconds:")
     for k in ("bare", "lab", "lab@baseline", "avalanche"):
         if k in med:
             print(f"  {k:<12} {med[k]:7.2f} s   final accuracy {accs[k]:.4f}")
