@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call, grad, vmap
 
 from strategies.base import Strategy
@@ -69,9 +70,10 @@ def fisher_diagonal(ctx: Context, data: TensorData, labels: FisherKind = "empiri
     mini-batch's mean gradient, averaged over batches of `batch_size`; it is smaller than
     the per-sample Fisher by about the batch size, so a strength tuned for one is not for
     the other (van de Ven 2025 compares the variants). Its batches follow the data's order
-    (`batches: data`) or hold one class each (`class`: the samples stably sorted by label, as
-    avalanche-lib's class-sorted experience datasets give it). A one-class batch's gradients
-    add up rather than cancel: on Permuted-MNIST, on the same weights, `class` gives each
+    (`batches: data`) or the samples stably sorted by label (`class`, as avalanche-lib's
+    class-sorted experience datasets give it), so that each batch holds one class except
+    where it straddles two at a class boundary. A one-class batch's gradients add up rather
+    than cancel: on Permuted-MNIST, on the same weights, `class` gives each
     layer a largest entry and a sum 1.3 to 3.6 times those of `data`."""
     if labels == "batched":
         return _batched_fisher(ctx, data, batch_size, max_samples, generator, batches)
@@ -160,6 +162,7 @@ class _QuadraticForm(torch.autograd.Function):
         return (value + c_total) * weight
 
     @staticmethod
+    @once_differentiable  # first order only: a second derivative through it is refused, not zero
     def backward(fctx, grad: torch.Tensor):
         grads = torch._foreach_mul(list(fctx.saved_tensors), grad * (2 * fctx.weight))
         return (None, None, None, *grads, *[None] * (2 * fctx.n))
@@ -274,6 +277,8 @@ class EWC(_QuadraticPenalty):
             raise ValueError(f"fisher must be 'empirical', 'sample', 'exact' or 'batched', got '{fisher}'")
         if fisher_batches not in ("data", "class"):
             raise ValueError(f"fisher_batches must be 'data' or 'class', got '{fisher_batches}'")
+        if fisher_batches != "data" and fisher != "batched":
+            raise ValueError(f"fisher_batches orders the batches of fisher: batched only; fisher is '{fisher}'")
         self.fisher, self.fisher_samples, self.fisher_batch_size = fisher, fisher_samples, fisher_batch_size
         self.fisher_batches = fisher_batches
 
@@ -341,7 +346,8 @@ class SI(_QuadraticPenalty):
         self.omega: dict[str, torch.Tensor] | None = None
         self.importance: dict[str, torch.Tensor] | None = None
         self.start: dict[str, torch.Tensor] | None = None
-        self._before: list[torch.Tensor] | None = None  # per-step buffer, see `after_backward`
+        self._grad: list[torch.Tensor] | None = None  # per-step buffers, see `after_backward`
+        self._before: list[torch.Tensor] | None = None
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
@@ -349,26 +355,29 @@ class SI(_QuadraticPenalty):
         self.omega = {n: torch.zeros_like(p) for n, p in self.start.items()}
 
     def after_backward(self, ctx: Context, batch: Batch) -> None:
-        # The weights before the step, in a buffer kept across steps.
+        # The gradient as this hook sees it and the weights before the step, copied into
+        # buffers kept across steps (the step may change .grad in place: foreach SGD with
+        # Nesterov momentum does).
         names, params = self._params(ctx)
         if self._before is None or len(self._before) != len(params):
+            self._grad = [torch.zeros_like(p) for p in params]
             self._before = [torch.zeros_like(p) for p in params]
+        if all(p.grad is not None for p in params):
+            torch._foreach_copy_(self._grad, [p.grad for p in params])
+        else:
+            for buf, p in zip(self._grad, params):
+                buf.copy_(p.grad) if p.grad is not None else buf.zero_()
         torch._foreach_copy_(self._before, [p.detach() for p in params])
 
     def after_step(self, ctx: Context, batch: Batch) -> None:
-        # omega -= g * Delta theta with g the task loss's gradient alone: the gradient in .grad
-        # (left there by the step) less this strategy's own penalty gradient 2 lambda (A theta - B),
-        # known in closed form (u = A theta - B from this step's penalty). Written as
+        # omega -= g * Delta theta with g the task loss's gradient alone: the gradient copied
+        # above less this strategy's own penalty gradient 2 lambda (A theta - B), known in
+        # closed form (u = A theta - B from this step's penalty). Written as
         # omega += (grad - 2 lambda u) * (before - after), by foreach kernels.
         names, params = self._params(ctx)
         torch._foreach_sub_(self._before, [p.detach() for p in params])  # now before - after
         omega = [self.omega[n] for n in names]
-        if all(p.grad is not None for p in params):
-            torch._foreach_addcmul_(omega, [p.grad for p in params], self._before)
-        else:
-            for o, p, d in zip(omega, params, self._before):
-                if p.grad is not None:
-                    o.addcmul_(p.grad, d)
+        torch._foreach_addcmul_(omega, self._grad, self._before)
         if self.sums is not None and self.strength and self._u_iteration == ctx.iteration:
             held = [i for i, n in enumerate(names) if n in self.sums]
             torch._foreach_addcmul_([omega[i] for i in held], self._u, [self._before[i] for i in held],

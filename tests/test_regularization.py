@@ -105,6 +105,8 @@ def test_batched_fisher_by_hand_in_data_and_class_order():
     torch.testing.assert_close(ewc.fisher_of(ctx)["w"], by_class)
     with pytest.raises(ValueError, match="fisher_batches"):
         EWC(fisher="batched", fisher_batches="shuffled")
+    with pytest.raises(ValueError, match="fisher_batches orders the batches of fisher: batched only"):
+        EWC(fisher="empirical", fisher_batches="class")
 
 
 def test_si_importance_by_hand():
@@ -268,10 +270,18 @@ class PlainSI(SI):
             self.omega[n] -= self.ref_grad[n] * (p.detach() - self.ref_before[n])
 
 
-def test_si_path_integral_equals_the_plain_computation(perm):
+@pytest.mark.parametrize("nesterov", [False, True], ids=["sgd", "foreach-nesterov"])
+def test_si_path_integral_equals_the_plain_computation(perm, nesterov):
+    """Also under foreach SGD with Nesterov momentum, whose step changes .grad in place."""
+    def fit(si):
+        torch.manual_seed(0)
+        model = MLP(perm.input_shape, perm.n_classes, hidden=(64,))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=nesterov, foreach=nesterov)
+        LifelongTrainer(model, opt, [si], epochs=3, batch_size=16).fit(perm, stop_after=2)
+
     fast, plain = SI(strength=1.0, xi=0.1), PlainSI(strength=1.0, xi=0.1)
-    trainer_for(perm, [fast]).fit(perm, stop_after=2)
-    trainer_for(perm, [plain]).fit(perm, stop_after=2)  # the penalty is on in the second experience
+    fit(fast)
+    fit(plain)  # the penalty is on in the second experience
     for n in fast.importance:
         torch.testing.assert_close(fast.importance[n], plain.importance[n], rtol=1e-4, atol=1e-7)
     assert any(float(v.abs().sum()) > 0 for v in fast.importance.values())
