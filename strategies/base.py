@@ -69,6 +69,7 @@ class Strategy:
     def setup(self, ctx: Context) -> None:
         """Before training; on resume, before the saved state is loaded. Create parameters here."""
         self.rng = torch.Generator().manual_seed(ctx.strategy_seed(self))
+        self.device = ctx.device  # where `on_device` puts state loaded from a checkpoint
 
     def configure_optimizer(self, ctx: Context, param_groups: list[dict]) -> list[dict]:
         """Return the optimizer's parameter groups: add groups (prompts, extra heads), split
@@ -152,3 +153,18 @@ SINGLE_OWNER_HOOKS = ("forward", "loss", "eval_model", "predict")
 def overrides(strategy: Strategy, hook: str) -> bool:
     """Whether `strategy` implements `hook` itself rather than inheriting the base's."""
     return getattr(type(strategy), hook) is not getattr(Strategy, hook)
+
+
+def on_device(tree, device: torch.device | None):
+    """`tree` (tensors in dicts, lists and tuples) with its tensors on `device`, or unchanged
+    when `device` is None. Checkpoints load on the CPU: state a strategy computes with on the
+    training device (importances, anchors, memories) goes back there in `load_state_dict`."""
+    if device is None:
+        return tree
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: on_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(on_device(v, device) for v in tree)
+    return tree

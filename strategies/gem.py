@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from strategies.base import Strategy
+from strategies.base import Strategy, on_device
 from strategies.context import Batch, Context
 from streams.experience import TensorData
 
@@ -40,7 +40,7 @@ class _EpisodicMemory(Strategy):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.memories = list(state["memories"])
+        self.memories = on_device(list(state["memories"]), getattr(self, "device", None))
 
 
 def _flat_grad(params: list[torch.Tensor]) -> torch.Tensor:

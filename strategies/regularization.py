@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call, grad, vmap
 
-from strategies.base import Strategy
+from strategies.base import Strategy, on_device
 from strategies.context import Batch, Context, eval_mode
 from streams.experience import TensorData
 
@@ -240,7 +240,7 @@ class _QuadraticPenalty(Strategy):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.sums = state["sums"]
+        self.sums = on_device(state["sums"], getattr(self, "device", None))
         self._cached = None
 
 
@@ -320,7 +320,7 @@ class OnlineEWC(EWC):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.running = state["running"]
+        self.running = on_device(state["running"], getattr(self, "device", None))
 
 
 class SI(_QuadraticPenalty):
@@ -397,7 +397,9 @@ class SI(_QuadraticPenalty):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.omega, self.importance, self.start = state["omega"], state["importance"], state["start"]
+        device = getattr(self, "device", None)
+        self.omega, self.importance, self.start = (on_device(state[k], device)
+                                                   for k in ("omega", "importance", "start"))
 
 
 class MAS(_QuadraticPenalty):
@@ -473,7 +475,7 @@ class MAS(_QuadraticPenalty):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.importance = state["importance"]
+        self.importance = on_device(state["importance"], getattr(self, "device", None))
 
 
 class L2(_QuadraticPenalty):

@@ -285,3 +285,26 @@ def test_si_path_integral_equals_the_plain_computation(perm, nesterov):
     for n in fast.importance:
         torch.testing.assert_close(fast.importance[n], plain.importance[n], rtol=1e-4, atol=1e-7)
     assert any(float(v.abs().sum()) > 0 for v in fast.importance.values())
+
+
+def test_state_loaded_from_a_checkpoint_goes_to_the_training_device(perm):
+    """Checkpoints load on the CPU; importances, anchors and memories must go back to the device
+    the strategy trains on (set by `setup`), or a resumed CUDA run mixes devices. The meta
+    device stands in for CUDA here."""
+    from strategies.gem import GEM
+    for make in (lambda: OnlineEWC(fisher="batched"), lambda: SI(1.0), lambda: MAS(importance_batch_size=32),
+                 lambda: GEM(patterns_per_experience=10)):
+        trained = make()
+        trainer = trainer_for(perm, [trained])
+        trainer.fit(perm, stop_after=1)
+        state = trained.state_dict()
+        fresh = make()
+        trainer.ctx._seeds[id(fresh)] = 0  # a strategy the trainer was not built with
+        fresh.setup(trainer.ctx)
+        assert fresh.device == torch.device("cpu")
+        fresh.device = torch.device("meta")
+        fresh.load_state_dict(state)
+        held = {k: v for k, v in vars(fresh).items() if k in ("sums", "running", "omega", "importance", "start",
+                                                              "memories")}
+        tensors = [t for v in held.values() for t in torch.utils._pytree.tree_leaves(v) if isinstance(t, torch.Tensor)]
+        assert tensors and all(t.device.type == "meta" for t in tensors), type(fresh).__name__
