@@ -10,10 +10,11 @@ seeds 0-2. The two penalties are the same on paper. This script looks for where 
    (prepared: normalised and permuted), the Fisher the lab's way (`_batched_fisher`: eval mode,
    in-order groups of 32, squared mini-batch mean gradients, mean over groups) against
    avalanche-lib's own `EWCPlugin.compute_importances` on the same tensors.
-2. The bookkeeping: the running Fisher each side holds after experience e against
-   gamma * (held after e - 1) + (fresh on its own weights), and the penalties' values and
-   gradients on one importance, anchor and perturbed weights.
-3. The trained weights: per side, the largest held Fisher per layer, 2 lambda' F_max lr against
+2. The batch order: the same comparison with the samples sorted by class, the lab's
+   `fisher_batches: class` against avalanche-lib's computation on the class-sorted data, and
+   the ratio of the class-order Fisher to the data-order one.
+3. What each side holds: per side, after each experience, the running Fisher's largest entry
+   and sum per layer (on that side's own weights and data), 2 lambda F_max lr against
    heavy-ball SGD's stability limit 2 (1 + momentum) = 3.8, and the accuracy on every
    experience seen so far.
 
@@ -37,9 +38,9 @@ import os
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
+from mas_importance_compare import load_ordered  # beside this script (run as a script, its folder is on the path)
 
 warnings.filterwarnings("ignore")
 
@@ -104,12 +105,6 @@ def avalanche_run(seed: int, n_exp: int, root: str):
     return bench, snaps, strategy
 
 
-def load_ordered(model: torch.nn.Module, tensors: list[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for p, v in zip(model.parameters(), tensors, strict=True):
-            p.copy_(v)
-
-
 def avalanche_fisher(model, x, y):
     from avalanche.training.plugins import EWCPlugin
     ds = torch.utils.data.TensorDataset(x, y, torch.zeros(len(y), dtype=torch.long))
@@ -167,8 +162,7 @@ def main():
             f"{n} {float(lab_class[n].max() / lab_way[n].max()):.2f} {float(lab_class[n].sum() / lab_way[n].sum()):.2f}"
             for n in names))
         # held (running) Fisher, each side's own weights and data
-        for side, held, w in (("lab", [lab_snaps[e]["fisher"][n] for n in names], None),
-                              ("avalanche", ava_snaps[e]["fisher"], ava_snaps[e]["weights"])):
+        for side, held in (("lab", [lab_snaps[e]["fisher"][n] for n in names]), ("avalanche", ava_snaps[e]["fisher"])):
             fmax = max(float(v.max()) for v in held)
             print(f"  {side:9s} held F: " + "  ".join(f"{n.split('.')[-2] if '.' in n else n}.{n[-1]} max "
                                                       f"{float(v.max()):.4g} sum {float(v.sum()):.4g}"

@@ -9,7 +9,7 @@ none at all (L2). Importances are computed with the model's own helpers (`ctx.pr
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +168,16 @@ class _QuadraticForm(torch.autograd.Function):
         return (None, None, None, *grads, *[None] * (2 * fctx.n))
 
 
+class _Terms(NamedTuple):
+    key: tuple  # (model, experience, anchor sums) the lists below were built for
+    names: list[str]  # every trainable parameter's name ...
+    params: list[torch.nn.Parameter]  # ... and the parameter
+    held: list[torch.nn.Parameter]  # those the penalty covers, and for them:
+    a: list[torch.Tensor]  # sum_k A_k
+    b: list[torch.Tensor]  # sum_k A_k theta*_k
+    c_total: torch.Tensor | None  # sum of sum_k A_k theta*_k^2 over every element
+
+
 class _QuadraticPenalty(Strategy):
     """sum over anchors k of sum_i A_ik (theta_i - theta*_ik)^2, kept as the three sums
     sum_k A_k, sum_k A_k theta*_k and sum_k A_k theta*_k^2, so that the cost per step does not
@@ -182,7 +192,7 @@ class _QuadraticPenalty(Strategy):
             raise ValueError(f"strength must be non-negative, got {strength}")
         self.strength = strength
         self.sums: dict[str, dict[str, torch.Tensor]] | None = None
-        self._cached: tuple | None = None  # (key, names, parameters, a's, b's, c_total): see `_terms`
+        self._cached: _Terms | None = None  # see `_terms`
         self._u: list[torch.Tensor] | None = None
         self._u_iteration: int | None = None  # the iteration `_u` was computed in
 
@@ -200,40 +210,33 @@ class _QuadraticPenalty(Strategy):
         self.sums = None
         self.add_anchor(importance, anchor)
 
-    def _params(self, ctx: Context) -> tuple[list[str], list[torch.nn.Parameter]]:
-        """The trainable parameters, looked up once per model and experience, not per step."""
-        return self._terms(ctx)[1:3]
-
-    def _terms(self, ctx: Context) -> tuple:
+    def _terms(self, ctx: Context) -> "_Terms":
+        """The trainable parameters and the penalty's tensors for them, looked up once per
+        model, experience and anchor, not per step."""
         key = (id(ctx.model), id(ctx.experience), id(self.sums))
-        if self._cached is None or self._cached[0] != key:
-            named = [(n, p) for n, p in _trainable(ctx.model).items()]
+        if self._cached is None or self._cached.key != key:
+            named = list(_trainable(ctx.model).items())
             held = [(n, p) for n, p in named if self.sums is not None and n in self.sums]
-            a = [self.sums[n]["a"] for n, _ in held]
-            b = [self.sums[n]["b"] for n, _ in held]
-            c_total = (torch.stack([self.sums[n]["c"].sum() for n, _ in held]).sum() if held
-                       else torch.zeros(()))
-            self._cached = (key, [n for n, _ in named], [p for _, p in named], [p for _, p in held], a, b, c_total)
+            self._cached = _Terms(
+                key, [n for n, _ in named], [p for _, p in named], [p for _, p in held],
+                [self.sums[n]["a"] for n, _ in held], [self.sums[n]["b"] for n, _ in held],
+                torch.stack([self.sums[n]["c"].sum() for n, _ in held]).sum() if held else None)
         return self._cached
 
     def extra_loss(self, ctx: Context, batch: Batch):
         if self.sums is None or not self.strength:
             return None
-        _, _, _, held, a, b, c_total = self._terms(ctx)
-        if not held:
+        terms = self._terms(ctx)
+        if not terms.held:
             return None
         with torch.no_grad():
-            u = torch._foreach_mul(a, [p.detach() for p in held])
-            torch._foreach_sub_(u, b)
+            u = torch._foreach_mul(terms.a, [p.detach() for p in terms.held])
+            torch._foreach_sub_(u, terms.b)
         self._u = u  # A theta - B at this step's weights: SI takes its penalty's gradient from it
         self._u_iteration = ctx.iteration
-        value = _QuadraticForm.apply(self.scale * self.strength, c_total, len(held), *held, *u, *b)
+        value = _QuadraticForm.apply(self.scale * self.strength, terms.c_total, len(terms.held), *terms.held, *u,
+                                     *terms.b)
         return {self.term: value}
-
-    def penalty_gradient(self, name: str, p: torch.Tensor) -> torch.Tensor:
-        """d/dtheta of this strategy's term for one parameter (2 lambda' (A theta - B))."""
-        s = self.sums[name]
-        return 2 * self.scale * self.strength * (s["a"] * p - s["b"])
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "sums": self.sums}
@@ -358,7 +361,8 @@ class SI(_QuadraticPenalty):
         # The gradient as this hook sees it and the weights before the step, copied into
         # buffers kept across steps (the step may change .grad in place: foreach SGD with
         # Nesterov momentum does).
-        names, params = self._params(ctx)
+        terms = self._terms(ctx)
+        names, params = terms.names, terms.params
         if self._before is None or len(self._before) != len(params):
             self._grad = [torch.zeros_like(p) for p in params]
             self._before = [torch.zeros_like(p) for p in params]
@@ -374,12 +378,13 @@ class SI(_QuadraticPenalty):
         # above less this strategy's own penalty gradient 2 lambda (A theta - B), known in
         # closed form (u = A theta - B from this step's penalty). Written as
         # omega += (grad - 2 lambda u) * (before - after), by foreach kernels.
-        names, params = self._params(ctx)
+        terms = self._terms(ctx)
+        names, params = terms.names, terms.params
         torch._foreach_sub_(self._before, [p.detach() for p in params])  # now before - after
         omega = [self.omega[n] for n in names]
         torch._foreach_addcmul_(omega, self._grad, self._before)
         if self.sums is not None and self.strength and self._u_iteration == ctx.iteration:
-            held = [i for i, n in enumerate(names) if n in self.sums]
+            held = [i for i, n in enumerate(names) if n in self.sums]  # the parameters `_u` is for
             torch._foreach_addcmul_([omega[i] for i in held], self._u, [self._before[i] for i in held],
                                     value=-2 * self.scale * self.strength)
 
