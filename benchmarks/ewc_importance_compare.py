@@ -52,9 +52,9 @@ LR, MOMENTUM, LAMBDA, DECAY = 0.01, 0.9, 100.0, 0.9
 def lab_run(seed: int, n_exp: int):
     """The catalogue's `online_ewc` run through the lab's trainer, stopped after `n_exp`
     experiences: the stream, and the weights and running Fisher after each experience."""
-    from cl.components import build_model_from, build_optimizer, build_stream, build_strategies
-    from cl.config import load_experiment
-    from cl.runner import build_trainer, seed_everything
+    from cl.config.components import build_model_from, build_optimizer, build_stream, build_strategies
+    from cl.config.schema import load_experiment
+    from cl.runner.invocation import build_trainer, seed_everything
     from strategies.base import Strategy
     from strategies.regularization import OnlineEWC
 

@@ -66,10 +66,10 @@ LR, MOMENTUM, LAMBDA = 0.01, 0.9, 1.0
 def lab_run(seed: int, n_exp: int, data_dir: str | None):
     """The catalogue's `mas` run through the lab's trainer, stopped after `n_exp` experiences:
     the stream, the weights and MAS's importance after each experience, and the trainer."""
-    from cl.components import build_model_from, build_optimizer, build_stream, build_strategies
-    from cl.config import load_experiment
-    from cl.runner import build_trainer, seed_everything
-    from cl.trainer import NonFiniteLossError
+    from cl.config.components import build_model_from, build_optimizer, build_stream, build_strategies
+    from cl.config.schema import load_experiment
+    from cl.runner.invocation import build_trainer, seed_everything
+    from cl.training.trainer import NonFiniteLossError
     from strategies.base import Strategy
     from strategies.regularization import MAS
 

@@ -1,6 +1,6 @@
 """Nearest-mean on a frozen backbone costs one forward pass over the data.
 
-With the feature cache (`cl.feature_cache`), a nearest-mean run (Janson et al. 2022) on a
+With the feature cache (`cl.training.feature_cache`), a nearest-mean run (Janson et al. 2022) on a
 frozen backbone should cost little more than the backbone's forward pass over the training
 and test images, whatever the epochs and however many times it evaluates. This script
 times, from a cold cache (a fresh CL_CACHE_DIR each round):
@@ -36,9 +36,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cl.config import experiment_from_dict  # noqa: E402
-from cl.models import build_model, resolve_weights  # noqa: E402
-from cl.runner import run_experiment  # noqa: E402
+from cl.config.schema import experiment_from_dict  # noqa: E402
+from cl.config.models import build_model
+from cl.models import resolve_weights  # noqa: E402
+from cl.runner.invocation import run_experiment  # noqa: E402
 from strategies.context import eval_mode, pooled_features  # noqa: E402
 from streams.sources import CIFAR10_MEAN, CIFAR10_STD, cifar10  # noqa: E402
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-import cl.components  # noqa: F401
+import cl.config.components  # noqa: F401
 from cl.models import MLP
-from cl.trainer import LifelongTrainer
+from cl.training.trainer import LifelongTrainer
 from strategies import Naive, Replay
 from streams import class_incremental, mnist, online
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torch._dynamo", "mlflow", "mlflow.tracking", "sklearn", "scipy", "pandas", "timm",
-         "torchvision", "pydantic", "yaml", "PIL", "numpy", "cl.runner", "cl.config", "streams", "evaluation")
+         "torchvision", "pydantic", "yaml", "PIL", "numpy", "cl.runner.invocation", "cl.config.schema", "streams", "evaluation")
 
 
 def timed(command: list[str], env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:

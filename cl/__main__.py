@@ -1,3 +1,3 @@
-from cl.cli import entry
+from cl.cli.main import entry
 
 entry()

@@ -5,14 +5,14 @@
     runs[0]["acc"], runs[0]["accuracy_matrix"]
 
 To assemble the pieces yourself, build a stream (`streams`), a model (`cl.models`),
-strategies (`strategies`) and a `cl.trainer.LifelongTrainer`, and call `fit`: see the
+strategies (`strategies`) and a `cl.training.trainer.LifelongTrainer`, and call `fit`: see the
 README's "Python API" section.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from cl.config import ExperimentConfig, experiment_from_dict, load_experiment
+from cl.config.schema import ExperimentConfig, experiment_from_dict, load_experiment
 
 
 def load(experiment: str | Path | dict | ExperimentConfig, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -35,8 +35,8 @@ def run(experiment: str | Path | dict | ExperimentConfig, *, overrides: list[str
     Unlike the CLI it does not log to MLflow unless `track=True` (then to `tracking_uri`, else
     MLFLOW_TRACKING_URI, else ./mlflow.db). A run stopped by a non-finite loss comes back with
     status "FAILED" and its error."""
-    from cl.runner import run_experiment
-    from cl.tracking import default_tracking_uri
+    from cl.runner.invocation import run_experiment
+    from cl.tracking.store import default_tracking_uri
 
     cfg = load(experiment, overrides)
     return run_experiment(cfg, tracking_uri=tracking_uri or (default_tracking_uri() if track else None),

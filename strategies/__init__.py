@@ -1,6 +1,6 @@
 """Continual-learning strategies: one module per family, each a `Strategy` with hooks.
 
-`STRATEGIES` names the built-in ones; the lab's registry (`cl.registry`) starts
+`STRATEGIES` names the built-in ones; the lab's registry (`cl.config.registry`) starts
 from it and adds plugins. Nothing here imports `cl`.
 """
 from strategies.base import Strategy

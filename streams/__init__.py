@@ -1,7 +1,7 @@
 """Data sources, scenarios and the Stream of Experience objects they build.
 
 `DATASETS` and `SCENARIOS` name the built-in components; the lab's registry
-(`cl.registry`) starts from them and adds plugins. Nothing here imports `cl`.
+(`cl.config.registry`) starts from them and adds plugins. Nothing here imports `cl`.
 """
 from streams.experience import BatchTransform, Dataset, Experience, Stream, TensorData
 from streams.domain import permuted, rotated

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-import cl.components  # noqa: F401  (registers the built-in components)
+import cl.config.components  # noqa: F401  (registers the built-in components)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -98,7 +98,7 @@ def trainer_for(stream, strategies, seed=0, batch_size=16, **kw):
     import torch
 
     from cl.models import MLP
-    from cl.trainer import LifelongTrainer
+    from cl.training.trainer import LifelongTrainer
 
     torch.manual_seed(seed)
     model = MLP(stream.input_shape, stream.n_classes, hidden=(64,))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_vit as _tiny_vit
-from cl.trainer import LifelongTrainer
+from cl.training.trainer import LifelongTrainer
 from strategies import Strategy
 from strategies.context import Batch
 from strategies.prompting.apg import APG, PromptGenerator
@@ -259,7 +259,7 @@ def test_a_bad_query_block_is_refused_and_the_default_keeps_the_papers_relative_
 
 def test_a_resumed_apg_run_equals_an_uninterrupted_one(small_stream, tmp_path):
     """Interrupted inside the third experience (library filled, tokens frozen), resumed into fresh objects."""
-    from cl.checkpoint import load_checkpoint
+    from cl.training.checkpoint import load_checkpoint
     from test_hooks import Interrupt
 
     def go(path, stop_at=None, resume=False):

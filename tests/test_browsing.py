@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cl.cli import main
+from cl.cli.main import main
 from evaluation import compare
 
 EXPERIMENT = """

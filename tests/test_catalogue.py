@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cl.models import MLP
-from cl.trainer import LifelongTrainer
+from cl.training.trainer import LifelongTrainer
 from strategies import STRATEGIES, ICaRL, MomentumWeights, NearestMean, Replay, Strategy
 from streams import class_incremental, digits
 from streams.experience import BatchTransform, Experience, Stream, TensorData
@@ -143,7 +143,7 @@ ON_A_VIT = {"l2p", "dualprompt", "coda_prompt", "apg", "ovor"}
 
 def vit_trainer_for(stream, strategies, seed, batch_size, **kw):
     """A seeded LifelongTrainer over a 5-block ViT of width 32 on the 8x8 digits."""
-    from cl.trainer import LifelongTrainer
+    from cl.training.trainer import LifelongTrainer
 
     vit = tiny_vit(stream.n_classes, seed=seed)
     return LifelongTrainer(vit, torch.optim.Adam(vit.parameters(), lr=0.01), strategies, seed=seed,
@@ -152,7 +152,7 @@ def vit_trainer_for(stream, strategies, seed, batch_size, **kw):
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_state_loads_with_weights_only_and_resumes_exactly(name, stream, tmp_path):
-    from cl.checkpoint import load_checkpoint
+    from cl.training.checkpoint import load_checkpoint
 
     short = class_incremental(digits(), n_experiences=5)
 
@@ -177,7 +177,7 @@ def test_every_strategy_state_loads_with_weights_only_and_resumes_exactly(name, 
 
 
 def test_cli_shows_a_strategy_in_full(capsys):
-    from cl.cli import main
+    from cl.cli.main import main
 
     assert main(["strategies", "er_ace"]) == 0
     out = capsys.readouterr().out

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cl.cli import main
+from cl.cli.main import main
 
 EXPERIMENT = """
 name: cli-test
@@ -137,8 +137,8 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run(tmp_path, tracking_uri
     # A first attempt that dies after 2 experiences: a strategy raises in experience 3.
     crash = tmp_path / "crash.yaml"
     crash.write_text(path.read_text())
-    from cl.config import load_experiment
-    from cl.runner import run_experiment
+    from cl.config.schema import load_experiment
+    from cl.runner.invocation import run_experiment
     import strategies.replay as replay_module
 
     original = replay_module.Replay.before_experience
@@ -244,7 +244,7 @@ def test_two_processes_can_open_one_fresh_store_together(tmp_path):
     """Seeds started together on one fresh SQLite store race to create its schema; without
     the lock beside the store, one of them fails ("online migration expected to match...")."""
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"
-    code = f"from cl.tracking import StoreWarmup; StoreWarmup({uri!r}).wait()"
+    code = f"from cl.tracking.store import StoreWarmup; StoreWarmup({uri!r}).wait()"
     procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)

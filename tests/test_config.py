@@ -2,7 +2,7 @@
 
 import pytest
 
-from cl.config import ConfigError, ExperimentConfig, apply_overrides, flatten, load_experiment
+from cl.config.schema import ConfigError, ExperimentConfig, apply_overrides, flatten, load_experiment
 from conftest import write_experiment as write
 
 BASE = """

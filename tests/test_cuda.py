@@ -4,8 +4,9 @@ Skipped where CUDA is not available."""
 import pytest
 import torch
 
-from cl.models import MLP, ByteGPT, ReducedResNet18, build_model
-from cl.trainer import LifelongTrainer
+from cl.models import MLP, ByteGPT, ReducedResNet18
+from cl.config.models import build_model
+from cl.training.trainer import LifelongTrainer
 from strategies import Replay, Strategy
 from streams import class_incremental, digits, token_stream
 from streams.experience import BatchTransform, Dataset, TensorData

@@ -6,7 +6,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from cl.models import MLP, ByteGPT
-from cl.trainer import LifelongTrainer
+from cl.training.trainer import LifelongTrainer
 from strategies import Naive
 from streams import blur, class_incremental, digits, online, permuted, power_law, token_stream
 
@@ -85,7 +85,7 @@ def test_cross_entropy_per_token_by_hand():
 
 
 def test_token_stream_is_judged_by_loss_and_next_byte_accuracy(two_texts):
-    from cl.runner import summarise
+    from cl.runner.invocation import summarise
 
     stream = token_stream(["abc", "xyz"], block_size=16, stride=4, data_dir=str(two_texts))
     torch.manual_seed(0)
@@ -119,7 +119,7 @@ def test_seen_tasks_follow_the_task_index_not_shared_classes():
 
 
 def test_which_metrics_apply_follows_the_stream():
-    from cl.runner import summarise
+    from cl.runner.invocation import summarise
 
     base = class_incremental(digits(), n_experiences=5)
     runs = {

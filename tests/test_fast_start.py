@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cl.cli import main
+from cl.cli.main import main
 from conftest import write_experiment
 from streams.sources import _digits_arrays, digits
 
@@ -18,7 +18,7 @@ HEAVY = ("mlflow", "torch._dynamo", "sklearn")
 # Runs the CLI in a fresh interpreter and prints, last, which heavy modules it imported.
 PROBE = textwrap.dedent("""
     import json, sys
-    from cl.cli import main
+    from cl.cli.main import main
     code = main(sys.argv[1:])
     print(json.dumps({"code": code, "imported": [m for m in %r if m in sys.modules]}))
 """ % (HEAVY,))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cl.cli import main
-from cl.trainer import LifelongTrainer, NonFiniteLossError
+from cl.cli.main import main
+from cl.training.trainer import LifelongTrainer, NonFiniteLossError
 from strategies import Strategy
 from streams import class_incremental, digits
 
@@ -250,7 +250,7 @@ def test_thread_count_is_set_from_the_file_and_logged(tmp_path, capsys):
 def test_default_thread_count_is_the_usable_cores():
     import os
 
-    from cl.runner import usable_cores
+    from cl.runner.invocation import usable_cores
 
     assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cl.checkpoint import load_checkpoint
+from cl.training.checkpoint import load_checkpoint
 from cl.models import MLP
-from cl.trainer import LifelongTrainer
+from cl.training.trainer import LifelongTrainer
 from strategies import Naive, Replay, Strategy
 from streams import class_incremental, digits
 import conftest

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from cl.checkpoint import load_checkpoint
-from cl.cli import main
+from cl.training.checkpoint import load_checkpoint
+from cl.cli.main import main
 from cl.models import MLP, ByteGPT
-from cl.trainer import LifelongTrainer
+from cl.training.trainer import LifelongTrainer
 from evaluation import continual, metrics
 from strategies import ConstantLR, InfiniteLR, MixedReplay, Rewarm, Strategy, WarmupDecay, WarmupStableDecay
 from streams import token_stream

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from cl.models import MLP, ReducedResNet18, build_model
+from cl.models import MLP, ReducedResNet18
+from cl.config.models import build_model
 
 
 def test_mlp_shapes_and_feature_api():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_vit
-from cl.trainer import LifelongTrainer
+from cl.training.trainer import LifelongTrainer
 from strategies import DualPrompt, Strategy
 from strategies.context import Batch
 from strategies.prompting.ovor import (OVOR, boundary_points, energy, energy_hinge, kth_neighbour_distance,
@@ -242,7 +242,7 @@ def test_vor_lowers_its_objective_and_draws_from_the_seeded_generator(small_stre
 def test_a_resumed_ovor_run_equals_an_uninterrupted_one(small_stream, tmp_path):
     """Interrupted inside the second experience, resumed into fresh objects: the prompt, the head,
     the optimizer and the generator the outliers are drawn from come back."""
-    from cl.checkpoint import load_checkpoint
+    from cl.training.checkpoint import load_checkpoint
     from test_hooks import Interrupt
 
     def go(path, stop_at=None, resume=False):

@@ -9,15 +9,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import cl.runner
-from cl.cli import main
-from cl.components import build_model_from
-from cl.config import experiment_from_dict, load_experiment
-from cl.feature_cache import FeatureCache, backbone_fingerprint, data_fingerprint, feature_key, transform_fingerprint
-from cl.models import MLP, build_model, create_timm_model
-from cl.pretrain import load_pretrain, pretrain, read_metadata
-from cl.runner import run_experiment
-from cl.trainer import LifelongTrainer
+import cl.runner.invocation
+from cl.cli.main import main
+from cl.config.components import build_model_from
+from cl.config.schema import experiment_from_dict, load_experiment
+from cl.training.feature_cache import FeatureCache, backbone_fingerprint, data_fingerprint, feature_key, transform_fingerprint
+from cl.models import MLP
+from cl.config.models import build_model, create_timm_model
+from cl.runner.pretrain import load_pretrain, pretrain, read_metadata
+from cl.runner.invocation import run_experiment
+from cl.training.trainer import LifelongTrainer
 from strategies import NearestMean
 from strategies.context import eval_mode, pooled_features
 from streams import class_incremental, digits
@@ -129,7 +130,7 @@ def test_a_pretrained_vit_loads_into_a_fresh_model_with_identical_features(tmp_p
 
 def test_missing_corrupt_and_mismatched_weights_files_are_refused_naming_the_file(tmp_path, monkeypatch):
     source = MLP((1, 8, 8), 4, hidden=[32])
-    from cl.pretrain import save_weights
+    from cl.runner.pretrain import save_weights
 
     good = tmp_path / "good.safetensors"
     save_weights(source, good, {"architecture": json.dumps({"name": "mlp", "kwargs": {"hidden": [32]}})})
@@ -139,7 +140,7 @@ def test_missing_corrupt_and_mismatched_weights_files_are_refused_naming_the_fil
         build_model("mlp", (1, 8, 8), 10, hidden=[32], weights="relative_and_nowhere.safetensors")
     # An experiment names a missing file before its data is loaded.
     cfg = experiment_from_dict(nearest_mean_file({"name": "mlp", "hidden": [32], "weights": "nowhere.safetensors"}))
-    monkeypatch.setattr(cl.runner.Invocation, "run", lambda self: pytest.fail("the run started"))
+    monkeypatch.setattr(cl.runner.invocation.Invocation, "run", lambda self: pytest.fail("the run started"))
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
         run_experiment(cfg, track=False)
     cut = tmp_path / "cut.safetensors"
@@ -200,14 +201,14 @@ def nearest_mean_file(model: dict, epochs: int = 3, **stream) -> dict:
 def count_backbone_rows(monkeypatch, layer: str) -> list[int]:
     """Rows that pass through `layer` (the backbone's first) of every model the runner builds."""
     rows = [0]
-    build = cl.runner.build_model_from
+    build = cl.runner.invocation.build_model_from
 
     def counting(cfg, stream):
         model = build(cfg, stream)
         model.get_submodule(layer).register_forward_hook(lambda m, i, o: rows.__setitem__(0, rows[0] + len(i[0])))
         return model
 
-    monkeypatch.setattr(cl.runner, "build_model_from", counting)
+    monkeypatch.setattr(cl.runner.invocation, "build_model_from", counting)
     return rows
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_vit
-from cl.trainer import LifelongTrainer
+from cl.training.trainer import LifelongTrainer
 from strategies import CODAPrompt, DualPrompt, L2P, Strategy
 from strategies.context import Batch
 from strategies.prompting.coda import gram_schmidt
@@ -254,7 +254,7 @@ def test_a_non_vit_model_is_refused(small_stream):
 def test_a_resumed_coda_run_equals_an_uninterrupted_one(small_stream, tmp_path):
     """Interrupted inside the second experience, resumed into fresh objects: the components
     initialised at that experience's start and the prompt optimizer's state come back."""
-    from cl.checkpoint import load_checkpoint
+    from cl.training.checkpoint import load_checkpoint
     from test_hooks import Interrupt
 
     def go(path, stop_at=None, resume=False):

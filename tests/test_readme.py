@@ -5,7 +5,7 @@ import re
 import textwrap
 from pathlib import Path
 
-from cl.cli import main
+from cl.cli.main import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from cl.models import MLP
-from cl.trainer import LifelongTrainer
+from cl.training.trainer import LifelongTrainer
 from strategies import EWC, L2, MAS, SI, LwF, Naive, OnlineEWC
 from strategies.context import Context
 from strategies.regularization import fisher_diagonal

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cl.cli import main
-from cl.components import build_stream
-from cl.config import ConfigError, load_experiment
+from cl.cli.main import main
+from cl.config.components import build_stream
+from cl.config.schema import ConfigError, load_experiment
 from conftest import write_experiment as write
 
 EXPERIMENT = """
@@ -136,7 +136,7 @@ def test_multihead_on_a_timm_backbone(tmp_path, capsys):
 def test_lazy_path_leaves_the_global_rng_alone():
     """Evaluating through a DataLoader must not draw from the global RNG (it would shift dropout)."""
     from cl.models import MLP
-    from cl.trainer import LifelongTrainer
+    from cl.training.trainer import LifelongTrainer
     from strategies import Naive
     from streams import class_incremental, digits
     from streams.experience import Dataset

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from cl.cli import main
+from cl.cli.main import main
 
 from conftest import TINY_EXPERIMENT
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cl.models import MLP, MultiHeadClassifier
-from cl.trainer import LifelongTrainer
+from cl.training.trainer import LifelongTrainer
 from evaluation.metrics import anytime_accuracy
 from strategies import Naive, Replay, Strategy
 from streams import blur, class_incremental, digits, online

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from cl.checkpoint import load_checkpoint
+from cl.training.checkpoint import load_checkpoint
 from cl.models import MLP
-from cl.trainer import LifelongTrainer
+from cl.training.trainer import LifelongTrainer
 from strategies import SLCA, ConstantLR, Naive, Strategy
 from streams.experience import BatchTransform, Experience, Stream, TensorData
 from conftest import trainer_for

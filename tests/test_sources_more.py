@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cl.cli import main
+from cl.cli.main import main
 from cl.models import ByteGPT
 from streams import class_incremental, from_avalanche, image_folder, multi_dataset, numpy_arrays, token_stream
 from streams.sources import DatasetNotFoundError
@@ -89,7 +89,7 @@ def test_avalanche_benchmark_converts_to_a_matching_stream(mnist_root):
 
 
 def test_multi_dataset_label_spaces(mnist_root):
-    from cl.components import build_dataset
+    from cl.config.components import build_dataset
 
     stream = multi_dataset(["digits", {"name": "mnist", "download": False}],
                            lambda spec: build_dataset(spec, str(mnist_root)), size=16, channels=3)
@@ -205,7 +205,7 @@ def make_digits(data_dir):
 @pytest.mark.parametrize("strategy", ["naive", "replay", "cumulative"])
 def test_dataloader_path_trains_exactly_like_the_tensor_path(strategy):
     from cl.models import MLP
-    from cl.trainer import LifelongTrainer
+    from cl.training.trainer import LifelongTrainer
     from strategies import Cumulative, Naive, Replay
     from streams import digits, torch_dataset
     from streams.lazy import LazyData

@@ -9,9 +9,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cl.cli import main
-from cl.config import ConfigError, experiment_from_dict
-from cl.sweep import expand
+from cl.cli.main import main
+from cl.config.schema import ConfigError, experiment_from_dict
+from cl.runner.sweep import expand
 from streams import class_incremental, digits
 from streams.holdout import first_experiences, validation_split
 

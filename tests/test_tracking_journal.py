@@ -13,7 +13,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cl.journal import Journal
+from cl.tracking.journal import Journal
 
 EXPERIMENT = """
 name: journal-test
@@ -41,7 +41,7 @@ KILLER = textwrap.dedent("""
         os.kill(os.getpid(), signal.SIGKILL)
 
     if moment == "training":  # in the middle of experience 3
-        import cl.trainer as trainer
+        import cl.training.trainer as trainer
         original, calls = trainer.LifelongTrainer._train_batch, [0]
 
         def train_batch(self, *args):
@@ -51,7 +51,7 @@ KILLER = textwrap.dedent("""
             return original(self, *args)
         trainer.LifelongTrainer._train_batch = train_batch
     elif moment == "checkpoint":  # half-way through writing the third checkpoint
-        import cl.checkpoint as checkpoint
+        import cl.training.checkpoint as checkpoint
         original, calls = checkpoint.torch.save, [0]
 
         def save(obj, f, *args, **kwargs):
@@ -63,7 +63,7 @@ KILLER = textwrap.dedent("""
             return original(obj, f, *args, **kwargs)
         checkpoint.torch.save = save
     elif moment == "final":  # while the final plots are being delivered, by a thread of the run's process
-        import cl.tracking as tracking
+        import cl.tracking.deliverer as tracking
         os.environ["CL_TRACKING_DELIVERY"] = "thread"
         original = tracking.Deliverer._deliver_next
 
@@ -74,7 +74,7 @@ KILLER = textwrap.dedent("""
             return original(self)
         tracking.Deliverer._deliver_next = deliver_next
     elif moment == "final-child":  # the final plots handed to the delivery child, not all delivered yet
-        import cl.tracking as tracking
+        import cl.tracking.sink as tracking
         os.environ["CL_TRACKING_DELIVERY"] = "process"
         original = tracking.MLflowSink.log_artifact
 
@@ -83,7 +83,7 @@ KILLER = textwrap.dedent("""
             if name == "accuracy_matrix.png":
                 die()
         tracking.MLflowSink.log_artifact = log_artifact
-    from cl.cli import main
+    from cl.cli.main import main
     sys.exit(main(argv))
 """)
 
@@ -285,7 +285,7 @@ def test_a_server_down_at_start_loses_nothing_and_says_so_within_the_timeout(tmp
 
 
 def test_journal_keeps_its_run_key_from_the_start_and_has_one_owner(tmp_path):
-    from cl.journal import JournalBusy
+    from cl.tracking.journal import JournalBusy
 
     journal = Journal(tmp_path / "j")
     key = journal.state["key"]
@@ -299,7 +299,7 @@ def test_journal_keeps_its_run_key_from_the_start_and_has_one_owner(tmp_path):
 
 
 def test_a_record_of_more_metrics_than_mlflow_takes_at_once_is_delivered_in_parts(tmp_path):
-    from cl.tracking import Deliverer
+    from cl.tracking.deliverer import Deliverer
 
     class Client:
         def __init__(self):

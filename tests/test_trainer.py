@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from cl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cl.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cl.models import MLP
-from cl.trainer import LifelongTrainer
+from cl.training.trainer import LifelongTrainer
 from strategies import Cumulative, Joint, Naive, Replay, Strategy
 from streams import class_incremental, digits
 

@@ -334,7 +334,7 @@ def coerce_arguments(target: Callable, args: dict, where: str, source: str,
     types (YAML's `1e-3` string becomes the float an optimizer needs). Unknown names, wrong
     types and unresolvable `module:attr` values for callable arguments are ConfigErrors that
     name the file, the key and what was expected."""
-    from cl.registry import ForbiddenComponentError, UnknownComponentError, import_path
+    from cl.config.registry import ForbiddenComponentError, UnknownComponentError, import_path
 
     try:
         sig = inspect.signature(target)
@@ -384,14 +384,14 @@ def coerce_arguments(target: Callable, args: dict, where: str, source: str,
 
 def validate_components(cfg: ExperimentConfig, source: str) -> None:
     """Resolve every component name and check its arguments, before any data is loaded."""
-    from cl.registry import plugins_from
+    from cl.config.registry import plugins_from
 
     with plugins_from(cfg.source_dir):
         _validate_components(cfg, source)
 
 
 def _validate_components(cfg: ExperimentConfig, source: str) -> None:
-    from cl.registry import (DATASETS, MODELS, SCENARIOS, STRATEGIES, ForbiddenComponentError,
+    from cl.config.registry import (DATASETS, MODELS, SCENARIOS, STRATEGIES, ForbiddenComponentError,
                              UnknownComponentError, optimizer_class, scenario_takes_data, scheduler_class)
 
     def resolve(registry, spec, where):
@@ -411,7 +411,7 @@ def _validate_components(cfg: ExperimentConfig, source: str) -> None:
     elif cfg.stream.dataset is not None:
         raise ConfigError(f"{source}: stream.dataset: scenario '{cfg.stream.scenario.name}' takes its datasets "
                           f"as its own argument; remove stream.dataset")
-    from cl.models import lab_loads_weights
+    from cl.config.models import lab_loads_weights
 
     # `weights` is a file the lab loads into the built model (cl.models.load_backbone_weights),
     # unless the model's class takes a `weights` argument itself.

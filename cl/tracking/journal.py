@@ -32,7 +32,7 @@ class Journal:
 
     def __init__(self, folder: str | os.PathLike, owner: bool = True, follow: bool = False):
         """`follow`: the view of the process that delivers a journal another process writes
-        (`cl.delivery`): it reads, `refresh` adds the records written since, and it never
+        (`cl.tracking.delivery`): it reads, `refresh` adds the records written since, and it never
         touches the records file (a line being written is not a torn one)."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)

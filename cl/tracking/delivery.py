@@ -5,7 +5,7 @@ SQLite store) takes longer than importing PyTorch. Imports hold the GIL, so a th
 cannot overlap them with loading data and training; a child process can, on the other
 core. `cl run` starts this process first thing (`prestart`), before it imports torch:
 the child imports MLflow and opens the store while the parent loads the data and
-trains, and the parent's sinks only append records to their journals (`cl.journal`).
+trains, and the parent's sinks only append records to their journals (`cl.tracking.journal`).
 
 The child follows each journal it is told to watch (`Journal(follow=True)`: it reads the records, and notes its progress in `state.json`), delivers
 its records with the same `Deliverer` and retry loop as a sink's thread, and reports
@@ -86,7 +86,7 @@ class DeliveryProcess:
         self.pid = os.getpid()
         # The child imports `cl` as this process does, wherever that came from (a notebook's sys.path).
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self.proc = subprocess.Popen([sys.executable, "-m", "cl.delivery"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "cl.tracking.delivery"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
         atexit.register(self.close)
         self.stores: dict[str, dict] = {}  # uri -> the child's report on opening it
@@ -218,7 +218,7 @@ class ChildDelivery:
 
 # ---------------------------------------------------------------- the child
 class _Child:
-    """`python -m cl.delivery`: commands on standard input, reports on standard output."""
+    """`python -m cl.tracking.delivery`: commands on standard input, reports on standard output."""
 
     def __init__(self):
         self._out = threading.Lock()
@@ -272,7 +272,7 @@ class _Child:
         return 0
 
     def _open(self, uri: str | None, timeout: float | None) -> None:
-        from cl.tracking import StoreWarmup, TrackingError
+        from cl.tracking.store import StoreWarmup, TrackingError
 
         warmup = StoreWarmup(uri, timeout) if timeout is not None else StoreWarmup(uri)
         try:
@@ -286,8 +286,9 @@ class _Child:
 
     def _watch(self, folder: str, uri: str | None, parent: str | None, timeout: float,
                system_metrics_s: float | None, resumed: bool) -> None:
-        from cl.journal import Journal
-        from cl.tracking import Deliverer, bound_http_requests, deliver_loop, is_server
+        from cl.tracking.journal import Journal
+        from cl.tracking.deliverer import Deliverer, deliver_loop
+        from cl.tracking.store import bound_http_requests, is_server
 
         if is_server(uri):
             bound_http_requests(timeout)

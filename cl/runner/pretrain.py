@@ -42,7 +42,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cl.config import ComponentSpec, ConfigError, apply_overrides, coerce_arguments, flatten, format_validation_error, \
+from cl.config.schema import ComponentSpec, ConfigError, apply_overrides, coerce_arguments, flatten, format_validation_error, \
     read_yaml_mapping
 
 WEIGHTS_FORMAT = "cl-lab-pretrained/1"
@@ -102,7 +102,7 @@ class PretrainConfig(BaseModel):
 def load_pretrain(path: str | Path, overrides: list[str] | None = None) -> tuple[PretrainConfig, str]:
     """The checked pre-training file and its name for messages. Unknown keys, wrong types and
     components that do not exist or take other arguments are ConfigErrors naming the key."""
-    from cl.registry import DATASETS, MODELS, ForbiddenComponentError, UnknownComponentError, optimizer_class, \
+    from cl.config.registry import DATASETS, MODELS, ForbiddenComponentError, UnknownComponentError, optimizer_class, \
         scheduler_class
 
     source = str(path)
@@ -119,7 +119,7 @@ def load_pretrain(path: str | Path, overrides: list[str] | None = None) -> tuple
         raise ConfigError(f"{source}: dataset.name: {err}") from None
     coerce_arguments(make, cfg.dataset.args, "dataset", source, {"data_dir"})
     if cfg.model.name in MODELS or ":" in cfg.model.name:
-        from cl.config import MODEL_INJECTED
+        from cl.config.schema import MODEL_INJECTED
 
         try:
             cls = MODELS.get(cfg.model.name)
@@ -182,11 +182,11 @@ class _Tracker:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        from cl.tracking import TrackingError, _quiet_mlflow, artifacts_beside, check_store_location, \
+        from cl.tracking.store import TrackingError, artifacts_beside, check_store_location, quiet_mlflow, \
             sqlite_store_lock
 
         check_store_location(uri)
-        _quiet_mlflow()
+        quiet_mlflow()
         try:
             self.client = MlflowClient(uri)
             with sqlite_store_lock(uri):
@@ -237,12 +237,12 @@ def pretrain(cfg: PretrainConfig, source: str = "<pretrain>", *, tracking_uri: s
     import torch
     import torch.nn.functional as F
 
-    from cl.components import build_dataset
-    from cl.models import build_model
-    from cl.provenance import source_tags
-    from cl.registry import optimizer_class, scheduler_class
-    from cl.runner import seed_everything, usable_cores
-    from cl.trainer import resolve_device
+    from cl.config.components import build_dataset
+    from cl.config.models import build_model
+    from cl.tracking.provenance import source_tags
+    from cl.config.registry import optimizer_class, scheduler_class
+    from cl.runner.invocation import seed_everything, usable_cores
+    from cl.training.trainer import resolve_device
     from strategies.context import eval_mode
     from streams.experience import BatchTransform
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from cl.config import ExperimentConfig, SweepConfig, SweepRange, load_experiment
+from cl.config.schema import ExperimentConfig, SweepConfig, SweepRange, load_experiment
 
 
 def expand(sweep: SweepConfig) -> list[dict]:
@@ -72,7 +72,7 @@ def trial_overrides(sweep: SweepConfig, point: dict) -> list[str]:
 def run_trial(spec: dict) -> dict:
     """One trial, in this process: {"trial", "point", "results"} or {"trial", "point", "error"}.
     Also the body of a Ray Tune trial (`spec` travels as plain data)."""
-    from cl.runner import run_experiment
+    from cl.runner.invocation import run_experiment
 
     if spec.get("journal_dir"):
         os.environ["CL_JOURNAL_DIR"] = spec["journal_dir"]
@@ -173,9 +173,10 @@ def sweep(path: str, overrides: list[str], *, tracking_uri: str | None, track: b
           ray: bool | None = None, address: str | None = None, cpus_per_trial: float = 1.0,
           gpus_per_trial: float = 0.0) -> dict:
     """Run the sweep of the file at `path`; returns {"trials", "rows", "best", "final"}."""
-    from cl.journal import Journal, journal_root
-    from cl.runner import run_experiment
-    from cl.tracking import MLflowSink, StoreWarmup
+    from cl.tracking.journal import Journal, journal_root
+    from cl.runner.invocation import run_experiment
+    from cl.tracking.sink import MLflowSink
+    from cl.tracking.store import StoreWarmup
 
     cfg: ExperimentConfig = load_experiment(path, overrides)
     if cfg.sweep is None:
@@ -201,7 +202,7 @@ def sweep(path: str, overrides: list[str], *, tracking_uri: str | None, track: b
         parent = MLflowSink(Journal(folder / "parent.journal"), cfg.name, f"{cfg.name}-sweep-{invocation}",
                             {"points": len(points), "method": cfg.sweep.method, "protocol": cfg.sweep.protocol,
                              "objective": cfg.sweep.objective, "validation": cfg.sweep.validation},
-                            {"cl.role": "parent", "cl.invocation": invocation, "cl.sweep": "true"}, tracking_uri,
+                            {"cl.role": "parent", "cl.invocation": invocation, "cl.runner.sweep": "true"}, tracking_uri,
                             remove_when_delivered=True)
         parent_key = parent.journal.state["key"]
     pinned = []

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cl.journal import Journal, JournalBusy, find_journals, journal_root
-from cl.tracking import Deliverer
+from cl.tracking.journal import Journal, JournalBusy, find_journals, journal_root
+from cl.tracking.deliverer import Deliverer
 
 
 def sync(folders: list[str], tracking_uri: str | None = None) -> int:

@@ -50,7 +50,7 @@ def config_hash(config: dict) -> str:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """'key: saved -> current' for every flattened key whose value differs."""
-    from cl.config import flatten
+    from cl.config.schema import flatten
 
     a, b = flatten(saved), flatten(current)
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"

@@ -740,7 +740,7 @@ class LifelongTrainer:
             self.record.load_state_dict(state["record"])
 
     def _save_checkpoint(self, in_progress: dict | None = None) -> None:
-        from cl.checkpoint import check_plain, save_checkpoint
+        from cl.training.checkpoint import check_plain, save_checkpoint
 
         state = self.state_dict()
         for i, (s, s_state) in enumerate(zip(self.strategies, state["strategies"])):

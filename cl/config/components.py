@@ -1,7 +1,7 @@
 """Build the objects of a run from validated config specs.
 
 Every constructor gets its arguments as `coerce_arguments` converted them
-(the same check `cl.config` ran when the file was loaded), so what was
+(the same check `cl.config.schema` ran when the file was loaded), so what was
 validated is what is used.
 """
 from __future__ import annotations
@@ -10,9 +10,10 @@ import inspect
 
 import torch
 
-from cl.config import SCENARIO_INJECTED, ComponentSpec, ExperimentConfig, coerce_arguments
-from cl.models import MultiHeadClassifier, build_model
-from cl.registry import (DATASETS, SCENARIOS, STRATEGIES, optimizer_class, plugins_from, scenario_takes_data,
+from cl.config.schema import SCENARIO_INJECTED, ComponentSpec, ExperimentConfig, coerce_arguments
+from cl.models import MultiHeadClassifier
+from cl.config.models import build_model
+from cl.config.registry import (DATASETS, SCENARIOS, STRATEGIES, optimizer_class, plugins_from, scenario_takes_data,
                          scheduler_class)
 from strategies.base import Strategy
 from streams.experience import Dataset, Stream

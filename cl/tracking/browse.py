@@ -15,13 +15,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cl.tracking import TrackingError, _quiet_mlflow
+from cl.tracking.store import TrackingError, quiet_mlflow
 
 
 def _client(tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
 
-    _quiet_mlflow()
+    quiet_mlflow()
     return MlflowClient(tracking_uri)
 
 
@@ -103,7 +103,7 @@ def serve_ui(tracking_uri: str | None, port: int, experiment: str | None = None)
     training view; returns when the UI is stopped (Ctrl-C)."""
     import mlflow
 
-    from cl.tracking import run_link
+    from cl.tracking.store import run_link
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):

@@ -17,18 +17,20 @@ import numpy as np
 import torch
 import yaml
 
-from cl.checkpoint import CheckpointError, check_same_config, config_hash, load_checkpoint
-from cl.components import build_model_from, build_optimizer, build_stream, build_strategies
-from cl.config import ExperimentConfig, flatten
-from cl.feature_cache import FeatureCache, bypass_reason, cache_root, wants_frozen_features
-from cl.models import lab_loads_weights, resolve_weights
-from cl.registry import plugins_from
-from cl.provenance import dataset_inputs, source_tags
-from cl import delivery
-from cl.journal import Journal, journal_root
-from cl.tracking import (DEFAULT_TIMEOUT_S, ConsoleSink, Deliverer, MLflowSink, StoreWarmup, TrackingError,
-                         check_store_location, is_server, run_link)
-from cl.trainer import LifelongTrainer, NonFiniteLossError, RunRecord, resolve_device
+from cl.training.checkpoint import CheckpointError, check_same_config, config_hash, load_checkpoint
+from cl.config.components import build_model_from, build_optimizer, build_stream, build_strategies
+from cl.config.schema import ExperimentConfig, flatten
+from cl.training.feature_cache import FeatureCache, bypass_reason, cache_root, wants_frozen_features
+from cl.config.models import lab_loads_weights
+from cl.models import resolve_weights
+from cl.config.registry import plugins_from
+from cl.tracking.provenance import dataset_inputs, source_tags
+from cl.tracking import delivery
+from cl.tracking.journal import Journal, journal_root
+from cl.tracking.store import DEFAULT_TIMEOUT_S, StoreWarmup, TrackingError, check_store_location, is_server, run_link
+from cl.tracking.sink import ConsoleSink, MLflowSink
+from cl.tracking.deliverer import Deliverer
+from cl.training.trainer import LifelongTrainer, NonFiniteLossError, RunRecord, resolve_device
 from evaluation import compare, continual, metrics
 from evaluation.evaluators import perplexity
 from evaluation.report import heatmap_png, matrix_csv, matrix_json, task_curves_png
@@ -105,7 +107,7 @@ def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, tr
 class Invocation:
     """One `cl run`: every run of the file over every seed, under one parent MLflow run.
 
-    Each MLflow run is written through a journal (`cl.journal`): beside the checkpoints
+    Each MLflow run is written through a journal (`cl.tracking.journal`): beside the checkpoints
     (`<run>.journal/`, `parent.journal/`), where a resume finds it, or else under
     `CL_JOURNAL_DIR` (default ./cl-journal), removed once delivered."""
 
@@ -172,7 +174,7 @@ class Invocation:
         return results
 
     def _open_store(self) -> StoreWarmup | None:
-        """Open the tracking store off the critical path: in the delivery child (`cl.delivery`)
+        """Open the tracking store off the critical path: in the delivery child (`cl.tracking.delivery`)
         where there is one, which reports on it while the runs go on (None is returned), else on
         a thread, waited for once the data is loaded. A local store whose folder cannot be made
         is refused here, before anything trains."""
@@ -295,7 +297,7 @@ class Invocation:
         model = build_model_from(cfg, stream)
         optimizer, scheduler = build_optimizer(cfg, model.to(device))
         strategies = build_strategies(specs)
-        # A frozen backbone's run trains on its features, computed once (`cl.feature_cache`).
+        # A frozen backbone's run trains on its features, computed once (`cl.training.feature_cache`).
         fit_stream, fit_model, cached = stream, model, {}
         if wants_frozen_features(strategies):
             fit_stream, fit_model, cached = self._frozen_features(cfg, label, strategies, stream, model, device)
@@ -386,7 +388,7 @@ class Invocation:
 
     def _frozen_features(self, cfg, label, strategies, stream, model, device) -> tuple:
         """For a run whose backbone stays frozen: the stream of its pooled features and the
-        model on them (`cl.feature_cache`), computed once for every run of the invocation and
+        model on them (`cl.training.feature_cache`), computed once for every run of the invocation and
         kept on disk, with what that cost; or, where features cannot be kept (augmented
         training data), the stream and model as they are. Either way the run says which."""
         reason = bypass_reason(strategies, stream, model)

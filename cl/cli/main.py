@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _registry(kind: str):
-    from cl.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
+    from cl.config.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
 
     return {"strategies": STRATEGIES, "models": MODELS, "datasets": DATASETS, "scenarios": SCENARIOS}[kind]
 
@@ -128,7 +128,7 @@ def _show(kind: str, name: str, obj) -> int:
     import inspect
     import textwrap
 
-    from cl.config import MODEL_INJECTED, SCENARIO_INJECTED
+    from cl.config.schema import MODEL_INJECTED, SCENARIO_INJECTED
 
     injected = {"models": MODEL_INJECTED, "scenarios": SCENARIO_INJECTED, "datasets": {"data_dir"}}.get(kind, set())
     print(name)
@@ -170,8 +170,8 @@ def _streams() -> int:
 
 
 def _schedules(args) -> int:
-    from cl.config import load_experiment
-    from cl.runner import planned_lrs
+    from cl.config.schema import load_experiment
+    from cl.runner.invocation import planned_lrs
 
     cfg = load_experiment(args.file, args.overrides)
     plans = planned_lrs(cfg, args.only)
@@ -224,8 +224,8 @@ def _plot_lrs(plans: dict, path: str) -> None:
 
 
 def _describe(args) -> int:
-    from cl.components import build_stream
-    from cl.config import load_experiment
+    from cl.config.components import build_stream
+    from cl.config.schema import load_experiment
 
     cfg = load_experiment(args.file, args.overrides)
     stream = build_stream(cfg)
@@ -264,8 +264,8 @@ def _ranges(values: list[int]) -> str:
 
 
 def _compare(args) -> int:
-    from cl.browse import entries, find_runs
-    from cl.tracking import default_tracking_uri
+    from cl.tracking.browse import entries, find_runs
+    from cl.tracking.store import default_tracking_uri
     from evaluation import compare
 
     uri = args.tracking_uri or default_tracking_uri()
@@ -289,9 +289,9 @@ def _compare(args) -> int:
 
 
 def _sweep(args) -> int:
-    from cl.runner import json_safe
-    from cl.sweep import sweep, sweep_table
-    from cl.tracking import default_tracking_uri
+    from cl.runner.invocation import json_safe
+    from cl.runner.sweep import sweep, sweep_table
+    from cl.tracking.store import default_tracking_uri
 
     out = sweep(args.file, args.overrides, tracking_uri=args.tracking_uri or default_tracking_uri(),
                 track=not args.no_track, workers=args.workers, ray=False if args.no_ray else None,
@@ -312,22 +312,22 @@ def _sweep(args) -> int:
 
 
 def _sync(args) -> int:
-    from cl.sync import sync
+    from cl.tracking.sync import sync
 
     return sync(args.folders, args.tracking_uri)
 
 
 def _ui(args) -> int:
-    from cl.browse import serve_ui
-    from cl.tracking import default_tracking_uri
+    from cl.tracking.browse import serve_ui
+    from cl.tracking.store import default_tracking_uri
 
     return serve_ui(args.tracking_uri or default_tracking_uri(), args.port, args.experiment)
 
 
 def _run(args) -> int:
-    from cl.config import load_experiment
-    from cl.runner import run_experiment
-    from cl.tracking import default_tracking_uri
+    from cl.config.schema import load_experiment
+    from cl.runner.invocation import run_experiment
+    from cl.tracking.store import default_tracking_uri
     from evaluation.report import results_table
 
     start = time.perf_counter()
@@ -347,7 +347,7 @@ def _run(args) -> int:
     print(results_table(runs, show_seed=several))
     rows = None
     if several:
-        from cl.runner import comparison_entry
+        from cl.runner.invocation import comparison_entry
         from evaluation import compare
 
         rows = compare.comparison([comparison_entry(r) for r in runs if r.get("status") == "FINISHED"])
@@ -370,7 +370,7 @@ def _run(args) -> int:
                 from evaluation import compare
 
                 out["comparison"] = compare.table_columns(rows)
-        from cl.runner import json_safe
+        from cl.runner.invocation import json_safe
 
         print(json.dumps(json_safe(out), allow_nan=False))
     for run in failed:
@@ -379,8 +379,8 @@ def _run(args) -> int:
 
 
 def _pretrain(args) -> int:
-    from cl.pretrain import load_pretrain, pretrain
-    from cl.tracking import default_tracking_uri
+    from cl.runner.pretrain import load_pretrain, pretrain
+    from cl.tracking.store import default_tracking_uri
 
     cfg, source = load_pretrain(args.file, args.overrides)
     out = pretrain(cfg, source, tracking_uri=args.tracking_uri or default_tracking_uri(), track=not args.no_track,
@@ -392,7 +392,7 @@ def _pretrain(args) -> int:
     if out["mlflow_run_id"]:
         print(f"MLflow run: {out['mlflow_run_id']} (the weights are its artifact model/{Path(out['output']).name})")
     if args.json:
-        from cl.runner import json_safe
+        from cl.runner.invocation import json_safe
 
         print(json.dumps(json_safe(out), allow_nan=False))
     return 0
@@ -428,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run" and not args.no_track:
         # Before torch is imported: the child that delivers to MLflow imports it and opens the
-        # store meanwhile, on the other core (`cl.delivery`).
-        from cl import delivery
+        # store meanwhile, on the other core (`cl.tracking.delivery`).
+        from cl.tracking import delivery
 
         try:
             delivery.prestart(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None,
@@ -447,10 +447,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    from cl.checkpoint import CheckpointError
-    from cl.config import ConfigError
-    from cl.registry import UnknownComponentError
-    from cl.tracking import TrackingError
+    from cl.training.checkpoint import CheckpointError
+    from cl.config.schema import ConfigError
+    from cl.config.registry import UnknownComponentError
+    from cl.tracking.store import TrackingError
     from streams.sources import DatasetNotFoundError
 
     try:

@@ -1,0 +1,1 @@
+"""The `cl` command (`main`): parses arguments, calls the runner, prints."""
