@@ -46,7 +46,7 @@ def profile(name: str, scenario: str) -> None:
     import cProfile
     import pstats
 
-    from cl.config.schema import load_experiment
+    from cl.config.files import load_experiment
     from cl.runner.invocation import run_experiment
 
     cfg = load_experiment(ROOT / FILES[scenario])
@@ -71,7 +71,7 @@ def main() -> None:
         return
     data = os.environ.get("CL_DATA_DIR", str(ROOT.parent / "shared" / "data"))
     env = {**os.environ, "CL_DATA_DIR": data}
-    from cl.config.schema import load_experiment
+    from cl.config.files import load_experiment
 
     in_file = load_experiment(ROOT / FILES[args.scenario]).run_specs()
     names = args.only.split(",") if args.only else [n for n in BENCH_STRATEGIES if n in in_file]

@@ -53,8 +53,9 @@ def lab_run(seed: int, n_exp: int):
     """The catalogue's `online_ewc` run through the lab's trainer, stopped after `n_exp`
     experiences: the stream, and the weights and running Fisher after each experience."""
     from cl.config.components import build_model_from, build_optimizer, build_stream, build_strategies
-    from cl.config.schema import load_experiment
-    from cl.runner.invocation import build_trainer, seed_everything
+    from cl.config.files import load_experiment
+    from cl.training.seeds import seed_everything
+    from cl.training.trainer import LifelongTrainer
     from strategies.base import Strategy
     from strategies.regularization import OnlineEWC
 
@@ -73,7 +74,7 @@ def lab_run(seed: int, n_exp: int):
             snaps.append({"weights": copy.deepcopy(ctx.model.state_dict()),
                           "fisher": {n: v.clone() for n, v in ewc.running.items()}})
 
-    trainer = build_trainer(cfg, model, optimizer, scheduler, strategies + [Snapshot()], torch.device("cpu"))
+    trainer = LifelongTrainer(model, optimizer, strategies + [Snapshot()], cfg.training, seed=cfg.seed, scheduler=scheduler)
     trainer.fit(stream, stop_after=n_exp)
     return stream, snaps, trainer, ewc
 

@@ -67,9 +67,10 @@ def lab_run(seed: int, n_exp: int, data_dir: str | None):
     """The catalogue's `mas` run through the lab's trainer, stopped after `n_exp` experiences:
     the stream, the weights and MAS's importance after each experience, and the trainer."""
     from cl.config.components import build_model_from, build_optimizer, build_stream, build_strategies
-    from cl.config.schema import load_experiment
-    from cl.runner.invocation import build_trainer, seed_everything
-    from cl.training.trainer import NonFiniteLossError
+    from cl.config.files import load_experiment
+    from cl.training.seeds import seed_everything
+    from cl.training.trainer import LifelongTrainer
+    from cl.training.nonfinite import NonFiniteLossError
     from strategies.base import Strategy
     from strategies.regularization import MAS
 
@@ -79,7 +80,7 @@ def lab_run(seed: int, n_exp: int, data_dir: str | None):
     cfg = load_experiment(YAML, overrides)
     specs = cfg.run_specs()["mas"]
     stream = build_stream(cfg)
-    seed_everything(cfg.seed)  # as `Invocation._run_one`: the same initial weights as `cl run`
+    seed_everything(cfg.seed)  # as `cl.runner.one_run.prepare_run`: the same initial weights as `cl run`
     model = build_model_from(cfg, stream)
     optimizer, scheduler = build_optimizer(cfg, model)
     strategies = build_strategies(specs)
@@ -92,7 +93,7 @@ def lab_run(seed: int, n_exp: int, data_dir: str | None):
             snaps.append({"weights": copy.deepcopy(ctx.model.state_dict()),
                           "importance": {n: v.clone() for n, v in mas.importance.items()}})
 
-    trainer = build_trainer(cfg, model, optimizer, scheduler, strategies + [Snapshot()], torch.device("cpu"))
+    trainer = LifelongTrainer(model, optimizer, strategies + [Snapshot()], cfg.training, seed=cfg.seed, scheduler=scheduler)
     try:
         trainer.fit(stream, stop_after=n_exp)
     except NonFiniteLossError as err:  # what was kept before it still compares

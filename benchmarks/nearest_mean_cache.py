@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cl.config.schema import experiment_from_dict  # noqa: E402
+from cl.config.files import experiment_from_dict  # noqa: E402
 from cl.config.models import build_model
 from cl.models import resolve_weights  # noqa: E402
 from cl.runner.invocation import run_experiment  # noqa: E402

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import cl.config.components  # noqa: F401
+from cl.config.schema import TrainingConfig
 from cl.models import MLP
 from cl.training.trainer import LifelongTrainer
 from strategies import Naive, Replay
@@ -37,7 +38,7 @@ def main() -> None:
     model = MLP(stream.input_shape, stream.n_classes, hidden=(400, 400))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     strategy = Replay(500, 10, "reservoir") if args.strategy == "replay" else Naive()
-    trainer = LifelongTrainer(model, opt, [strategy], batch_size=10)
+    trainer = LifelongTrainer(model, opt, [strategy], TrainingConfig(batch_size=10))
     start = time.perf_counter()
     record = trainer.fit(stream)
     wall = time.perf_counter() - start

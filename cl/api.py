@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cl.config.schema import ExperimentConfig, experiment_from_dict, load_experiment
+from cl.config.files import experiment_from_dict, load_experiment
+from cl.config.schema import ExperimentConfig
 
 
 def load(experiment: str | Path | dict | ExperimentConfig, overrides: list[str] | None = None) -> ExperimentConfig:

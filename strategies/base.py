@@ -13,7 +13,7 @@ Call order for one experience::
       per batch: before_iteration -> adapt_batch -> [prepare] -> forward -> loss ->
                  extra_loss -> backward -> after_backward -> optimizer step ->
                  [per-iteration LR scheduler step] -> after_step
-    -> after_experience -> evaluation (eval_model, predict)
+    -> after_experience -> before_evaluation -> evaluation (eval_model, predict)
 
 `setup` and `configure_optimizer` run once, before the first experience.
 `before_experience` runs once the training data is decided (so
@@ -42,7 +42,8 @@ generator seeded from the run seed and the strategy's class (not its
 position in the list); it is saved and restored by the base class.
 
 Task-free strategies (`task_free = True`) are never called at boundaries
-(`before_experience`, `training_data`, `after_experience`) and must not read
+(`before_experience`, `training_data`, `after_experience`,
+`before_evaluation`) and must not read
 `ctx.experience`: on an online stream they see only batches.
 """
 from __future__ import annotations
@@ -62,6 +63,9 @@ class Strategy:
     owns_lr: bool = False
     #: The trainer fills `batch.features` (pooled pre-logits) for the training batch.
     needs_features: bool = False
+    #: The backbone stays frozen for the whole run, so a runner may compute its features once
+    #: and train on them (`cl.training.feature_cache`); nearest-mean on a frozen backbone says so.
+    frozen_features: bool = False
     #: When this strategy owns `loss`: the name its term is logged under (default "ce" otherwise).
     loss_name: str | None = None
 
@@ -88,6 +92,12 @@ class Strategy:
 
     def after_experience(self, ctx: Context, data: TensorData) -> None:
         """After training on `ctx.experience`; `data` is what was trained on."""
+
+    def before_evaluation(self, ctx: Context) -> None:
+        """After every experience, once every strategy's `after_experience` has run and before
+        the experience's evaluation (also where the stream takes no evaluation row): e.g.
+        train a copy of the run and have the evaluation score it (`ctx.train_on_copy`,
+        `ctx.evaluate_with`), as an "infinite" LR schedule's anneal does."""
 
     # ------------------------------------------------------------ per batch
     def before_iteration(self, ctx: Context) -> None:
@@ -118,12 +128,6 @@ class Strategy:
     def after_step(self, ctx: Context, batch: Batch) -> None:
         """After the optimizer step; `batch.logits` are those the step was taken on."""
 
-    def anneal_steps(self, ctx: Context) -> int:
-        """LR owner only, after each experience: how many steps to anneal a copy of the run
-        before this evaluation (0: none). The trainer then trains that many more steps with
-        `ctx.anneal_step` set (the owner sets the LR from it), evaluates the annealed
-        weights, and restores the run as it was (an "infinite" LR schedule's kept model)."""
-        return 0
 
     # ------------------------------------------------------------ evaluation
     def eval_model(self, ctx: Context) -> torch.nn.Module | None:

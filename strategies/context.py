@@ -53,21 +53,28 @@ class Context:
     """The run as a strategy sees it; one object for the whole run, kept current by the trainer.
 
     Attributes: `model`, `optimizer`, `scheduler` (the experiment's LR scheduler,
-    or None), `device`, `stream`, `experience` (the current one; None before the
-    first), `transform` (raw batch -> model input), `iteration` (optimizer steps
-    so far in the run), `epoch` and `step` (within the experience),
-    `steps_in_experience`, `planned_steps` (the steps of every experience as the stream
-    gives them, before any strategy replaces the training data: a run-long schedule's
-    horizon), `anneal_step` (set only while the trainer anneals a copy for the LR owner)
-    and `training` (False while evaluating). During
-    evaluation `model` is the evaluation model (see `Strategy.eval_model`).
+    or None), `device`, `stream`, `experience` (the current one, an `Experience`
+    whose `index` counts from 0 in stream order; None before the first),
+    `transform` (raw batch -> model input), `iteration` (optimizer steps so far in
+    the run), `epoch` and `step` (within the experience), `steps_in_experience`,
+    `planned_steps` (the steps of every experience as the stream gives them, before
+    any strategy replaces the training data: a run-long schedule's horizon),
+    `anneal_step` (the step on a copy of the run while `train_on_copy` trains it,
+    else None) and `training` (False while evaluating). During evaluation `model`
+    is the evaluation model (see `Strategy.eval_model`).
+
+    Services beyond the helpers below: `train_on_copy(steps)` trains a copy of the
+    whole run and returns its weights, and `evaluate_with(weights)` has the coming
+    boundary evaluation score them (an "infinite" LR schedule's annealed model).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 transform: Callable | None = None, aux_generator: torch.Generator | None = None):
+                 transform: Callable | None = None, aux_generator: torch.Generator | None = None,
+                 scheduler=None, forward_owner: "Strategy | None" = None, seeds: dict[int, int] | None = None,
+                 train_on_copy: Callable[[int], dict | None] | None = None):
         self.model = model
         self.optimizer = optimizer
-        self.scheduler = None
+        self.scheduler = scheduler
         self.device = device
         self.stream: Stream | None = None
         self.experience: Experience | None = None
@@ -77,11 +84,13 @@ class Context:
         self.step = 0
         self.steps_in_experience = 0
         self.planned_steps: list[int] = []  # steps each experience takes as the stream gives it
-        self.anneal_step: int | None = None  # the step of an anneal on a copy, else None
+        self.anneal_step: int | None = None  # the step on a copy of the run (`train_on_copy`), else None
         self.training = True
-        self.forward_owner: Strategy | None = None  # set by the trainer
+        self.forward_owner = forward_owner  # the strategy that owns the forward pass, if any
         self.aux_generator = aux_generator if aux_generator is not None else torch.Generator()
-        self._seeds: dict[int, int] = {}
+        self.evaluation_weights: dict | None = None  # what `evaluate_with` asked the next evaluation to score
+        self._seeds = dict(seeds or {})
+        self._train_on_copy = train_on_copy
 
     # -------------------------------------------------------------- helpers
     def prepare(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
@@ -126,6 +135,39 @@ class Context:
             return torch.cat([fn(self.prepare(x[i:i + batch_size]),
                                  None if t is None else t[i:i + batch_size].to(self.device))
                               for i in range(0, len(x), batch_size)])
+
+    def forward_batch(self, batch: "Batch", features: bool = False) -> None:
+        """Set `batch.logits` from the prepared `batch.x` (through the forward owner if any);
+        with `features` (a strategy `needs_features`), also `batch.features`, the pooled
+        pre-logits, from the same pass through the backbone."""
+        model = self.model
+        if self.forward_owner is not None:
+            self.forward_owner.forward(self, batch)
+        elif features:
+            raw = model.forward_features(batch.x)
+            batch.features = model.forward_head(raw, pre_logits=True)
+            batch.logits = (model.forward_head(raw, t=batch.t) if getattr(model, "uses_task_labels", False)
+                            else model.forward_head(raw))
+        else:
+            batch.logits = model_call(model, batch.x, batch.t)
+
+    def train_on_copy(self, steps: int) -> dict[str, torch.Tensor] | None:
+        """Train `steps` more steps on the experience's training data from a copy of the whole
+        run (model, optimizer, strategies' states, generators) and return the copy's weights;
+        the run then goes on exactly as if this had not happened. While it trains,
+        `anneal_step` counts its steps (the LR owner sets the LR from it). None when there is
+        nothing to train on. Call it from `before_evaluation`, once the experience is over."""
+        if self._train_on_copy is None:
+            raise RuntimeError("train_on_copy is given by the trainer; this context has no trainer")
+        return self._train_on_copy(steps)
+
+    def evaluate_with(self, weights: dict[str, torch.Tensor] | None) -> None:
+        """Have the coming boundary evaluation score `weights` instead of the model's own
+        (which are back for training afterwards). One strategy per boundary."""
+        if weights is not None and self.evaluation_weights is not None:
+            raise ValueError("two strategies asked the same evaluation to score weights of their own")
+        if weights is not None:
+            self.evaluation_weights = weights
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group, times the group's `lr_scale` (default 1).
@@ -200,6 +242,26 @@ class Batch:
             raise ValueError(f"cannot drop {k} of {self.n_incoming} incoming rows")
         n = self.n_incoming - k
         self.x_raw, self.y, self.t, self.n_incoming = self.x_raw[:n], self.y[:n], self.t[:n], n
+
+    def prepare(self, device: torch.device, transform: Callable, generator: torch.Generator,
+                appended_generator: torch.Generator) -> None:
+        """Set `x` (the rows moved to `device` and transformed for training) and move every
+        other field there. Appended rows are augmented with a generator of their own, so what
+        the incoming rows draw does not depend on replay."""
+        on_cpu = device.type == "cpu"  # then every tensor is already there: skip the moves
+        x = self.x_raw if on_cpu else self.x_raw.to(device, non_blocking=True)
+        n = self.n_incoming
+        if self.n_appended and getattr(transform, "augments", False):
+            self.x = torch.cat([transform(x[:n], train=True, generator=generator),
+                                transform(x[n:], train=True, generator=appended_generator)])
+        else:
+            self.x = transform(x, train=True, generator=generator)
+        if on_cpu:
+            return
+        self.y = self.y.to(device, non_blocking=True)
+        self.t = self.t.to(device, non_blocking=True)
+        for key, fields in self.fields.items():
+            self.fields[key] = {k: v.to(device, non_blocking=True) for k, v in fields.items()}
 
     @property
     def incoming(self) -> slice:

@@ -6,9 +6,11 @@ import torch.nn.functional as F
 from strategies.base import Strategy
 from strategies.buffers import ClassBalancedBuffer, ReservoirBuffer
 from strategies.context import Batch, Context
+from strategies.registry import register_strategy
 from streams.experience import TensorData
 
 
+@register_strategy("der")
 class DER(Strategy):
     """Dark Experience Replay (Buzzega et al. 2020, "Dark Experience for General Continual
     Learning: a Strong, Simple Baseline"). A reservoir memory keeps incoming samples with the
@@ -67,6 +69,7 @@ class DER(Strategy):
         self.buffer.load_state_dict(state["buffer"])
 
 
+@register_strategy("derpp")
 class DERpp(DER):
     """DER++ (Buzzega et al. 2020): DER with the replayed samples' labels too,
     L = CE(f(x), y) + alpha * ||f(x') - z'||^2 + beta * CE(f(x''), y''); defaults alpha 0.1,

@@ -5,9 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from strategies.context import Batch, Context
+from strategies.registry import register_strategy
 from strategies.replay import Replay
 
 
+@register_strategy("er_ace")
 class ERACE(Replay):
     """ER-ACE (Caccia et al. 2022, "New Insights on Reducing Abrupt Representation Change
     in Online Continual Learning"). The incoming batch's cross-entropy only competes among

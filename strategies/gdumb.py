@@ -6,9 +6,11 @@ import torch
 from strategies.base import Strategy
 from strategies.buffers import GreedyBalancedBuffer
 from strategies.context import Context
+from strategies.registry import register_strategy
 from streams.experience import TensorData
 
 
+@register_strategy("gdumb")
 class GDumb(Strategy):
     """GDumb (Prabhu, Torr and Dokania 2020, "GDumb: A Simple Approach that Questions Our
     Progress in Continual Learning"). A greedy sampler keeps a class-balanced memory of

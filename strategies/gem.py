@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from strategies.base import Strategy, on_device
 from strategies.context import Batch, Context
+from strategies.registry import register_strategy
 from streams.experience import TensorData
 
 
@@ -55,6 +56,7 @@ def _set_grad(params: list[torch.Tensor], flat: torch.Tensor) -> None:
         start += n
 
 
+@register_strategy("gem")
 class GEM(_EpisodicMemory):
     """Gradient Episodic Memory (Lopez-Paz and Ranzato 2017). With g the gradient on the
     incoming batch and G the matrix of gradients on the memory of each earlier task, when
@@ -97,6 +99,7 @@ class GEM(_EpisodicMemory):
         return (torch.from_numpy(v @ memories) + g.double().cpu()).to(g.dtype).to(g.device)
 
 
+@register_strategy("agem")
 class AGEM(_EpisodicMemory):
     """Averaged GEM (Chaudhry et al. 2019, "Efficient Lifelong Learning with A-GEM"): one
     reference gradient from a random sample of the memory replaces GEM's per-task constraints.

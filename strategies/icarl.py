@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from strategies.base import Strategy
 from strategies.buffers import HerdingBuffer
 from strategies.context import Batch, Context, model_call
+from strategies.registry import register_strategy
 from streams.experience import TensorData, concat_data
 
 
+@register_strategy("icarl")
 class ICaRL(Strategy):
     """iCaRL (Rebuffi, Kolesnikov, Sperl and Lampert 2017, "iCaRL: Incremental Classifier and
     Representation Learning").

@@ -8,8 +8,10 @@ import torch.nn.functional as F
 
 from strategies.base import Strategy
 from strategies.context import Batch, Context, model_call
+from strategies.registry import register_strategy
 
 
+@register_strategy("lwf")
 class LwF(Strategy):
     """Learning without Forgetting (Li and Hoiem 2016, "Learning without Forgetting"). Before
     each experience the model is copied; while learning it, the outputs the copy gives the

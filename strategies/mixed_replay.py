@@ -7,9 +7,11 @@ import torch
 
 from strategies.base import Strategy
 from strategies.context import Batch, Context
+from strategies.registry import register_strategy
 from streams.experience import TensorData
 
 
+@register_strategy("mixed_replay")
 class MixedReplay(Strategy):
     """Compute-equivalent replay (Ibrahim et al. 2024, "Simple and Scalable Strategies to
     Continually Pre-train Large Language Models", Sec. 4.2): a fraction `fraction` of every

@@ -7,8 +7,10 @@ import torch
 
 from strategies.base import Strategy
 from strategies.context import Batch, Context
+from strategies.registry import register_strategy
 
 
+@register_strategy("momentum_weights")
 class MomentumWeights(Strategy):
     """Momentum-based weight interpolation (Stojanovski, Roth and Akata 2022, "Momentum-based
     Weight Interpolation of Strong Zero-Shot Models for Continual Learning"). A slow copy of

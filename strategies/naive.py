@@ -3,14 +3,17 @@ from __future__ import annotations
 
 from strategies.base import Strategy
 from strategies.context import Context
+from strategies.registry import register_strategy
 from streams.experience import TensorData, concat_data
 
 
+@register_strategy("naive")
 class Naive(Strategy):
     """Plain fine-tuning on each experience in turn, with no defence against
     catastrophic forgetting (McCloskey and Cohen 1989): the lower bound."""
 
 
+@register_strategy("cumulative")
 class Cumulative(Strategy):
     """Retrain on the union of every experience seen so far at each experience:
     an upper bound that ignores the memory constraint."""
@@ -19,6 +22,7 @@ class Cumulative(Strategy):
         return concat_data([e.train for e in ctx.stream.experiences[: ctx.experience.index]] + [data])
 
 
+@register_strategy("joint")
 class Joint(Strategy):
     """Joint training (the i.i.d. upper bound): the whole stream's training data,
     shuffled together, is learned at the first experience; later experiences

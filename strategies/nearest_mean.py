@@ -6,8 +6,10 @@ import torch.nn.functional as F
 
 from strategies.base import Strategy
 from strategies.context import Batch, Context
+from strategies.registry import register_strategy
 
 
+@register_strategy("nearest_mean")
 class NearestMean(Strategy):
     """Nearest class mean on L2-normalised features (Janson, Zhang, Aljundi and Elhoseiny
     2022, "A Simple Baseline that Questions the Use of Pretrained-Models in Continual

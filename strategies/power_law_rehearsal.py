@@ -7,6 +7,7 @@ import torch
 
 from strategies.base import Strategy
 from strategies.context import Context
+from strategies.registry import register_strategy
 from streams.experience import TensorData, concat_data
 from streams.power_law import power_law_schedule
 
@@ -23,6 +24,7 @@ def apportion(total: int, weights: list[float]) -> list[int]:
     return counts
 
 
+@register_strategy("power_law_rehearsal")
 class PowerLawRehearsal(Strategy):
     """Power-law rehearsal (Gandhi et al. 2024, "Catastrophic Interference is Mitigated in
     Naturalistic Power-Law Learning Environments"; later version "Natural Mitigation of

@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, vmap
 
 from strategies.base import Strategy, on_device
 from strategies.context import Batch, Context, eval_mode
+from strategies.registry import register_strategy
 from streams.experience import TensorData
 
 
@@ -251,6 +252,7 @@ def _weights(ctx: Context) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in _trainable(ctx.model).items()}
 
 
+@register_strategy("ewc")
 class EWC(_QuadraticPenalty):
     """Elastic Weight Consolidation (Kirkpatrick et al. 2017, "Overcoming catastrophic
     forgetting in neural networks"): a quadratic pull towards each earlier task's weights,
@@ -293,6 +295,7 @@ class EWC(_QuadraticPenalty):
         self.add_anchor(self.fisher_of(ctx), _weights(ctx))
 
 
+@register_strategy("online_ewc")
 class OnlineEWC(EWC):
     """Online EWC (Schwarz et al. 2018, "Progress & Compress"): EWC with one running Fisher
     and one anchor instead of one penalty per task.
@@ -326,6 +329,7 @@ class OnlineEWC(EWC):
         self.running = on_device(state["running"], getattr(self, "device", None))
 
 
+@register_strategy("si")
 class SI(_QuadraticPenalty):
     """Synaptic Intelligence (Zenke, Poole and Ganguli 2017, "Continual Learning Through
     Synaptic Intelligence"). Each weight's contribution to the decrease of the loss along
@@ -407,6 +411,7 @@ class SI(_QuadraticPenalty):
                                                    for k in ("omega", "importance", "start"))
 
 
+@register_strategy("mas")
 class MAS(_QuadraticPenalty):
     """Memory Aware Synapses (Aljundi et al. 2018, "Memory Aware Synapses: Learning What
     (not) to Forget"). A weight's importance is how much the squared L2 norm of the network's
@@ -483,6 +488,7 @@ class MAS(_QuadraticPenalty):
         self.importance = on_device(state["importance"], getattr(self, "device", None))
 
 
+@register_strategy("l2")
 class L2(_QuadraticPenalty):
     """L2 pull towards the weights held after the previous experience, every weight equally
     important: L = L_new + (lambda / 2) ||theta - theta*||^2, the uniform-importance baseline

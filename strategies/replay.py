@@ -6,9 +6,11 @@ from typing import Literal
 from strategies.base import Strategy
 from strategies.buffers import ClassBalancedBuffer, HerdingBuffer, ReservoirBuffer
 from strategies.context import Batch, Context
+from strategies.registry import register_strategy
 from streams.experience import TensorData
 
 
+@register_strategy("replay")
 class Replay(Strategy):
     """Experience replay (Chaudhry et al. 2019, "On Tiny Episodic Memories in
     Continual Learning"; Rolnick et al. 2019): each training batch B is extended

@@ -20,6 +20,7 @@ import math
 
 from strategies.base import Strategy
 from strategies.context import Context
+from strategies.registry import register_strategy
 
 SHAPES = ("cosine", "linear")
 
@@ -73,6 +74,7 @@ class LRSchedule(Strategy):
         ctx.set_lr(self.lr_at(*self.position(ctx)))
 
 
+@register_strategy("constant_lr")
 class ConstantLR(LRSchedule):
     """A constant LR, after an optional linear warmup of `warmup_steps` at the start of the
     run: the "no rewarming" baseline of continual pre-training (Gupta et al. 2023)."""
@@ -86,6 +88,7 @@ class ConstantLR(LRSchedule):
         return warmup(step, self.warmup_steps, self.lr)
 
 
+@register_strategy("warmup_decay")
 class WarmupDecay(LRSchedule):
     """Linear warmup, then cosine or linear decay (Loshchilov and Hutter 2017, "SGDR"; the
     schedule of GPT-style pre-training). Up to `max_lr` over W steps, then down to `min_lr`
@@ -117,6 +120,7 @@ class WarmupDecay(LRSchedule):
         return decay((step - w) / max(total - 1 - w, 1), self.max_lr, self.min_lr, self.shape)
 
 
+@register_strategy("rewarm")
 class Rewarm(WarmupDecay):
     """LR re-warming and re-decaying at every experience (Ibrahim et al. 2024, Sec. 5;
     Gupta et al. 2023): each new experience warms up linearly to `max_lr` over about 1%
@@ -128,6 +132,7 @@ class Rewarm(WarmupDecay):
         super().__init__(max_lr, min_lr, warmup_steps, warmup_fraction, shape, scope="experience")
 
 
+@register_strategy("wsd")
 class WarmupStableDecay(LRSchedule):
     """Warmup-stable-decay (Hu et al. 2024, "MiniCPM"; Hägele et al. 2024, "Scaling Laws and
     Compute-Optimal Training Beyond Fixed Training Durations"): linear warmup over W steps,
@@ -157,6 +162,7 @@ class WarmupStableDecay(LRSchedule):
         return decay((step - decay_start + 1) / max(total - decay_start, 1), self.max_lr, self.min_lr, self.shape)
 
 
+@register_strategy("infinite_lr")
 class InfiniteLR(LRSchedule):
     """An "infinite" schedule (Ibrahim et al. 2024, Sec. 7): no horizon to decay to, so data
     may keep arriving. Over the run's iterations t:
@@ -172,8 +178,9 @@ class InfiniteLR(LRSchedule):
 
         lr(a) = c * (min_lr / c) ** ((a + 1) / anneal_steps),     a = 0 .. anneal_steps - 1,
 
-    trained on a copy: the trainer branches the whole run state, takes the annealed weights
-    for that evaluation and goes back, so the next experience continues from the constant
+    trained on a copy (`ctx.train_on_copy`, once the experience is over): the whole run state
+    is branched, the evaluation scores the annealed weights (`ctx.evaluate_with`) and the run
+    goes back, so the next experience continues from the constant
     phase undisturbed (a checkpoint resume never anneals). Ibrahim et al.'s 405M runs: warmup
     1% of the steps, max 3e-4, constant 1.65e-4 (0.55 max_lr, the default), min 3e-5."""
 
@@ -213,9 +220,15 @@ class InfiniteLR(LRSchedule):
         return self.const_lr * (self.min_lr / self.const_lr) ** ((a + 1) / self.n_anneal)
 
     def anneal_steps(self, ctx: Context) -> int:
+        """How many steps to anneal a copy after `ctx.experience` (0: none)."""
         last = ctx.experience is not None and ctx.experience.index == len(ctx.stream) - 1
         wanted = self.anneal_at == "every_experience" or (self.anneal_at == "last_experience" and last)
         return self.n_anneal if wanted else 0
+
+    def before_evaluation(self, ctx: Context) -> None:
+        steps = self.anneal_steps(ctx)
+        if steps:  # the kept model: a copy annealed from the constant phase, scored at this boundary
+            ctx.evaluate_with(ctx.train_on_copy(steps))
 
     def before_iteration(self, ctx: Context) -> None:
         if ctx.anneal_step is not None:

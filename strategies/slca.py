@@ -9,12 +9,14 @@ import torch.nn.functional as F
 from strategies.base import Strategy
 from strategies.context import Batch, Context, eval_mode
 from strategies.gaussians import cholesky_factors
+from strategies.registry import register_strategy
 from strategies.schedules import decay
 from streams.experience import TensorData
 
 LogitNorm = Literal["global", "task_mean"]
 
 
+@register_strategy("slca")
 class SLCA(Strategy):
     """SLCA, Slow Learner with Classifier Alignment (Zhang, Wang, Kang, Chen and Wei 2023, "SLCA:
     Slow Learner with Classifier Alignment for Continual Learning on a Pre-trained Model", ICCV,

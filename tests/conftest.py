@@ -7,17 +7,6 @@ import cl.config.components  # noqa: F401  (registers the built-in components)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# The smallest complete experiment file: Split-Digits, a small MLP, fine-tuning, on the CPU.
-TINY_EXPERIMENT = """
-name: tiny
-seed: 0
-device: cpu
-stream: {dataset: digits, scenario: {name: class_incremental, n_experiences: 5}}
-model: {name: mlp, hidden: [16]}
-training: {epochs: 1, batch_size: 64, optimizer: {name: sgd, lr: 0.05}}
-strategies: [naive]
-"""
-
 
 def _data_dir() -> Path | None:
     for candidate in (os.environ.get("CL_DATA_DIR"), SHARED_DATA):
@@ -93,17 +82,47 @@ def backbone_5_to_9():
     return {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
 
 
-def trainer_for(stream, strategies, seed=0, batch_size=16, **kw):
-    """A seeded LifelongTrainer over an MLP with one hidden layer of 64, SGD lr 0.05 momentum 0.9."""
+def trainer_for(stream, strategies, seed=0, batch_size=16, *, model=None, hidden=(64,), optimizer=None, lr=0.05,
+                momentum=0.9, **kw):
+    """A LifelongTrainer over `model`, trained by `optimizer`.
+
+    `model`: a module, used as it is (the global RNG untouched); a factory `stream -> module`; or
+    None: an MLP with hidden layers `hidden`. A factory or the MLP is built after
+    `torch.manual_seed(seed)`. `optimizer`: an optimizer; a factory `parameters -> optimizer`; or
+    None: SGD at `lr` with `momentum`. Keywords that are `training:` settings (epochs,
+    eval_every, nonfinite, ...) go into the trainer's TrainingConfig; the rest (device, sinks,
+    scheduler, evaluators, checkpoint_path, ...) to the trainer."""
     import torch
 
+    from cl.config.schema import TrainingConfig
     from cl.models import MLP
     from cl.training.trainer import LifelongTrainer
 
-    torch.manual_seed(seed)
-    model = MLP(stream.input_shape, stream.n_classes, hidden=(64,))
-    return LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), strategies,
-                           seed=seed, batch_size=batch_size, **kw)
+    if not isinstance(model, torch.nn.Module):
+        torch.manual_seed(seed)
+        model = model(stream) if model is not None else MLP(stream.input_shape, stream.n_classes, hidden=hidden)
+    if optimizer is None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    elif not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer(model.parameters())
+    # The config's optimizer and scheduler are specs; here they are built objects, the trainer's own arguments.
+    loop = set(TrainingConfig.model_fields) - {"optimizer", "scheduler"}
+    settings = {k: kw.pop(k) for k in list(kw) if k in loop}
+    return LifelongTrainer(model, optimizer, strategies, TrainingConfig(batch_size=batch_size, **settings),
+                           seed=seed, **kw)
+
+
+def vit_trainer_for(stream, strategies, seed=0, batch_size=32, *, depth=5, weights=None, lr=0.01, optimizer=None,
+                    **kw):
+    """A LifelongTrainer over `tiny_vit(depth=depth, seed=seed)` (with `weights` loaded over it, the
+    head excepted where they have none), trained by Adam at `lr` (or by the factory `optimizer`)."""
+    import torch
+
+    vit = tiny_vit(stream.n_classes, depth, seed)
+    if weights is not None:
+        vit.load_state_dict(weights, strict=False)
+    return trainer_for(stream, strategies, seed, batch_size, model=vit,
+                       optimizer=optimizer or (lambda params: torch.optim.Adam(params, lr=lr)), **kw)
 
 
 def write_experiment(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
@@ -112,6 +131,45 @@ def write_experiment(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
 
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
+    return path
+
+
+def tiny_config(*, name="tiny", seed=0, device="cpu", dataset="digits", n_experiences=5, scenario=None,
+                hidden=(16,), model=None, lr=0.05, momentum=None, optimizer=None, strategies=("naive",),
+                **settings) -> dict:
+    """The smallest complete experiment, as the dict its YAML file holds: Split-Digits in
+    `n_experiences` experiences (or `scenario`), an MLP with hidden layers `hidden` (or `model`),
+    one epoch in batches of 64 by SGD at `lr` (with `momentum`; or `optimizer`), fine-tuning
+    (or `strategies`), on the CPU.
+
+    Keywords that are `training:` settings (epochs, batch_size, eval_every, scheduler, ...) go
+    under `training`; any other (runs, seeds, threads, progress, sweep, data_dir, or a key
+    the schema does not know) at the top. A value of None leaves its key out (`device=None`:
+    the default device; `strategies=None` beside `runs=`)."""
+    from cl.config.schema import TrainingConfig
+
+    optimizer = optimizer or {"name": "sgd", "lr": lr, **({"momentum": momentum} if momentum is not None else {})}
+    training = {"epochs": 1, "batch_size": 64, "optimizer": optimizer}
+    training.update({k: settings.pop(k) for k in list(settings) if k in TrainingConfig.model_fields})
+    config = {"name": name, "seed": seed, "device": device,
+              "stream": {"dataset": dataset,
+                         "scenario": scenario or {"name": "class_incremental", "n_experiences": n_experiences}},
+              "model": model or {"name": "mlp", "hidden": list(hidden)},
+              "training": training,
+              "strategies": list(strategies) if strategies is not None else None, **settings}
+
+    def drop_none(d):
+        return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+    return drop_none(config)
+
+
+def tiny_experiment(folder: Path, file: str = "exp.yaml", **settings) -> Path:
+    """`tiny_config(**settings)` written as the YAML file `folder/file`."""
+    import yaml
+
+    path = folder / file
+    path.write_text(yaml.safe_dump(tiny_config(**settings), sort_keys=False, default_flow_style=None))
     return path
 
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_vit as _tiny_vit
-from cl.training.trainer import LifelongTrainer
+from conftest import tiny_vit as _tiny_vit, trainer_for, vit_trainer_for
 from strategies import Strategy
 from strategies.context import Batch
 from strategies.prompting.apg import APG, PromptGenerator
@@ -26,9 +25,7 @@ def make(**kw):
 
 
 def run(stream, strategy, experiences=2, extra=(), opt=None, epochs=1, seed=0):
-    vit = tiny_vit(stream.n_classes, seed=seed)
-    optimizer = (opt or (lambda p: torch.optim.Adam(p, lr=0.01)))(vit.parameters())
-    trainer = LifelongTrainer(vit, optimizer, [strategy, *extra], seed=seed, batch_size=32, epochs=epochs)
+    trainer = vit_trainer_for(stream, [strategy, *extra], seed, depth=4, optimizer=opt, epochs=epochs)
     trainer.fit(stream, stop_after=experiences)
     return trainer
 
@@ -226,9 +223,9 @@ def test_after_each_experience_but_the_first_the_library_tunes_generator_and_cla
 
 
 def test_before_any_experience_the_plain_vit_is_evaluated(small_stream):
-    vit = tiny_vit(small_stream.n_classes).eval()
     apg = make()
-    trainer = LifelongTrainer(vit, torch.optim.Adam(vit.parameters(), lr=0.01), [apg], batch_size=32)
+    trainer = vit_trainer_for(small_stream, [apg], depth=4)
+    vit = trainer.model.eval()
     trainer.fit(small_stream, stop_after=0)
     x = torch.randn(3, 1, 8, 8)
     trainer.ctx.training = False
@@ -246,7 +243,8 @@ def test_a_bad_query_block_is_refused_and_the_default_keeps_the_papers_relative_
     avg = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=4,
                             num_heads=2, num_classes=10, global_pool="avg", class_token=False)
     with pytest.raises(ValueError, match="class token"):
-        LifelongTrainer(avg, torch.optim.Adam(avg.parameters()), [make()]).fit(small_stream, stop_after=1)
+        trainer_for(small_stream, [make()], batch_size=32, model=avg,
+                    optimizer=lambda params: torch.optim.Adam(params)).fit(small_stream, stop_after=1)
     trained = make()
     run(small_stream, trained, experiences=1)
     other = make(query_block=2)
@@ -263,9 +261,10 @@ def test_a_resumed_apg_run_equals_an_uninterrupted_one(small_stream, tmp_path):
     from test_hooks import Interrupt
 
     def go(path, stop_at=None, resume=False):
-        vit = tiny_vit(small_stream.n_classes)
-        trainer = LifelongTrainer(vit, torch.optim.Adam(vit.parameters(), lr=0.01), [make(), Interrupt(stop_at)],
-                                  seed=1, batch_size=32, checkpoint_path=str(path), checkpoint_every=3)
+        trainer = trainer_for(small_stream, [make(), Interrupt(stop_at)], seed=1, batch_size=32,
+                              model=tiny_vit(small_stream.n_classes),  # initialised at seed 0
+                              optimizer=lambda params: torch.optim.Adam(params, lr=0.01),
+                              checkpoint_path=str(path), checkpoint_every=3)
         if resume:
             trainer.load_state_dict(load_checkpoint(path)[0])
         return trainer.fit(small_stream, stop_after=3)

@@ -5,7 +5,6 @@ import contextlib
 import csv
 import io
 import json
-import textwrap
 
 import numpy as np
 import pytest
@@ -13,33 +12,25 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from cl.cli.main import main
+from conftest import tiny_experiment
 from evaluation import compare
 
-EXPERIMENT = """
-name: browse-test
-device: cpu
-threads: 1
-stream:
-  dataset: digits
-  scenario: {name: class_incremental, n_experiences: 5}
-model: {name: mlp, hidden: [32]}
-training:
-  epochs: 1
-  batch_size: 32
-  eval_every: 10
-  optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
-runs:
-  naive: [naive]
-  replay: [{name: replay, memory_size: 60, replay_batch_size: 16}]
-"""
+COMPARED = {"naive": ["naive"], "replay": [{"name": "replay", "memory_size": 60, "replay_batch_size": 16}]}
+
+
+def experiment(folder, file, **changes):
+    """Naive and replay compared on Split-Digits: an MLP of 32, batches of 32 by SGD with momentum,
+    evaluated every 10 iterations; then `changes`."""
+    return tiny_experiment(folder, file, **{"name": "browse-test", "threads": 1, "hidden": (32,), "batch_size": 32,
+                                            "eval_every": 10, "momentum": 0.9, "strategies": None, "runs": COMPARED,
+                                            **changes})
 
 
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory):
     """`cl run FILE --seeds 0,1,2` on a fresh store: (result, stderr, tracking URI)."""
     tmp = tmp_path_factory.mktemp("browse")
-    path = tmp / "browse.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT))
+    path = experiment(tmp, "browse.yaml")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     out, err = io.StringIO(), io.StringIO()  # captured by hand: a module-scoped fixture cannot take capsys
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.MonkeyPatch.context() as env:
@@ -176,8 +167,7 @@ def test_comparison_mean_and_sample_std_by_hand():
 
 
 def test_bad_seeds_are_refused(tmp_path, capsys):
-    path = tmp_path / "e.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT))
+    path = experiment(tmp_path, "e.yaml")
     assert main(["run", str(path), "--seeds", "0,x", "--no-track"]) == 2
     assert "--seeds 0,x" in capsys.readouterr().err
     assert main(["run", str(path), "--set", "seeds=[1, 1]", "--no-track"]) == 2
@@ -188,8 +178,7 @@ def test_log_model_and_system_metrics(tmp_path, capsys):
     import mlflow.pytorch
     import torch
 
-    path = tmp_path / "one.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT).split("runs:")[0] + "strategies: [naive]\n")
+    path = experiment(tmp_path, "one.yaml", strategies=["naive"], runs=None)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["run", str(path), "--tracking-uri", uri, "--json", "--no-progress", "--log-model",
                  "--system-metrics", "0.2"]) == 0

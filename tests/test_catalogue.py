@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from cl.models import MLP
-from cl.training.trainer import LifelongTrainer
 from strategies import STRATEGIES, ICaRL, MomentumWeights, NearestMean, Replay, Strategy
 from streams import class_incremental, digits
 from streams.experience import BatchTransform, Experience, Stream, TensorData
@@ -34,8 +33,9 @@ def test_nearest_mean_equals_the_hand_computed_nearest_mean():
     s, x, y, test_x, test_y = toy_stream()
     torch.manual_seed(0)
     model = MLP((2,), 4, hidden=())
+    untrained = {k: v.clone() for k, v in model.state_dict().items()}
     nm = NearestMean()
-    trainer = LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), [nm], batch_size=3)
+    trainer = trainer_for(s, [nm], batch_size=3, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     record = trainer.fit(s)
     unit = F.normalize(x, dim=1)
     means = torch.stack([unit[y == c].mean(0) for c in range(4)])
@@ -46,16 +46,21 @@ def test_nearest_mean_equals_the_hand_computed_nearest_mean():
     hand = torch.cdist(F.normalize(test_x, dim=1), means).argmin(1)
     assert hand.tolist() == [0, 2, 3, 1]
     assert record.accuracy_matrix[-1].tolist() == [1.0, 1.0]
-    assert all(not p.requires_grad for p in model.parameters())  # a frozen backbone trains nothing
-    assert torch.equal(model.head.weight, trainer.model.head.weight)
+    # A frozen backbone trains nothing: every weight, the head's included, ends as it began
+    # (the head would move under SGD if it trained: its logits get a cross-entropy every batch).
+    assert all(not p.requires_grad for p in trainer.model.parameters())
+    trained = trainer.model.state_dict()
+    assert trained.keys() == untrained.keys()
+    for key, before in untrained.items():
+        assert torch.equal(trained[key].cpu(), before), f"{key} changed in training"
 
 
 def test_nearest_mean_before_its_classes_arrive_never_predicts_them():
     s, *_ = toy_stream()
     torch.manual_seed(0)
     model = MLP((2,), 4, hidden=())
-    record = LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), [NearestMean()],
-                             batch_size=4).fit(s, stop_after=1)
+    record = trainer_for(s, [NearestMean()], batch_size=4, model=model,
+                         optimizer=torch.optim.SGD(model.parameters(), lr=0.1)).fit(s, stop_after=1)
     assert record.accuracy_matrix[1].tolist() == [1.0, 0.0]  # task 1's classes are not known yet
 
 
@@ -143,11 +148,9 @@ ON_A_VIT = {"l2p", "dualprompt", "coda_prompt", "apg", "ovor"}
 
 def vit_trainer_for(stream, strategies, seed, batch_size, **kw):
     """A seeded LifelongTrainer over a 5-block ViT of width 32 on the 8x8 digits."""
-    from cl.training.trainer import LifelongTrainer
-
     vit = tiny_vit(stream.n_classes, seed=seed)
-    return LifelongTrainer(vit, torch.optim.Adam(vit.parameters(), lr=0.01), strategies, seed=seed,
-                           batch_size=batch_size, **kw)
+    return trainer_for(stream, strategies, seed=seed, batch_size=batch_size, model=vit,
+                       optimizer=torch.optim.Adam(vit.parameters(), lr=0.01), **kw)
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))

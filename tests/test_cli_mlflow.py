@@ -9,20 +9,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cl.cli.main import main
+from conftest import tiny_experiment
 
-EXPERIMENT = """
-name: cli-test
-seed: 1
-device: cpu
-stream:
-  dataset: digits
-  scenario: {name: class_incremental, n_experiences: 5}
-model: {name: mlp, hidden: [64]}
-training:
-  epochs: 2
-  batch_size: 32
-  optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
-"""
+
+def experiment(tmp_path, file, **changes):
+    """Split-Digits at seed 1, an MLP of 64, two epochs in batches of 32 by SGD with momentum; then `changes`."""
+    return tiny_experiment(tmp_path, file, **{"name": "cli-test", "seed": 1, "hidden": (64,), "epochs": 2,
+                                              "batch_size": 32, "momentum": 0.9, **changes})
 
 
 def run_cli(capsys, *args) -> dict:
@@ -33,13 +26,9 @@ def run_cli(capsys, *args) -> dict:
 
 @pytest.fixture
 def compare_file(tmp_path):
-    path = tmp_path / "compare.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT) + textwrap.dedent("""
-        runs:
-          naive: [naive]
-          replay: [{name: replay, memory_size: 100, replay_batch_size: 16, policy: class_balanced}]
-    """))
-    return path
+    return experiment(tmp_path, "compare.yaml", strategies=None, runs={
+        "naive": ["naive"],
+        "replay": [{"name": "replay", "memory_size": 100, "replay_batch_size": 16, "policy": "class_balanced"}]})
 
 
 def test_compare_file_makes_one_complete_mlflow_run_each(compare_file, tracking_uri, capsys):
@@ -82,8 +71,7 @@ def test_compare_file_makes_one_complete_mlflow_run_each(compare_file, tracking_
 
 
 def test_single_run_json_and_set_overrides(tmp_path, tracking_uri, capsys):
-    path = tmp_path / "one.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [naive]\n")
+    path = experiment(tmp_path, "one.yaml")
     result = run_cli(capsys, str(path), "--tracking-uri", tracking_uri, "--set", "seed=4",
                      "--set", "training.epochs=1")
     assert result["seed"] == 4 and "runs" not in result
@@ -108,36 +96,32 @@ def test_user_strategy_by_module_path(tmp_path, tracking_uri, capsys, monkeypatc
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "my_strategies", raising=False)  # another test's module of that name
-    path = tmp_path / "plug.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [{name: 'my_strategies:CountSteps', scale: 2.0}]\n")
+    path = experiment(tmp_path, "plug.yaml", strategies=[{"name": "my_strategies:CountSteps", "scale": 2.0}])
     result = run_cli(capsys, str(path), "--no-track")
     assert result["mlflow_run_id"] is None and len(result["accuracy_matrix"]) == 6
-    path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [{name: 'my_strategies:CountSteps', scal: 2}]\n")
+    experiment(tmp_path, "plug.yaml", strategies=[{"name": "my_strategies:CountSteps", "scal": 2}])
     assert main(["run", str(path), "--no-track", "--no-progress"]) == 2
     assert "strategies.0.scal: unknown key (expected one of: scale)" in capsys.readouterr().err
 
 
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
-    path = tmp_path / "bad.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [naive]\nlearning_rate: 3\n")
+    path = experiment(tmp_path, "bad.yaml", learning_rate=3)
     assert main(["run", str(path), "--no-track"]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "learning_rate: unknown key" in err
-    path.write_text(textwrap.dedent(EXPERIMENT).replace("digits", "{name: mnist, download: false}")
-                    + f"strategies: [naive]\ndata_dir: {tmp_path}\n")
+    experiment(tmp_path, "bad.yaml", dataset={"name": "mnist", "download": False}, data_dir=str(tmp_path))
     assert main(["run", str(path), "--no-track"]) == 2
     assert "dataset 'mnist' not found; looked in" in capsys.readouterr().err
 
 
 def test_interrupted_run_resumes_into_the_same_mlflow_run(tmp_path, tracking_uri, capsys):
-    path = tmp_path / "one.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [{name: replay, memory_size: 50}]\n")
+    path = experiment(tmp_path, "one.yaml", strategies=[{"name": "replay", "memory_size": 50}])
     full = run_cli(capsys, str(path), "--tracking-uri", tracking_uri)
     ckpt = tmp_path / "ckpt"
     # A first attempt that dies after 2 experiences: a strategy raises in experience 3.
     crash = tmp_path / "crash.yaml"
     crash.write_text(path.read_text())
-    from cl.config.schema import load_experiment
+    from cl.config.files import load_experiment
     from cl.runner.invocation import run_experiment
     import strategies.replay as replay_module
 
@@ -178,8 +162,7 @@ def test_python_dash_m_cl_lists_strategies():
 
 
 def test_unusable_tracking_store_fails_before_training(tmp_path, capsys):
-    path = tmp_path / "one.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [naive]\n")
+    path = experiment(tmp_path, "one.yaml")
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the store's folder should be")
     assert main(["run", str(path), "--tracking-uri", f"sqlite:///{blocker}/mlflow.db", "--no-progress"]) == 2
@@ -194,8 +177,7 @@ def test_a_store_that_fails_mid_run_loses_nothing(tmp_path, tracking_uri, capsys
 
     monkeypatch.setattr("mlflow.tracking.MlflowClient.log_artifact", broken_log_artifact)
     monkeypatch.setenv("CL_JOURNAL_DIR", str(tmp_path / "journal"))
-    path = tmp_path / "one.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT) + "strategies: [naive]\n")
+    path = experiment(tmp_path, "one.yaml")
     result = run_cli(capsys, str(path), "--tracking-uri", tracking_uri, "--tracking-timeout", "0.2")
     assert len(result["accuracy_matrix"]) == 6
     assert "disk full" in result["tracking_error"] and "cl sync" in result["tracking_error"]
@@ -221,9 +203,7 @@ def test_a_terminated_run_is_marked_killed_not_left_running(tmp_path, tracking_u
     import signal
     import time
 
-    path = tmp_path / "long.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT).replace("epochs: 2", "epochs: 40")
-                    + "strategies: [naive]\nthreads: 1\n")
+    path = experiment(tmp_path, "long.yaml", epochs=40, threads=1)
     ckpt = tmp_path / "ckpt"
     command = [sys.executable, "-m", "cl", "run", str(path), "--no-progress", "--tracking-uri", tracking_uri,
                "--checkpoint-dir", str(ckpt)]

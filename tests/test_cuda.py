@@ -6,7 +6,7 @@ import torch
 
 from cl.models import MLP, ByteGPT, ReducedResNet18
 from cl.config.models import build_model
-from cl.training.trainer import LifelongTrainer
+from conftest import trainer_for
 from strategies import Replay, Strategy
 from streams import class_incremental, digits, token_stream
 from streams.experience import BatchTransform, Dataset, TensorData
@@ -45,8 +45,8 @@ def test_image_models_train_on_the_gpu(family):
         model = (ReducedResNet18(stream.input_shape, stream.n_classes) if family == "reduced_resnet18"
                  else build_model("test_vit", stream.input_shape, stream.n_classes, img_size=32))
     replay, probe = Replay(32, 8, "reservoir"), WhereIsEverything()
-    trainer = LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.01), [replay, probe],
-                              batch_size=16, device="cuda", eval_every=3)
+    trainer = trainer_for(stream, [replay, probe], batch_size=16, model=model, lr=0.01, momentum=0, device="cuda",
+                          eval_every=3)
     record = trainer.fit(stream)
     assert probe.devices == {"cuda"}  # the training data was moved to the device once
     assert replay.buffer.device.type == "cuda" and replay.buffer.x.device.type == "cuda"
@@ -57,7 +57,7 @@ def test_language_model_trains_on_the_gpu(two_texts):
     stream = token_stream(["abc", "xyz"], block_size=16, stride=8, data_dir=str(two_texts))
     model = ByteGPT(stream.input_shape, stream.n_classes, n_layer=1, d_model=32)
     replay = Replay(16, 4, "reservoir")
-    record = LifelongTrainer(model, torch.optim.AdamW(model.parameters(), lr=3e-3), [replay], batch_size=8,
-                             device="cuda").fit(stream)
+    record = trainer_for(stream, [replay], batch_size=8, model=model,
+                         optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3), device="cuda").fit(stream)
     assert replay.buffer.device.type == "cuda"
     assert record.matrices["loss"][-1].max() < record.matrices["loss"][0].min()

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from cl.models import MLP, ByteGPT
-from cl.training.trainer import LifelongTrainer
+from cl.models import ByteGPT
+from conftest import trainer_for
 from strategies import Naive
 from streams import blur, class_incremental, digits, online, permuted, power_law, token_stream
 
@@ -26,15 +26,14 @@ class CountHostSyncs(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def trainer_for(stream, model=None, **kw):
-    torch.manual_seed(0)
-    model = model or MLP(stream.input_shape, stream.n_classes, hidden=(32,))
-    return LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.05), [Naive()], batch_size=32, **kw)
+def naive_trainer(stream, **kw):
+    """Fine-tuning an MLP (32 hidden units) by plain SGD."""
+    return trainer_for(stream, [Naive()], batch_size=32, hidden=(32,), momentum=0, **kw)
 
 
 def test_one_pass_over_all_test_sets_with_one_host_sync():
     stream = permuted(digits(), n_experiences=6)
-    trainer = trainer_for(stream, eval_batch_size=200)
+    trainer = naive_trainer(stream, eval_batch_size=200)
     trainer.fit(stream, stop_after=1)
     calls = []
     trainer.model.register_forward_hook(lambda *a: calls.append(1))
@@ -85,12 +84,13 @@ def test_cross_entropy_per_token_by_hand():
 
 
 def test_token_stream_is_judged_by_loss_and_next_byte_accuracy(two_texts):
-    from cl.runner.invocation import summarise
+    from evaluation.summaries import summarise
 
     stream = token_stream(["abc", "xyz"], block_size=16, stride=4, data_dir=str(two_texts))
     torch.manual_seed(0)
     model = ByteGPT(stream.input_shape, stream.n_classes, n_layer=1, d_model=32)
-    trainer = LifelongTrainer(model, torch.optim.AdamW(model.parameters(), lr=3e-3), [Naive()], batch_size=16)
+    trainer = trainer_for(stream, [Naive()], batch_size=16, model=model,
+                          optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3))
     record = trainer.fit(stream)
     assert list(record.matrices) == ["loss", "acc"] and record.task_aware_matrix is None
     L = record.matrices["loss"]
@@ -114,12 +114,12 @@ def test_seen_tasks_follow_the_task_index_not_shared_classes():
             if kind == "evaluation" and step == 1:
                 logged.append(metrics)
 
-    trainer_for(stream, sinks=[Capture()]).fit(stream, stop_after=1)
+    naive_trainer(stream, sinks=[Capture()]).fit(stream, stop_after=1)
     assert logged[0]["acc_seen"] == pytest.approx(logged[0]["acc_task0"])  # not the mean over unseen tasks
 
 
 def test_which_metrics_apply_follows_the_stream():
-    from cl.runner.invocation import summarise
+    from evaluation.summaries import summarise
 
     base = class_incremental(digits(), n_experiences=5)
     runs = {
@@ -130,7 +130,7 @@ def test_which_metrics_apply_follows_the_stream():
     }
     found = {}
     for name, stream in runs.items():
-        record = trainer_for(stream).fit(stream)
+        record = naive_trainer(stream).fit(stream)
         summary = summarise(record, stream)
         found[name] = {k for k in ("bwt", "fwt", "forgetting") if summary[k] is not None}
         assert summary["acc"] == pytest.approx(record.accuracy_matrix[-1].mean())

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cl.cli.main import main
-from conftest import write_experiment
+from conftest import tiny_experiment
 from streams.sources import _digits_arrays, digits
 
 HEAVY = ("mlflow", "torch._dynamo", "sklearn")
@@ -31,24 +31,15 @@ def probe(*argv, env=None, cwd=None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-SMALL = """
-name: fast-start
-seed: 0
-stream:
-  dataset: digits
-  scenario: {name: class_incremental, n_experiences: 2}
-model: {name: mlp, hidden: [16]}
-training:
-  epochs: 1
-  batch_size: 32
-  optimizer: {name: sgd, lr: 0.05}
-strategies: [naive]
-"""
+def small(tmp_path, **changes):
+    """Two experiences of Split-Digits, batches of 32, on the default device."""
+    return tiny_experiment(tmp_path, **{"name": "fast-start", "device": None, "n_experiences": 2, "batch_size": 32,
+                                        **changes})
 
 
 @pytest.mark.parametrize("argv", [["strategies"], ["strategies", "ewc"], ["models"], ["describe", "{file}"]])
 def test_listing_and_describing_import_neither_mlflow_nor_dynamo(argv, tmp_path):
-    path = write_experiment(tmp_path, SMALL)
+    path = small(tmp_path)
     out = probe(*[a.format(file=path) for a in argv])
     assert out == {"code": 0, "imported": []}
 
@@ -58,7 +49,7 @@ def test_a_tracked_run_never_imports_mlflow_in_its_own_process(tmp_path, journal
     journals, and returns once the child has delivered them: the runs are FINISHED in the store."""
     import os
 
-    path = write_experiment(tmp_path, SMALL)
+    path = small(tmp_path)
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"  # a fresh store, in a folder yet to be made
     out = probe("run", str(path), "--tracking-uri", uri, "--no-progress", env=dict(os.environ))
     assert out["code"] == 0 and "mlflow" not in out["imported"] and "sklearn" not in out["imported"]
@@ -74,7 +65,7 @@ def test_a_tracked_run_never_imports_mlflow_in_its_own_process(tmp_path, journal
 
 def test_delivery_from_the_child_stores_what_a_thread_stores(tmp_path, monkeypatch, capsys):
     """In one process, forcing each mode: the same metrics, steps and artifacts reach the store."""
-    path = write_experiment(tmp_path, SMALL)
+    path = small(tmp_path)
     stores = {}
     for mode in ("thread", "process"):
         monkeypatch.setenv("CL_TRACKING_DELIVERY", mode)
@@ -92,7 +83,7 @@ def test_delivery_from_the_child_stores_what_a_thread_stores(tmp_path, monkeypat
 
 
 def test_an_unknown_store_scheme_is_refused_before_anything_trains(tmp_path, capsys):
-    path = write_experiment(tmp_path, SMALL)
+    path = small(tmp_path)
     assert main(["run", str(path), "--tracking-uri", "mlfow://typo", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "could not be opened" in err and "'mlfow'" in err
@@ -100,7 +91,7 @@ def test_an_unknown_store_scheme_is_refused_before_anything_trains(tmp_path, cap
 
 def test_a_bad_delivery_mode_is_named(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CL_TRACKING_DELIVERY", "fork")
-    path = write_experiment(tmp_path, SMALL)
+    path = small(tmp_path)
     assert main(["run", str(path), "--no-progress", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
     assert "CL_TRACKING_DELIVERY" in capsys.readouterr().err
 
@@ -125,7 +116,7 @@ def test_mlflow_imported_mid_invocation_keeps_every_run_with_the_delivery_child(
     delivery child; the second run (and the parent) must still be delivered by that child."""
     import os
 
-    path = write_experiment(tmp_path, SMALL.replace("strategies: [naive]", "runs:\n  a: [naive]\n  b: [naive]"))
+    path = small(tmp_path, strategies=None, runs={"a": ["naive"], "b": ["naive"]})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if k != "CL_TRACKING_DELIVERY"}
     out = probe("run", str(path), "--tracking-uri", uri, "--no-progress", "--log-model", env=env)

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from cl.cli.main import main
-from cl.training.trainer import LifelongTrainer, NonFiniteLossError
+from cl.config.schema import TrainingConfig
+from cl.training.nonfinite import NonFiniteLossError
+from cl.training.trainer import LifelongTrainer
 from strategies import Strategy
 from streams import class_incremental, digits
 
-from conftest import TINY_EXPERIMENT, write_experiment as write
-
-TINY = TINY_EXPERIMENT
+from conftest import tiny_config, tiny_experiment, trainer_for, write_experiment as write
 
 
 def strict_json(text: str):
@@ -31,7 +31,7 @@ def strict_json(text: str):
 def test_too_high_a_learning_rate_fails_the_run_with_valid_json(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    path = write(tmp_path, TINY.replace("lr: 0.05", "lr: 1.0e+12"))
+    path = tiny_experiment(tmp_path, lr=1.0e12)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     code = main(["run", str(path), "--json", "--no-progress", "--tracking-uri", uri])
     out, err = capsys.readouterr()
@@ -45,9 +45,9 @@ def test_too_high_a_learning_rate_fails_the_run_with_valid_json(tmp_path, capsys
 
 
 def test_other_runs_of_a_file_go_on_after_one_fails(tmp_path, capsys):
-    text = TINY.replace("strategies: [naive]", "runs: {ok: [naive], bad: [{name: 'poison:NaNAt', iteration: 3}]}")
     (tmp_path / "poison.py").write_text(textwrap.dedent(POISON))
-    path = write(tmp_path, text)
+    path = tiny_experiment(tmp_path, strategies=None,
+                           runs={"ok": ["naive"], "bad": [{"name": "poison:NaNAt", "iteration": 3}]})
     assert main(["run", str(path), "--json", "--no-track", "--no-progress"]) == 1
     out = strict_json(capsys.readouterr().out.strip().splitlines()[-1])
     status = {r["name"]: r["status"] for r in out["runs"]}
@@ -83,17 +83,17 @@ class NaNAt(Strategy):
         return None
 
 
-def _trainer(nonfinite, iterations):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    return LifelongTrainer(model, opt, [NaNAt(iterations)], batch_size=64, nonfinite=nonfinite), model
+def _trainer(stream, nonfinite, iterations):
+    """A linear model by plain SGD, its loss made NaN at `iterations`."""
+    trainer = trainer_for(stream, [NaNAt(iterations)], batch_size=64, nonfinite=nonfinite, momentum=0,
+                          model=lambda s: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)))
+    return trainer, trainer.model
 
 
 def test_stop_names_the_experience_and_iteration_and_leaves_the_weights_finite():
     stream = class_incremental(digits(), n_experiences=5)
     first = -(-len(stream[0].train) // 64)  # iterations of the first experience
-    trainer, model = _trainer("stop", [first + 2])
+    trainer, model = _trainer(stream, "stop", [first + 2])
     with pytest.raises(NonFiniteLossError,
                        match=rf"experience 2 of 5, at iteration {first + 2} \(step 3 of that experience\)"):
         trainer.fit(stream)
@@ -102,7 +102,7 @@ def test_stop_names_the_experience_and_iteration_and_leaves_the_weights_finite()
 
 def test_skip_drops_exactly_the_bad_steps():
     stream = class_incremental(digits(), n_experiences=5)
-    trainer, model = _trainer("skip", [2, 5, 14])
+    trainer, model = _trainer(stream, "skip", [2, 5, 14])
     record = trainer.fit(stream)
     assert record.skipped_steps == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -201,8 +201,8 @@ def test_a_truncated_mnist_file_is_not_reported_missing(tmp_path, capsys):
     (raw / "t10k-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big")
                                                  + (28).to_bytes(4, "big") * 2 + bytes(10 * 28 * 28))
     (raw / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + bytes(10))
-    text = TINY.replace("dataset: digits", "dataset: {name: mnist, download: false}")
-    path = write(tmp_path, f"data_dir: {tmp_path}\n" + text, "mnist.yaml")
+    path = tiny_experiment(tmp_path, "mnist.yaml", dataset={"name": "mnist", "download": False},
+                           data_dir=str(tmp_path))
     assert main(["run", str(path), "--no-track", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "corrupt or truncated" in err and "train-images-idx3-ubyte" in err
@@ -237,7 +237,7 @@ def test_thread_count_is_set_from_the_file_and_logged(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     before = torch.get_num_threads()
-    path = write(tmp_path, "threads: 1\n" + TINY)
+    path = tiny_experiment(tmp_path, threads=1)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert main(["run", str(path), "--json", "--no-progress", "--tracking-uri", uri]) == 0
     result = strict_json(capsys.readouterr().out.strip().splitlines()[-1])
@@ -250,13 +250,13 @@ def test_thread_count_is_set_from_the_file_and_logged(tmp_path, capsys):
 def test_default_thread_count_is_the_usable_cores():
     import os
 
-    from cl.runner.invocation import usable_cores
+    from cl.training.devices import usable_cores
 
     assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
 
 
 def test_progress_false_prints_only_the_final_result(tmp_path, capfd):
-    path = write(tmp_path, "progress: false\n" + TINY.replace("strategies: [naive]", "strategies: [joint]"))
+    path = tiny_experiment(tmp_path, progress=False, strategies=["joint"])
     assert main(["run", str(path), "--no-track"]) == 0
     out, err = capfd.readouterr()
     assert err == ""
@@ -264,7 +264,7 @@ def test_progress_false_prints_only_the_final_result(tmp_path, capfd):
 
 
 def test_joint_says_it_has_nothing_to_train(tmp_path, capfd):
-    path = write(tmp_path, TINY.replace("strategies: [naive]", "strategies: [joint]"))
+    path = tiny_experiment(tmp_path, strategies=["joint"])
     assert main(["run", str(path), "--no-track"]) == 0
     err = capfd.readouterr().err
     assert "experience 2/5: nothing to train (Joint gave no training data here)" in err
@@ -272,7 +272,7 @@ def test_joint_says_it_has_nothing_to_train(tmp_path, capfd):
 
 
 def test_describe_numbers_experiences_from_one(tmp_path, capsys):
-    path = write(tmp_path, TINY)
+    path = tiny_experiment(tmp_path)
     assert main(["describe", str(path)]) == 0
     out = capsys.readouterr().out
     assert "evaluated after experiences: 1, 2, 3, 4, 5" in out
@@ -282,17 +282,15 @@ def test_describe_numbers_experiences_from_one(tmp_path, capsys):
 
 # ------------------------------------------------------------------ Python API
 def test_python_api_runs_a_file_and_a_dict_to_the_same_result(tmp_path):
-    import yaml
-
     import cl
 
-    path = write(tmp_path, TINY)
+    path = tiny_experiment(tmp_path)
     from_file = cl.run(str(path), overrides=["seed=1"])
-    from_dict = cl.run({**yaml.safe_load(TINY), "seed": 1})
+    from_dict = cl.run(tiny_config(seed=1))
     assert from_file[0]["accuracy_matrix"] == from_dict[0]["accuracy_matrix"]
     assert 0.1 < from_file[0]["acc"] <= 1 and from_file[0]["mlflow_run_id"] is None
     with pytest.raises(ValueError, match="strategies.0.name"):
-        cl.run({**yaml.safe_load(TINY), "strategies": ["no_such_strategy"]})
+        cl.run(tiny_config(strategies=["no_such_strategy"]))
 
 
 def test_python_api_objects_assembled_by_hand():
@@ -304,7 +302,7 @@ def test_python_api_objects_assembled_by_hand():
     torch.manual_seed(0)
     model = MLP(input_shape=stream.input_shape, n_classes=stream.n_classes, hidden=[32])
     trainer = LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.05), [Replay(memory_size=100)],
-                              batch_size=32)
+                              TrainingConfig(batch_size=32))
     record = trainer.fit(stream)
     assert record.accuracy_matrix.shape == (6, 5) and record.accuracy_matrix[-1].mean() > 0.3
 

@@ -8,13 +8,13 @@ import torch.nn.functional as F
 
 from cl.training.checkpoint import load_checkpoint
 from cl.models import MLP
-from cl.training.trainer import LifelongTrainer
 from strategies import Naive, Replay, Strategy
 from streams import class_incremental, digits
 import conftest
 
 
 def trainer_for(stream, strategies, seed=0, batch_size=32, **kw):
+    """conftest's trainer, in batches of 32."""
     return conftest.trainer_for(stream, strategies, seed, batch_size, **kw)
 
 
@@ -161,10 +161,8 @@ def test_before_experience_runs_in_train_mode_and_is_not_undone(stream):
         def after_step(self, ctx, batch):
             modes.append(ctx.model.features.training)
 
-    torch.manual_seed(0)
-    model = MLP(stream.input_shape, stream.n_classes, hidden=(64,), dropout=0.5)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    LifelongTrainer(model, opt, [FreezeDropout()], eval_every=5).fit(stream, stop_after=1)
+    trainer_for(stream, [FreezeDropout()], model=lambda s: MLP(s.input_shape, s.n_classes, hidden=(64,), dropout=0.5),
+                momentum=0, eval_every=5).fit(stream, stop_after=1)
     assert modes and not any(modes)  # periodic evaluation restored the strategy's mode too
 
 
@@ -196,10 +194,8 @@ def test_configure_optimizer_keeps_adamw_and_its_settings(stream):
             return [{"params": list(ctx.model.head.parameters())},
                     {"params": [p for n, p in ctx.model.named_parameters() if not n.startswith("head")]}]
 
-    torch.manual_seed(0)
-    model = MLP(stream.input_shape, stream.n_classes, hidden=(32,))
-    opt = torch.optim.AdamW(model.parameters(), lr=0.002, weight_decay=0.05, betas=(0.8, 0.99))
-    trainer = LifelongTrainer(model, opt, [TwoGroups()])
+    trainer = trainer_for(stream, [TwoGroups()], hidden=(32,), optimizer=lambda params: torch.optim.AdamW(
+        params, lr=0.002, weight_decay=0.05, betas=(0.8, 0.99)))
     trainer.fit(stream, stop_after=1)
     rebuilt = trainer.optimizer
     assert type(rebuilt) is torch.optim.AdamW and len(rebuilt.param_groups) == 2
@@ -211,8 +207,8 @@ def test_configure_optimizer_keeps_adamw_and_its_settings(stream):
         def __init__(self, params, lr=0.1, **kwargs):
             super().__init__(params, lr=lr, **kwargs)
 
-    model = MLP(stream.input_shape, stream.n_classes, hidden=(32,))
-    trainer = LifelongTrainer(model, Loose(model.parameters(), lr=0.003, momentum=0.7), [TwoGroups()])
+    trainer = trainer_for(stream, [TwoGroups()], model=MLP(stream.input_shape, stream.n_classes, hidden=(32,)),
+                          optimizer=lambda params: Loose(params, lr=0.003, momentum=0.7))
     trainer.fit(stream, stop_after=1)
     assert [(g["lr"], g["momentum"]) for g in trainer.optimizer.param_groups] == [(0.003, 0.7)] * 2
 
@@ -285,11 +281,10 @@ def test_mid_experience_resume_equals_an_uninterrupted_run(stream, tmp_path):
 
         torch.manual_seed(seed)
         model = MLP(stream.input_shape, stream.n_classes, hidden=(64,), dropout=0.2)  # uses the global RNG
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         strategies = [Replay(80, 8, "reservoir"), Replay(60, 8, "class_balanced"), AddConstantTerm(), Interrupt(stop_at)]
-        trainer = LifelongTrainer(model, opt, strategies, epochs=2, batch_size=16, seed=3, scheduler=cosine,
-                                  scheduler_interval="step", scheduler_scope="experience", lr_log_every=1,
-                                  checkpoint_path=str(path), checkpoint_every=7, eval_every=25)
+        trainer = trainer_for(stream, strategies, seed=3, batch_size=16, model=model, epochs=2, scheduler=cosine,
+                              scheduler_interval="step", scheduler_scope="experience", lr_log_every=1,
+                              checkpoint_path=str(path), checkpoint_every=7, eval_every=25)
         if resume:
             state, _ = load_checkpoint(path)
             trainer.load_state_dict(state)

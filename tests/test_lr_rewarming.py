@@ -9,12 +9,11 @@ import torch
 
 from cl.training.checkpoint import load_checkpoint
 from cl.cli.main import main
-from cl.models import MLP, ByteGPT
-from cl.training.trainer import LifelongTrainer
+from cl.models import ByteGPT
 from evaluation import continual, metrics
 from strategies import ConstantLR, InfiniteLR, MixedReplay, Rewarm, Strategy, WarmupDecay, WarmupStableDecay
 from streams import token_stream
-from conftest import trainer_for, write_experiment
+from conftest import tiny_experiment, trainer_for, write_experiment
 
 
 # ------------------------------------------------------------------ formulas
@@ -143,12 +142,10 @@ def test_infinite_schedule_resumed_mid_experience_equals_an_uninterrupted_run(st
                 raise KeyboardInterrupt
 
     def run(path, stop_at=None, resume=False):
-        torch.manual_seed(3)
-        model = MLP(stream.input_shape, stream.n_classes, hidden=(32,))
         strategies = [InfiniteLR(max_lr=0.1, warmup_steps=3, cooldown_steps=40, anneal_steps=5),
                       MixedReplay(fraction=0.2, memory_size=100), Interrupt(stop_at)]
-        trainer = LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), strategies, batch_size=16,
-                                  seed=3, lr_log_every=1, checkpoint_path=str(path), checkpoint_every=5)
+        trainer = trainer_for(stream, strategies, seed=3, batch_size=16, hidden=(32,), lr=0.1, momentum=0,
+                              lr_log_every=1, checkpoint_path=str(path), checkpoint_every=5)
         if resume:
             trainer.load_state_dict(load_checkpoint(path)[0])
         return trainer.fit(stream)
@@ -250,15 +247,7 @@ def test_periodic_evaluation_covers_the_seen_tasks_and_the_next(stream):
 
 
 def test_a_run_with_a_curve_reports_continual_metrics(tmp_path, capsys):
-    path = write_experiment(tmp_path, """
-        name: curve
-        seed: 0
-        device: cpu
-        stream: {dataset: digits, scenario: {name: class_incremental, n_experiences: 5}}
-        model: {name: mlp, hidden: [32]}
-        training: {epochs: 1, batch_size: 16, eval_every: 10, optimizer: {name: sgd, lr: 0.05}}
-        strategies: [naive]
-    """)
+    path = tiny_experiment(tmp_path, name="curve", hidden=(32,), batch_size=16, eval_every=10)
     assert main(["run", str(path), "--no-track", "--no-progress", "--json"]) == 0
     run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # a one-run file: the run itself
     assert 0 <= run["min_acc"] <= run["wc_acc"] <= 1 and run["stability_gap"] > 0
@@ -267,10 +256,9 @@ def test_a_run_with_a_curve_reports_continual_metrics(tmp_path, capsys):
 # ------------------------------------------------------------ language models
 def test_loss_forgetting_and_transfer_on_a_byte_gpt_loss_matrix(two_texts):
     s = token_stream(["abc", "xyz"], block_size=16, data_dir=str(two_texts))
-    torch.manual_seed(0)
-    model = ByteGPT(s.input_shape, s.n_classes, n_layer=1, d_model=32)
-    record = LifelongTrainer(model, torch.optim.AdamW(model.parameters(), lr=3e-3), [], batch_size=16,
-                             epochs=3).fit(s)
+    record = trainer_for(s, [], batch_size=16, epochs=3,
+                         model=lambda s: ByteGPT(s.input_shape, s.n_classes, n_layer=1, d_model=32),
+                         optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3)).fit(s)
     L = record.matrices["loss"]
     assert record.higher_is_better["loss"] is False
     # Hand-worked from the matrix: forgetting is the rise of task 0's loss after task 1,
@@ -282,21 +270,11 @@ def test_loss_forgetting_and_transfer_on_a_byte_gpt_loss_matrix(two_texts):
 
 
 # ------------------------------------------------------------------ cl schedules
-SCHEDULE_FILE = """
-    name: sched
-    seed: 0
-    device: cpu
-    stream: {dataset: digits, scenario: {name: class_incremental, n_experiences: 5}}
-    model: {name: mlp, hidden: [16]}
-    training: {epochs: 2, batch_size: 32, lr_log_every: 1, optimizer: {name: sgd, lr: 0.05}}
-    runs:
-      rewarm: [{name: rewarm, max_lr: 0.1, warmup_steps: 3}]
-      infinite: [{name: infinite_lr, max_lr: 0.1, warmup_steps: 2, cooldown_steps: 30, anneal_steps: 4}]
-"""
-
-
 def test_cl_schedules_prints_the_curve_the_run_follows(tmp_path, capsys):
-    path = write_experiment(tmp_path, SCHEDULE_FILE)
+    path = tiny_experiment(tmp_path, name="sched", epochs=2, batch_size=32, lr_log_every=1, strategies=None, runs={
+        "rewarm": [{"name": "rewarm", "max_lr": 0.1, "warmup_steps": 3}],
+        "infinite": [{"name": "infinite_lr", "max_lr": 0.1, "warmup_steps": 2, "cooldown_steps": 30,
+                      "anneal_steps": 4}]})
     assert main(["schedules", str(path), "--json"]) == 0
     plans = json.loads(capsys.readouterr().out)
     assert main(["run", str(path), "--no-track", "--no-progress", "--json"]) == 0

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_vit
-from cl.training.trainer import LifelongTrainer
+from conftest import vit_trainer_for
 from strategies import DualPrompt, Strategy
 from strategies.context import Batch
 from strategies.prompting.ovor import (OVOR, boundary_points, energy, energy_hinge, kth_neighbour_distance,
@@ -23,12 +22,6 @@ def small_ovor(**kw):
     args = dict(lengths=(2, 2, 3, 3, 3), k=5, boundary_per_class=4, candidates=20, outliers_per_class=6,
                 vor_batch_size=32)
     return OVOR(**{**args, **kw})
-
-
-def trainer_for(stream, strategies, seed=0, **kw):
-    vit = tiny_vit(stream.n_classes, seed=seed)
-    return LifelongTrainer(vit, torch.optim.Adam(vit.parameters(), lr=0.01), strategies, seed=seed, batch_size=32,
-                           **kw)
 
 
 # --------------------------------------------------------------------- the toy set
@@ -137,7 +130,7 @@ class Snapshot(Strategy):
 def test_vor_trains_only_the_head_and_the_prompt_keeps_training_across_tasks(small_stream):
     ovor = small_ovor(vor_epochs=2)
     before, after = Snapshot(ovor), Snapshot(ovor)
-    trainer = trainer_for(small_stream, [before, ovor, after])
+    trainer = vit_trainer_for(small_stream, [before, ovor, after])
     record = trainer.fit(small_stream, stop_after=2)
     assert np.isfinite(record.loss_terms["ce"]).all()
     for (m0, p0), (m1, p1) in zip(before.seen, after.seen):
@@ -156,7 +149,7 @@ def test_vor_trains_only_the_head_and_the_prompt_keeps_training_across_tasks(sma
 
 def test_one_prompt_one_pass_and_the_prompt_enters_the_chosen_layers(small_stream, monkeypatch):
     ovor = small_ovor(vor_epochs=0)
-    trainer = trainer_for(small_stream, [ovor])
+    trainer = vit_trainer_for(small_stream, [ovor])
     trainer.fit(small_stream, stop_after=1)
     vit, ctx = trainer.model, trainer.ctx
 
@@ -174,7 +167,7 @@ def test_one_prompt_one_pass_and_the_prompt_enters_the_chosen_layers(small_strea
     x = ctx.prepare(small_stream[0].train.x[:4])
     assert mlp_calls(lambda: ctx.forward(x)) == [1] * 5  # every block once: no query pass
     dual = DualPrompt(g_length=2, e_length=2)  # a pool method runs the frozen ViT twice
-    dual_trainer = trainer_for(small_stream, [dual])
+    dual_trainer = vit_trainer_for(small_stream, [dual])
     dual_trainer.fit(small_stream, stop_after=1)
     vit = dual_trainer.model
     assert mlp_calls(lambda: dual_trainer.ctx.forward(x)) == [2] * 5
@@ -203,14 +196,14 @@ def test_one_prompt_one_pass_and_the_prompt_enters_the_chosen_layers(small_strea
     ovor.loss(ctx, batch).backward()
     assert all(getattr(ovor.params, f"p{layer}").grad.abs().sum() > 0 for layer in ovor.layers)
     with pytest.raises(ValueError, match="not blocks"):
-        trainer_for(small_stream, [OVOR(layers=(0, 7), lengths=(2, 2))]).fit(small_stream, stop_after=1)
+        vit_trainer_for(small_stream, [OVOR(layers=(0, 7), lengths=(2, 2))]).fit(small_stream, stop_after=1)
 
 
 def test_vor_lowers_its_objective_and_draws_from_the_seeded_generator(small_stream):
     """End to end on digits: the regularised epochs lower CE + energy hinge on the experience's
     cached features with a fixed set of outliers; the outliers depend only on the strategy's seed."""
     ovor = small_ovor(vor_epochs=1)
-    trainer = trainer_for(small_stream, [ovor])
+    trainer = vit_trainer_for(small_stream, [ovor])
     record = trainer.fit(small_stream, stop_after=2)
     assert np.isfinite(record.matrices["acc"][1:3]).all() and np.isfinite(record.loss_terms["ce"]).all()
     ctx, head = trainer.ctx, trainer.model.get_classifier()
@@ -247,8 +240,8 @@ def test_a_resumed_ovor_run_equals_an_uninterrupted_one(small_stream, tmp_path):
 
     def go(path, stop_at=None, resume=False):
         ovor = small_ovor(vor_epochs=1)
-        trainer = trainer_for(small_stream, [ovor, Interrupt(stop_at)], seed=1, checkpoint_path=str(path),
-                              checkpoint_every=3)
+        trainer = vit_trainer_for(small_stream, [ovor, Interrupt(stop_at)], seed=1, checkpoint_path=str(path),
+                                  checkpoint_every=3)
         if resume:
             trainer.load_state_dict(load_checkpoint(path)[0])
         return trainer.fit(small_stream, stop_after=3), ovor, trainer.model
@@ -271,10 +264,8 @@ def test_the_one_prompt_learns_on_a_pretrained_backbone(small_stream, backbone_5
     weights = backbone_5_to_9
 
     def go(extra):
-        model = tiny_vit(small_stream.n_classes)
-        model.load_state_dict(weights, strict=False)
-        trainer = LifelongTrainer(model, torch.optim.Adam(model.parameters(), lr=0.02),
-                                  [small_ovor(lengths=(5, 5, 20, 20, 20)), *extra], seed=0, batch_size=32, epochs=3)
+        trainer = vit_trainer_for(small_stream, [small_ovor(lengths=(5, 5, 20, 20, 20)), *extra], weights=weights,
+                                  lr=0.02, epochs=3)
         return trainer.fit(small_stream, stop_after=1)
 
     learnt, frozen = go([]), go([FrozenGroups(1)])

@@ -10,15 +10,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import cl.runner.invocation
+import cl.runner.one_run
 from cl.cli.main import main
 from cl.config.components import build_model_from
-from cl.config.schema import experiment_from_dict, load_experiment
+from cl.config.files import experiment_from_dict, load_experiment
 from cl.training.feature_cache import FeatureCache, backbone_fingerprint, data_fingerprint, feature_key, transform_fingerprint
 from cl.models import MLP
 from cl.config.models import build_model, create_timm_model
 from cl.runner.pretrain import load_pretrain, pretrain, read_metadata
 from cl.runner.invocation import run_experiment
-from cl.training.trainer import LifelongTrainer
+from conftest import tiny_config, trainer_for
 from strategies import NearestMean
 from strategies.context import eval_mode, pooled_features
 from streams import class_incremental, digits
@@ -190,25 +191,23 @@ def test_a_dataset_that_is_not_there_is_named(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ the feature cache
-def nearest_mean_file(model: dict, epochs: int = 3, **stream) -> dict:
-    return {"name": "nm-cache", "seed": 0, "device": "cpu", "threads": 1, "progress": False,
-            "stream": {"dataset": "digits", "scenario": {"name": "class_incremental", "n_experiences": 5}, **stream},
-            "model": model, "training": {"epochs": epochs, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.05}},
-            "runs": {"a": [{"name": "nearest_mean", "freeze_backbone": True}],
-                     "b": [{"name": "nearest_mean", "freeze_backbone": True}]}}
+def nearest_mean_file(model: dict, epochs: int = 3, **changes) -> dict:
+    """Nearest-mean on `model`'s frozen features, twice (runs a and b), on Split-Digits."""
+    return tiny_config(name="nm-cache", threads=1, progress=False, model=model, epochs=epochs, strategies=None,
+                       runs={run: [{"name": "nearest_mean", "freeze_backbone": True}] for run in ("a", "b")}, **changes)
 
 
 def count_backbone_rows(monkeypatch, layer: str) -> list[int]:
     """Rows that pass through `layer` (the backbone's first) of every model the runner builds."""
     rows = [0]
-    build = cl.runner.invocation.build_model_from
+    build = cl.runner.one_run.build_model_from
 
     def counting(cfg, stream):
         model = build(cfg, stream)
         model.get_submodule(layer).register_forward_hook(lambda m, i, o: rows.__setitem__(0, rows[0] + len(i[0])))
         return model
 
-    monkeypatch.setattr(cl.runner.invocation, "build_model_from", counting)
+    monkeypatch.setattr(cl.runner.one_run, "build_model_from", counting)
     return rows
 
 
@@ -303,8 +302,7 @@ def test_augmentation_bypasses_the_cache_and_says_so(tmp_path, monkeypatch, caps
 
     (tmp_path / "augmented.py").write_text(AUGMENTED_DIGITS)
     monkeypatch.delitem(__import__("sys").modules, "augmented", raising=False)
-    raw = nearest_mean_file({"name": "mlp", "hidden": [16]}, epochs=2)
-    raw["stream"]["dataset"] = "augmented:augmented_digits"
+    raw = nearest_mean_file({"name": "mlp", "hidden": [16]}, epochs=2, dataset="augmented:augmented_digits")
     raw["runs"] = {"a": raw["runs"]["a"]}
     file = tmp_path / "aug.yaml"
     file.write_text(yaml.safe_dump(raw))
@@ -330,7 +328,7 @@ def test_nearest_mean_on_cached_features_equals_nearest_mean_without_and_by_hand
 
     def trained(m, s):
         nm = NearestMean(freeze_backbone=True)
-        trainer = LifelongTrainer(m, torch.optim.SGD(m.parameters(), lr=0.1), [nm], epochs=2, batch_size=64)
+        trainer = trainer_for(s, [nm], batch_size=64, model=m, lr=0.1, momentum=0, epochs=2)
         return trainer, nm, trainer.fit(s)
 
     featured, head, _ = FeatureCache(None).featurize(stream, model, torch.device("cpu"))

@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_vit
-from cl.training.trainer import LifelongTrainer
+from conftest import tiny_vit, trainer_for, vit_trainer_for
 from strategies import CODAPrompt, DualPrompt, L2P, Strategy
 from strategies.context import Batch
 from strategies.prompting.coda import gram_schmidt
@@ -14,12 +13,8 @@ from strategies.prompting.vit import block_forward, prompted_tokens, split_heads
 timm = pytest.importorskip("timm")
 
 
-def run(stream, strategy, experiences=2, seed=0, lr=0.01, epochs=1, weights=None):
-    vit = tiny_vit(stream.n_classes, seed=seed)
-    if weights is not None:
-        vit.load_state_dict(weights)
-    trainer = LifelongTrainer(vit, torch.optim.Adam(vit.parameters(), lr=lr), [strategy], seed=seed, batch_size=32,
-                              epochs=epochs)
+def run(stream, strategy, experiences=2, seed=0, lr=0.01, epochs=1):
+    trainer = vit_trainer_for(stream, [strategy], seed, lr=lr, epochs=epochs)
     trainer.fit(stream, stop_after=experiences)
     return trainer
 
@@ -174,10 +169,7 @@ def test_prompts_learn_and_the_backbone_never_changes(small_stream, backbone_5_t
     vit0.load_state_dict(backbone_5_to_9, strict=False)
 
     def go(extra):
-        vit = tiny_vit(small_stream.n_classes)
-        vit.load_state_dict(backbone_5_to_9, strict=False)
-        trainer = LifelongTrainer(vit, torch.optim.Adam(vit.parameters(), lr=0.02), [make(), *extra], seed=0,
-                                  batch_size=32, epochs=3)
+        trainer = vit_trainer_for(small_stream, [make(), *extra], weights=backbone_5_to_9, lr=0.02, epochs=3)
         trainer.fit(small_stream, stop_after=2)
         return trainer
 
@@ -213,9 +205,7 @@ def test_prompt_methods_compose_with_strategies_that_read_the_logits(small_strea
     from strategies import DER, LwF
 
     partner = DER(memory_size=60, replay_batch_size=8) if other == "der" else LwF()
-    vit = tiny_vit(small_stream.n_classes)
-    trainer = LifelongTrainer(vit, torch.optim.Adam(vit.parameters(), lr=0.01),
-                              [L2P(pool_size=4, prompt_length=2, top_k=2), partner], batch_size=32)
+    trainer = vit_trainer_for(small_stream, [L2P(pool_size=4, prompt_length=2, top_k=2), partner])
     record = trainer.fit(small_stream, stop_after=3)  # a non-finite loss would raise
     assert np.isfinite(record.loss_terms["ce"]).all() and len(record.loss_terms) == 3
     assert not any(np.isinf(v).any() for v in record.loss_terms.values())  # (NaN: a term not used yet)
@@ -234,9 +224,7 @@ def test_an_earlier_tasks_prompt_and_components_stay_put_while_later_tasks_train
     for strategy, first in ((DualPrompt(g_length=2, e_length=2), lambda s: s.params.e[0]),
                             (CODAPrompt(n_components=10, prompt_length=2), lambda s: s.params.K[:, :2])):
         snap = Snapshot(lambda: first(strategy))
-        vit = tiny_vit(small_stream.n_classes)
-        LifelongTrainer(vit, torch.optim.Adam(vit.parameters(), lr=0.01), [strategy, snap], batch_size=32,
-                        epochs=2).fit(small_stream, stop_after=3)
+        vit_trainer_for(small_stream, [strategy, snap], epochs=2).fit(small_stream, stop_after=3)
         end = first(strategy).detach()
         assert not torch.equal(snap.seen[0], snap.seen[1])  # trained during task 0
         assert torch.equal(snap.seen[1], end), type(strategy).__name__  # untouched by tasks 1 and 2
@@ -246,7 +234,7 @@ def test_a_non_vit_model_is_refused(small_stream):
     from cl.models import MLP
 
     model = MLP(small_stream.input_shape, small_stream.n_classes, hidden=(8,))
-    trainer = LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), [L2P()], batch_size=32)
+    trainer = trainer_for(small_stream, [L2P()], batch_size=32, model=model, lr=0.1, momentum=0)
     with pytest.raises(TypeError, match="VisionTransformer"):
         trainer.fit(small_stream, stop_after=1)
 
@@ -258,10 +246,11 @@ def test_a_resumed_coda_run_equals_an_uninterrupted_one(small_stream, tmp_path):
     from test_hooks import Interrupt
 
     def go(path, stop_at=None, resume=False):
-        vit = tiny_vit(small_stream.n_classes)
         strategies = [CODAPrompt(n_components=10, prompt_length=2, layers=(0, 1)), Interrupt(stop_at)]
-        trainer = LifelongTrainer(vit, torch.optim.Adam(vit.parameters(), lr=0.01), strategies, seed=1,
-                                  batch_size=32, checkpoint_path=str(path), checkpoint_every=3)
+        trainer = trainer_for(small_stream, strategies, seed=1, batch_size=32,
+                              model=tiny_vit(small_stream.n_classes),  # initialised at seed 0
+                              optimizer=lambda params: torch.optim.Adam(params, lr=0.01),
+                              checkpoint_path=str(path), checkpoint_every=3)
         if resume:
             trainer.load_state_dict(load_checkpoint(path)[0])
         return trainer.fit(small_stream, stop_after=3)

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import conftest
 from cl.models import MLP
-from cl.training.trainer import LifelongTrainer
 from strategies import EWC, L2, MAS, SI, LwF, Naive, OnlineEWC
 from strategies.context import Context
 from strategies.regularization import fisher_diagonal
@@ -126,7 +126,7 @@ def test_si_importance_by_hand():
     data = TensorData(x, y)
     stream = Stream("one", [Experience(0, 0, [0, 1], data, data, 0)], BatchTransform(scale=1.0), (2,), 2, [0, 1])
     si = SI(strength=1.0, xi=0.5)
-    LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), [si], epochs=2, batch_size=1).fit(stream)
+    conftest.trainer_for(stream, [si], batch_size=1, model=model, lr=1.0, momentum=0, epochs=2).fit(stream)
     # loss(w) = -log softmax([w, 0])_0 = log(1 + e^-w); g(w) = -1 / (1 + e^w); w <- w - g.
     w0 = 1.0
     g0 = -1 / (1 + np.exp(w0)); w1 = w0 - g0
@@ -136,11 +136,9 @@ def test_si_importance_by_hand():
 
 
 def trainer_for(stream, strategies, optimizer="sgd", **kw):
-    torch.manual_seed(0)
-    model = MLP(stream.input_shape, stream.n_classes, hidden=(64,))
-    opt = (torch.optim.Adam(model.parameters(), lr=1e-3) if optimizer == "adam"
-           else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
-    return LifelongTrainer(model, opt, strategies, epochs=3, batch_size=16, **kw)
+    """Three epochs in batches of 16 over an MLP of 64, by SGD at 0.01 with momentum (or Adam at 1e-3)."""
+    adam = (lambda params: torch.optim.Adam(params, lr=1e-3)) if optimizer == "adam" else None
+    return conftest.trainer_for(stream, strategies, batch_size=16, epochs=3, lr=0.01, optimizer=adam, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -275,10 +273,10 @@ class PlainSI(SI):
 def test_si_path_integral_equals_the_plain_computation(perm, nesterov):
     """Also under foreach SGD with Nesterov momentum, whose step changes .grad in place."""
     def fit(si):
-        torch.manual_seed(0)
-        model = MLP(perm.input_shape, perm.n_classes, hidden=(64,))
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=nesterov, foreach=nesterov)
-        LifelongTrainer(model, opt, [si], epochs=3, batch_size=16).fit(perm, stop_after=2)
+        def sgd(params):
+            return torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=nesterov, foreach=nesterov)
+
+        conftest.trainer_for(perm, [si], batch_size=16, epochs=3, optimizer=sgd).fit(perm, stop_after=2)
 
     fast, plain = SI(strength=1.0, xi=0.1), PlainSI(strength=1.0, xi=0.1)
     fit(fast)

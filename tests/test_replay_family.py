@@ -241,7 +241,13 @@ def test_power_law_rehearsal_composes_with_lwf_and_beats_naive(stream):
 
 
 def test_replay_with_herding_memory(stream):
+    """A herding memory stays class-balanced and keeps old tasks far above fine-tuning's level
+    on the same seed (a margin, not an absolute figure that depends on a lucky draw)."""
+    from strategies import Naive
+
+    naive = trainer_for(stream, [Naive()]).fit(stream).accuracy_matrix[-1]
     replay = Replay(100, 16, "herding")
     record = trainer_for(stream, [replay]).fit(stream)
     assert replay.buffer.class_counts() == {c: 10 for c in range(10)}
-    assert record.accuracy_matrix[-1].mean() > 0.6
+    old = slice(0, len(stream) - 1)  # the tasks fine-tuning forgets
+    assert record.accuracy_matrix[-1][old].mean() > naive[old].mean() + 0.3

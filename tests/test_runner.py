@@ -9,25 +9,17 @@ import torch
 
 from cl.cli.main import main
 from cl.config.components import build_stream
-from cl.config.schema import ConfigError, load_experiment
-from conftest import write_experiment as write
+from cl.config.errors import ConfigError
+from cl.config.files import load_experiment
+from conftest import tiny_experiment, trainer_for
 
-EXPERIMENT = """
-name: runner-test
-seed: 0
-device: cpu
-stream:
-  dataset: digits
-  scenario: {name: class_incremental, n_experiences: 5, shuffle_classes: true}
-model: {name: mlp, hidden: [32]}
-training:
-  epochs: 1
-  batch_size: 32
-  optimizer: {name: sgd, lr: 0.05}
-strategies: [naive]
-"""
+SHUFFLED = {"name": "class_incremental", "n_experiences": 5, "shuffle_classes": True}  # the order follows the seed
 
 
+def experiment(tmp_path, **changes):
+    """Split-Digits in a shuffled class order, an MLP of 32, batches of 32; then `changes`."""
+    return tiny_experiment(tmp_path, **{"name": "runner-test", "scenario": SHUFFLED, "hidden": (32,),
+                                        "batch_size": 32, **changes})
 
 
 def run_json(capsys, *args) -> dict:
@@ -37,7 +29,7 @@ def run_json(capsys, *args) -> dict:
 
 def test_coerced_values_reach_the_constructors(tmp_path, capsys):
     """YAML 1.1 reads `1e-3` as a string; validation turns it into the float Adam needs."""
-    path = write(tmp_path, EXPERIMENT.replace("{name: sgd, lr: 0.05}", "{name: adam, lr: 1e-3}"))
+    path = experiment(tmp_path, optimizer={"name": "adam", "lr": "1e-3"})  # written unquoted: lr: 1e-3
     cfg = load_experiment(path)
     assert cfg.training.optimizer.args["lr"] == "1e-3"  # as YAML gave it
     result = run_json(capsys, str(path))
@@ -45,7 +37,7 @@ def test_coerced_values_reach_the_constructors(tmp_path, capsys):
 
 
 def test_stream_seed_is_apart_from_the_run_seed(tmp_path):
-    path = write(tmp_path, EXPERIMENT)
+    path = experiment(tmp_path)
     orders = {seed: build_stream(load_experiment(path, [f"seed={seed}"])).class_order for seed in (0, 1)}
     assert orders[0] != orders[1]  # by default the stream follows the run seed
     pinned = {seed: build_stream(load_experiment(path, [f"seed={seed}", "stream.seed=0"])).class_order
@@ -65,18 +57,20 @@ def test_callable_arguments_come_from_module_paths(tmp_path, monkeypatch):
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "my_data", raising=False)
-    text = EXPERIMENT.replace("dataset: digits", "dataset: {name: torch_dataset, factory: 'my_data:make', "
-                                                 "kwargs: {n: 30}}").replace("n_experiences: 5", "n_experiences: 2")
-    stream = build_stream(load_experiment(write(tmp_path, text)))
+    def from_factory(factory):
+        return experiment(tmp_path, dataset={"name": "torch_dataset", "factory": factory, "kwargs": {"n": 30}},
+                          scenario={**SHUFFLED, "n_experiences": 2})
+
+    stream = build_stream(load_experiment(from_factory("my_data:make")))
     assert sum(e.n_train for e in stream) == 30
     with pytest.raises(ConfigError, match=r"stream.dataset.factory: .*has no attribute 'nope'"):
-        load_experiment(write(tmp_path, text.replace("my_data:make", "my_data:nope")))
+        load_experiment(from_factory("my_data:nope"))
     with pytest.raises(ConfigError, match="stream.dataset.factory: expected a 'package.module:function' path"):
-        load_experiment(write(tmp_path, text.replace("my_data:make", "make")))
+        load_experiment(from_factory("make"))
 
 
 def test_periodic_evaluation_with_progress_output(tmp_path, capsys):
-    path = write(tmp_path, EXPERIMENT.replace("batch_size: 32", "batch_size: 32\n  eval_every: 10"))
+    path = experiment(tmp_path, eval_every=10)
     assert main(["run", str(path), "--no-track", "--json"]) == 0
     out = capsys.readouterr()
     assert "experience 1: acc_seen=" in out.err and "experience 5:" in out.err
@@ -85,7 +79,7 @@ def test_periodic_evaluation_with_progress_output(tmp_path, capsys):
 
 
 def test_resume_with_a_changed_configuration_is_refused(tmp_path, capsys):
-    path = write(tmp_path, EXPERIMENT)
+    path = experiment(tmp_path)
     ckpt = tmp_path / "ckpt"
     run_json(capsys, str(path), "--checkpoint-dir", str(ckpt))
     code = main(["run", str(path), "--no-track", "--no-progress", "--checkpoint-dir", str(ckpt), "--resume",
@@ -112,7 +106,7 @@ def test_state_that_cannot_be_loaded_back_is_refused_when_saved(tmp_path, capsys
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "numpy_state", raising=False)
-    path = write(tmp_path, EXPERIMENT.replace("strategies: [naive]", "strategies: ['numpy_state:Counts']"))
+    path = experiment(tmp_path, strategies=["numpy_state:Counts"])
     code = main(["run", str(path), "--no-track", "--no-progress", "--checkpoint-dir", str(tmp_path / "c")])
     err = capsys.readouterr().err
     assert code == 2
@@ -121,22 +115,20 @@ def test_state_that_cannot_be_loaded_back_is_refused_when_saved(tmp_path, capsys
 
 def test_multihead_on_a_timm_backbone(tmp_path, capsys):
     """One features helper serves timm and lab models: a timm backbone gets one head per task."""
-    text = EXPERIMENT.replace("model: {name: mlp, hidden: [32]}", "model: {name: test_resnet, multihead: true}")
-    text = text.replace("scenario: {name: class_incremental, n_experiences: 5, shuffle_classes: true}",
-                        "scenario: {name: class_incremental, n_experiences: 2, task_labels: true}")
-    text = text.replace("dataset: digits", "dataset: {name: numpy, path: %s}" % (tmp_path / "tiny.npz"))
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "tiny.npz", x_train=rng.integers(0, 255, (40, 3, 16, 16), dtype=np.uint8),
              y_train=np.arange(40) % 4, x_test=rng.integers(0, 255, (20, 3, 16, 16), dtype=np.uint8),
              y_test=np.arange(20) % 4)
-    result = run_json(capsys, str(write(tmp_path, text)))
+    path = experiment(tmp_path, model={"name": "test_resnet", "multihead": True},
+                      scenario={"name": "class_incremental", "n_experiences": 2, "task_labels": True},
+                      dataset={"name": "numpy", "path": str(tmp_path / "tiny.npz")})
+    result = run_json(capsys, str(path))
     assert np.isfinite(result["task_aware_matrix"]).all()
 
 
 def test_lazy_path_leaves_the_global_rng_alone():
     """Evaluating through a DataLoader must not draw from the global RNG (it would shift dropout)."""
     from cl.models import MLP
-    from cl.training.trainer import LifelongTrainer
     from strategies import Naive
     from streams import class_incremental, digits
     from streams.experience import Dataset
@@ -147,7 +139,7 @@ def test_lazy_path_leaves_the_global_rng_alone():
                                      for s in (d.train, d.test)), d.transform)
     stream = class_incremental(lazy, n_experiences=5)
     model = MLP(stream.input_shape, stream.n_classes, hidden=(16,))
-    trainer = LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), [Naive()])
+    trainer = trainer_for(stream, [Naive()], batch_size=32, model=model, lr=0.1, momentum=0)
     trainer.fit(stream, stop_after=1)
     before = torch.get_rng_state()
     trainer.evaluate(stream)
@@ -158,7 +150,7 @@ def test_lazy_path_leaves_the_global_rng_alone():
 
 def test_transfer_metrics_follow_the_setting(tmp_path, capsys):
     """An online stream (one row per task) gets BWT, FWT and forgetting; a blurry one no FWT."""
-    path = write(tmp_path, EXPERIMENT)
+    path = experiment(tmp_path)
     result = run_json(capsys, str(path), "--set", "stream.online.experience_size=100")
     assert None not in (result["bwt"], result["fwt"], result["forgetting"])
     result = run_json(capsys, str(path), "--set", "stream.blurry=0.2")
@@ -177,15 +169,15 @@ def test_train_loss_is_the_main_term_alone(tmp_path, capsys, monkeypatch):
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "constant_term", raising=False)
-    path = write(tmp_path, EXPERIMENT.replace("strategies: [naive]", "strategies: ['constant_term:ConstantTerm']"))
+    path = experiment(tmp_path, strategies=["constant_term:ConstantTerm"])
     result = run_json(capsys, str(path))
     assert max(result["train_loss"]) < 5  # cross-entropy, without the regulariser mixed in
     assert result["loss_terms"]["constantterm"] == [100.0] * 5
 
 
 def test_only_runs_the_named_runs_of_a_comparison_file(tmp_path, capsys):
-    path = write(tmp_path, EXPERIMENT.replace("strategies: [naive]", "runs: {naive: [naive], joint: [joint], "
-                                                                      "replay: [{name: replay, memory_size: 50}]}"))
+    path = experiment(tmp_path, strategies=None,
+                      runs={"naive": ["naive"], "joint": ["joint"], "replay": [{"name": "replay", "memory_size": 50}]})
     result = run_json(capsys, str(path), "--only", "replay,naive")
     assert [r["name"] for r in result["runs"]] == ["replay", "naive"]
     assert main(["run", str(path), "--no-track", "--only", "ewc"]) == 2
@@ -193,6 +185,6 @@ def test_only_runs_the_named_runs_of_a_comparison_file(tmp_path, capsys):
 
 
 def test_checkpoint_every_without_a_checkpoint_dir_just_trains(tmp_path, capsys):
-    path = write(tmp_path, EXPERIMENT.replace("  batch_size: 32\n", "  batch_size: 32\n  checkpoint_every: 5\n"))
+    path = experiment(tmp_path, checkpoint_every=5)
     assert main(["run", str(path), "--json", "--no-track", "--no-progress"]) == 0
     assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy_matrix"]) == 6

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+import conftest
 from cl.models import MLP, MultiHeadClassifier
-from cl.training.trainer import LifelongTrainer
 from evaluation.metrics import anytime_accuracy
 from strategies import Naive, Replay, Strategy
 from streams import blur, class_incremental, digits, online
@@ -15,11 +15,9 @@ def base():
     return class_incremental(digits(), n_experiences=5)
 
 
-def trainer_for(stream, strategies, model=None, **kw):
-    torch.manual_seed(0)
-    model = model or MLP(stream.input_shape, stream.n_classes, hidden=(64,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    return LifelongTrainer(model, opt, strategies, batch_size=10, **kw)
+def trainer_for(stream, strategies, **kw):
+    """conftest's trainer (an MLP of 64 by SGD with momentum, or `model`), in batches of 10."""
+    return conftest.trainer_for(stream, strategies, batch_size=10, **kw)
 
 
 class BoundaryCounter(Strategy):
@@ -93,10 +91,9 @@ def test_language_model_on_a_token_stream(two_texts):
     from streams import token_stream
 
     stream = token_stream(["abc", "xyz"], block_size=16, stride=4, data_dir=str(two_texts))
-    torch.manual_seed(0)
-    model = ByteGPT(stream.input_shape, stream.n_classes, n_layer=1, d_model=32)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    record = LifelongTrainer(model, opt, [Naive()], epochs=2, batch_size=16).fit(stream)
+    record = conftest.trainer_for(stream, [Naive()], batch_size=16, epochs=2,
+                                  model=lambda s: ByteGPT(s.input_shape, s.n_classes, n_layer=1, d_model=32),
+                                  optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3)).fit(stream)
     R = record.accuracy_matrix
     assert R[0].max() < 0.1  # untrained: chance is 1/256
     assert R[1, 0] > 0.9 and R[2, 1] > 0.9  # each periodic text is learned byte by byte

@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from cl.training.checkpoint import load_checkpoint
-from cl.models import MLP
-from cl.training.trainer import LifelongTrainer
 from strategies import SLCA, ConstantLR, Naive, Strategy
 from streams.experience import BatchTransform, Experience, Stream, TensorData
 from conftest import trainer_for
@@ -40,17 +38,13 @@ def tiny_vit(n_classes):
 
 
 def vit_trainer(stream, strategies, seed=0, **kw):
-    torch.manual_seed(seed)
-    model = tiny_vit(stream.n_classes)
-    return LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), strategies,
-                           seed=seed, batch_size=16, **kw)
+    """The 2-block ViT in batches of 16, by SGD at 0.1 with momentum."""
+    return trainer_for(stream, strategies, seed, 16, model=lambda s: tiny_vit(s.n_classes), lr=0.1, **kw)
 
 
 def mlp_trainer(stream, strategies, seed=0, **kw):
-    torch.manual_seed(seed)
-    model = MLP(stream.input_shape, stream.n_classes, hidden=(32,))
-    return LifelongTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), strategies,
-                           seed=seed, batch_size=16, **kw)
+    """An MLP of 32 in batches of 16, by SGD at 0.1 with momentum."""
+    return trainer_for(stream, strategies, seed, 16, hidden=(32,), lr=0.1, **kw)
 
 
 def test_the_backbone_learns_at_a_hundredth_of_the_head_rate_whoever_sets_the_lr():

@@ -9,6 +9,7 @@ from PIL import Image
 
 from cl.cli.main import main
 from cl.models import ByteGPT
+from conftest import tiny_experiment, trainer_for
 from streams import class_incremental, from_avalanche, image_folder, multi_dataset, numpy_arrays, token_stream
 from streams.sources import DatasetNotFoundError
 
@@ -130,16 +131,8 @@ def test_byte_gpt_is_causal():
 
 
 def test_cli_describe_and_streams(tmp_path, capsys):
-    path = tmp_path / "pl.yaml"
-    path.write_text(textwrap.dedent("""
-        name: describe-test
-        seed: 0
-        stream:
-          dataset: digits
-          scenario: {name: power_law, n_tasks: 5, n_phases: 30, phase_size: 32, recurrence_size: 8}
-        model: mlp
-        strategies: [naive]
-    """))
+    path = tiny_experiment(tmp_path, "pl.yaml", name="describe-test", scenario={
+        "name": "power_law", "n_tasks": 5, "n_phases": 30, "phase_size": 32, "recurrence_size": 8})
     assert main(["describe", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["n_experiences"] == 30 and info["n_tasks"] == 5
@@ -204,19 +197,14 @@ def make_digits(data_dir):
 
 @pytest.mark.parametrize("strategy", ["naive", "replay", "cumulative"])
 def test_dataloader_path_trains_exactly_like_the_tensor_path(strategy):
-    from cl.models import MLP
-    from cl.training.trainer import LifelongTrainer
     from strategies import Cumulative, Naive, Replay
     from streams import digits, torch_dataset
     from streams.lazy import LazyData
 
     def run(data):
         stream = class_incremental(data, n_experiences=5)
-        torch.manual_seed(0)
-        model = MLP(stream.input_shape, stream.n_classes, hidden=(32,))
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
         s = {"naive": Naive, "cumulative": Cumulative, "replay": lambda: Replay(50, 8, "class_balanced")}[strategy]()
-        return LifelongTrainer(model, opt, [s], batch_size=16).fit(stream).accuracy_matrix
+        return trainer_for(stream, [s], batch_size=16, hidden=(32,), momentum=0).fit(stream).accuracy_matrix
 
     ref = digits()
     lazy = torch_dataset(make_digits, in_memory=False, num_workers=2,

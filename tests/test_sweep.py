@@ -3,36 +3,33 @@ the training data (never a test set), one parent over the trials, the chosen poi
 whole stream; on Ray Tune with the same results as one after another."""
 import json
 import math
-import textwrap
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from cl.cli.main import main
-from cl.config.schema import ConfigError, experiment_from_dict
+from cl.config.errors import ConfigError
+from cl.config.files import experiment_from_dict
 from cl.runner.sweep import expand
 from streams import class_incremental, digits
 from streams.holdout import first_experiences, validation_split
 
-SWEEP = """
-name: sweep-test
-device: cpu
-threads: 1
-stream:
-  dataset: digits
-  scenario: {name: class_incremental, n_experiences: 5}
-model: {name: mlp, hidden: [32]}
-training:
-  epochs: 1
-  batch_size: 32
-  optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
-strategies: [{name: replay, memory_size: 60, replay_batch_size: 16}]
-sweep:
-  parameters:
-    seed: [0, 1]
-    training.optimizer.lr: [0.01, 0.05, 0.1]
-"""
+from conftest import tiny_config, tiny_experiment
+
+GRID = {"seed": [0, 1], "training.optimizer.lr": [0.01, 0.05, 0.1]}
+
+
+def sweep_settings(**sweep):
+    """Replay on Split-Digits (an MLP of 32, batches of 32 by SGD with momentum), swept over `GRID`;
+    `sweep` replaces keys of the sweep section."""
+    return dict(name="sweep-test", threads=1, hidden=(32,), batch_size=32, momentum=0.9,
+                strategies=[{"name": "replay", "memory_size": 60, "replay_batch_size": 16}],
+                sweep={"parameters": GRID, **sweep})
+
+
+def sweep_file(tmp_path, **sweep):
+    return tiny_experiment(tmp_path, "sweep.yaml", **sweep_settings(**sweep))
 
 
 def sweep_cli(capsys, *args) -> dict:
@@ -43,13 +40,12 @@ def sweep_cli(capsys, *args) -> dict:
 
 
 def test_grid_and_random_points():
-    cfg = experiment_from_dict(__import__("yaml").safe_load(SWEEP))
+    cfg = experiment_from_dict(tiny_config(**sweep_settings()))
     assert expand(cfg.sweep) == [{"seed": s, "training.optimizer.lr": lr} for s in (0, 1) for lr in (0.01, 0.05, 0.1)]
-    raw = __import__("yaml").safe_load(SWEEP)
-    raw["sweep"] = {"method": "random", "samples": 50, "seed": 3,
-                    "parameters": {"training.optimizer.lr": {"low": 1e-4, "high": 1e-1, "log": True},
-                                   "strategies.0.memory_size": {"low": 10, "high": 200, "integer": True},
-                                   "seed": [0, 1, 2]}}
+    raw = tiny_config(**sweep_settings(method="random", samples=50, seed=3, parameters={
+        "training.optimizer.lr": {"low": 1e-4, "high": 1e-1, "log": True},
+        "strategies.0.memory_size": {"low": 10, "high": 200, "integer": True},
+        "seed": [0, 1, 2]}))
     points = expand(experiment_from_dict(raw).sweep)
     assert points == expand(experiment_from_dict(raw).sweep)  # the draws follow sweep.seed
     lrs = [p["training.optimizer.lr"] for p in points]
@@ -80,8 +76,7 @@ def test_validation_split_holds_out_training_data_not_test_data():
 
 
 def test_sweep_one_after_another_chooses_on_validation_and_runs_the_choice_on_the_test_sets(tmp_path, capsys):
-    path = tmp_path / "sweep.yaml"
-    path.write_text(textwrap.dedent(SWEEP))
+    path = sweep_file(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = sweep_cli(capsys, str(path), "--no-ray", "--tracking-uri", uri)
     assert out["ray"] is False and len(out["trials"]) == 6
@@ -108,9 +103,8 @@ def test_sweep_one_after_another_chooses_on_validation_and_runs_the_choice_on_th
 
 
 def test_first_experiences_protocol_never_trains_on_later_tasks(tmp_path, capsys):
-    path = tmp_path / "sweep.yaml"
-    path.write_text(textwrap.dedent(SWEEP).replace("    seed: [0, 1]\n", "") +
-                    "  protocol: first_experiences\n  first_experiences: 2\n  final_run: false\n")
+    path = sweep_file(tmp_path, parameters={"training.optimizer.lr": [0.01, 0.05, 0.1]},
+                      protocol="first_experiences", first_experiences=2, final_run=False)
     out = sweep_cli(capsys, str(path), "--no-ray", "--no-track")
     for t in out["trials"]:
         assert len(t["results"][0]["accuracy_matrix"]) == 3  # untrained + two experiences
@@ -118,8 +112,7 @@ def test_first_experiences_protocol_never_trains_on_later_tasks(tmp_path, capsys
 
 
 def test_a_failed_trial_is_reported_and_the_others_go_on(tmp_path, capsys):
-    path = tmp_path / "sweep.yaml"
-    path.write_text(textwrap.dedent(SWEEP).replace("[0.01, 0.05, 0.1]", "[0.01, -1.0]").replace("[0, 1]", "[0]"))
+    path = sweep_file(tmp_path, parameters={"seed": [0], "training.optimizer.lr": [0.01, -1.0]})
     assert main(["sweep", str(path), "--no-ray", "--no-track"]) == 1
     captured = capsys.readouterr()
     assert "trial 1" in captured.err and "failed" in captured.err
@@ -128,8 +121,7 @@ def test_a_failed_trial_is_reported_and_the_others_go_on(tmp_path, capsys):
 
 def test_on_ray_equals_one_after_another(tmp_path, capsys):
     pytest.importorskip("ray", reason='Ray is the optional extra: pip install "cl-lab[ray]"')
-    path = tmp_path / "sweep.yaml"
-    path.write_text(textwrap.dedent(SWEEP).replace("final_run: true", "") + "  final_run: false\n")
+    path = sweep_file(tmp_path, final_run=False)
     on_ray = sweep_cli(capsys, str(path), "--workers", "2", "--no-track")
     here = sweep_cli(capsys, str(path), "--no-ray", "--no-track")
     assert on_ray["ray"] is True and here["ray"] is False

@@ -14,23 +14,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cl.tracking.journal import Journal
+from conftest import tiny_experiment
 
-EXPERIMENT = """
-name: journal-test
-seed: 2
-device: cpu
-threads: 1
-stream:
-  dataset: digits
-  scenario: {name: class_incremental, n_experiences: 5}
-model: {name: mlp, hidden: [32]}
-training:
-  epochs: 2
-  batch_size: 32
-  lr_log_every: 5
-  optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
-strategies: [{name: replay, memory_size: 60, replay_batch_size: 16}]
-"""
+
+def experiment(folder, epochs=2, memory_size=60):
+    """`folder/exp.yaml`: replay at seed 2 on Split-Digits, an MLP of 32, batches of 32 by SGD with
+    momentum, the LR logged every 5 iterations."""
+    return tiny_experiment(folder, name="journal-test", seed=2, threads=1, hidden=(32,), epochs=epochs,
+                           batch_size=32, lr_log_every=5, momentum=0.9,
+                           strategies=[{"name": "replay", "memory_size": memory_size, "replay_batch_size": 16}])
 
 # Runs `cl` with one function patched to SIGKILL the process at a chosen moment.
 KILLER = textwrap.dedent("""
@@ -111,8 +103,7 @@ def store_contents(uri: str, experiment: str = "journal-test") -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("whole")
-    path = tmp / "exp.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT))
+    path = experiment(tmp)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     proc = cl(str(path), "--tracking-uri", uri, env={"CL_JOURNAL_DIR": str(tmp / "j")})
     return json.loads(proc.stdout.strip().splitlines()[-1]), store_contents(uri)
@@ -122,8 +113,7 @@ def uninterrupted(tmp_path_factory):
 def test_sigkill_at_any_moment_then_resume_gives_one_finished_run_with_every_metric_once(
         moment, uninterrupted, tmp_path):
     whole, whole_store = uninterrupted
-    path = tmp_path / "exp.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT))
+    path = experiment(tmp_path)
     uri, ckpt = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "ckpt"
     killed = cl(str(path), "--tracking-uri", uri, "--checkpoint-dir", str(ckpt), moment=moment, check=False)
     assert killed.returncode == -signal.SIGKILL
@@ -146,8 +136,7 @@ def test_sigkill_at_any_moment_then_resume_gives_one_finished_run_with_every_met
 
 
 def test_resuming_a_finished_run_logs_nothing_twice_and_keeps_it_finished(tmp_path, capsys):
-    path = tmp_path / "exp.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT))
+    path = experiment(tmp_path)
     uri, ckpt = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "ckpt"
     first = json.loads(cl(str(path), "--tracking-uri", uri, "--checkpoint-dir", str(ckpt)).stdout.splitlines()[-1])
     before = store_contents(uri)
@@ -161,16 +150,14 @@ def test_resuming_a_finished_run_logs_nothing_twice_and_keeps_it_finished(tmp_pa
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path):
-    path = tmp_path / "exp.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT))
+    path = experiment(tmp_path)
     proc = cl(str(path), "--no-track", "--checkpoint-dir", str(tmp_path / "none"), "--resume")
     assert "no checkpoint of replay" in proc.stderr and "trains from the beginning" in proc.stderr
 
 
 def test_four_processes_share_one_sqlite_store(tmp_path):
     """Fresh and then existing: every run of four processes started together is complete."""
-    path = tmp_path / "exp.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT).replace("epochs: 2", "epochs: 1"))
+    path = experiment(tmp_path, epochs=1)
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"
     said = []
     for round_ in range(2):  # the store does not exist yet, then it does
@@ -217,8 +204,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_a_tracking_server_that_dies_mid_run_and_comes_back_gets_every_metric(tmp_path):
-    path = tmp_path / "exp.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT).replace("epochs: 2", "epochs: 12"))  # long enough to kill under
+    path = experiment(tmp_path, epochs=12)  # long enough to kill under
     reference = f"sqlite:///{tmp_path / 'reference.db'}"
     cl(str(path), "--tracking-uri", reference)  # the same run, uninterrupted
     port, db = _free_port(), f"sqlite:///{tmp_path / 'server.db'}"
@@ -260,8 +246,7 @@ def test_a_tracking_server_that_dies_mid_run_and_comes_back_gets_every_metric(tm
 def test_a_server_down_at_start_loses_nothing_and_says_so_within_the_timeout(tmp_path, journal_dir):
     """Nothing listens on the port: the run trains and reports, the user is told what waits
     and where; `cl sync` later delivers every record (here into a SQLite store)."""
-    path = tmp_path / "exp.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT))
+    path = experiment(tmp_path)
     proc = cl(str(path), "--tracking-uri", f"http://127.0.0.1:{_free_port()}", "--tracking-timeout", "0.5")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(result["accuracy_matrix"]) == 6 and result["mlflow_run_id"] is None
@@ -322,12 +307,11 @@ def test_a_record_of_more_metrics_than_mlflow_takes_at_once_is_delivered_in_part
 
 
 def test_a_refused_resume_leaves_the_finished_runs_finished(tmp_path):
-    path = tmp_path / "exp.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT).replace("epochs: 2", "epochs: 1"))
+    path = experiment(tmp_path, epochs=1)
     uri, ckpt = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "ckpt"
     cl(str(path), "--tracking-uri", uri, "--checkpoint-dir", str(ckpt))
     before = store_contents(uri)
-    path.write_text(path.read_text().replace("memory_size: 60", "memory_size: 80"))  # a changed configuration
+    experiment(tmp_path, epochs=1, memory_size=80)  # a changed configuration
     refused = cl(str(path), "--tracking-uri", uri, "--checkpoint-dir", str(ckpt), "--resume", check=False)
     assert refused.returncode == 2 and "refused" in refused.stderr
     after = store_contents(uri)

@@ -3,19 +3,22 @@ import numpy as np
 import pytest
 import torch
 
+from cl.config.schema import TrainingConfig
 from cl.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cl.models import MLP
-from cl.training.trainer import LifelongTrainer
+from conftest import trainer_for
 from strategies import Cumulative, Joint, Naive, Replay, Strategy
 from streams import class_incremental, digits
 
 
-def make_trainer(stream, strategies, seed=0, **kw):
+def make_trainer(stream, strategies, seed=0, epochs=3, batch_size=16, **kw):
+    """Three epochs over an MLP with dropout, its LR stepped down every 4 epochs."""
     torch.manual_seed(seed)
     model = MLP(stream.input_shape, stream.n_classes, hidden=(128,), dropout=0.1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.8)
-    return LifelongTrainer(model, opt, strategies, epochs=3, batch_size=16, seed=seed, scheduler=sched, **kw)
+    return trainer_for(stream, strategies, seed, batch_size, model=model, optimizer=opt, scheduler=sched,
+                       epochs=epochs, **kw)
 
 
 def test_accuracy_matrix_shape_and_untrained_row(stream):
@@ -84,8 +87,8 @@ class Recorder(Strategy):
 def test_hooks_run_in_order_and_compose(stream):
     log = []
     short = class_incremental(digits(), n_experiences=5)
-    trainer = make_trainer(short, [Recorder(log, "a"), Recorder(log, "b")])
-    trainer.epochs, trainer.batch_size = 1, 1000  # one batch per experience
+    trainer = make_trainer(short, [Recorder(log, "a"), Recorder(log, "b")], epochs=1,
+                           batch_size=1000)  # one batch per experience
     trainer.fit(short, stop_after=1)
     n = short[0].n_train
     assert log == [
@@ -163,3 +166,13 @@ def test_checkpoint_from_another_experiment_is_rejected(stream):
     b = make_trainer(stream, [Naive()])
     with pytest.raises(ValueError, match="different experiment"):
         b.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 0), ("eval_batch_size", -1),
+                                          ("eval_every", 0), ("checkpoint_every", 0), ("lr_log_every", 0),
+                                          ("scheduler_interval", "batch"), ("scheduler_scope", "epoch"),
+                                          ("curve_tasks", "some"), ("nonfinite", "ignore")])
+def test_bad_loop_settings_are_refused_naming_the_setting(field, value):
+    """The trainer takes its loop settings validated: a TrainingConfig refuses a bad one."""
+    with pytest.raises(ValueError, match=field):
+        TrainingConfig(**{field: value})

@@ -1,7 +1,7 @@
 """Build the objects of a run from validated config specs.
 
 Every constructor gets its arguments as `coerce_arguments` converted them
-(the same check `cl.config.schema` ran when the file was loaded), so what was
+(the same check `cl.config.validation` ran when the file was loaded), so what was
 validated is what is used.
 """
 from __future__ import annotations
@@ -10,7 +10,8 @@ import inspect
 
 import torch
 
-from cl.config.schema import SCENARIO_INJECTED, ComponentSpec, ExperimentConfig, coerce_arguments
+from cl.config.arguments import SCENARIO_INJECTED, coerce_arguments
+from cl.config.schema import ComponentSpec, ExperimentConfig
 from cl.models import MultiHeadClassifier
 from cl.config.models import build_model
 from cl.config.registry import (DATASETS, SCENARIOS, STRATEGIES, optimizer_class, plugins_from, scenario_takes_data,

@@ -3,8 +3,11 @@
 Every pluggable kind (datasets, scenarios, strategies, models) has one
 `Registry`. The lab's own components are listed by the package that holds
 them (`streams.DATASETS`, `streams.SCENARIOS`, `strategies.STRATEGIES`,
-`cl.models.MODELS`); those packages never import `cl`. A user plugs their own
-component without editing the lab, in one of three ways:
+`cl.models.MODELS`); those packages never import `cl`. A built-in strategy
+registers itself where it is defined, with `@register_strategy("name")`
+(`strategies/registry.py`), so `strategies.STRATEGIES` is filled by importing
+the `strategies` package, and that is what `STRATEGIES` here starts from.
+A user plugs their own component without editing the lab, in one of three ways:
 
 - pass `my_package.my_module:MyStrategy` where a name is expected;
 - declare an entry point in their package's metadata under the group
@@ -108,6 +111,10 @@ def _describe(obj) -> str:
     return f"a {kind} from {getattr(obj, '__module__', None) or 'an unknown module'}"
 
 
+def _qualified(obj) -> str:
+    return f"{getattr(obj, '__module__', None) or '?'}.{getattr(obj, '__qualname__', None) or repr(obj)}"
+
+
 class Registry(Generic[T]):
     def __init__(self, kind: str, builtin: Callable[[], dict[str, T]]):
         self.kind = kind
@@ -120,8 +127,10 @@ class Registry(Generic[T]):
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(obj: T) -> T:
-            if self._items.get(name, obj) is not obj:
-                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            taken = self._items.get(name, obj)
+            if taken is not obj:
+                raise ValueError(f"{self.kind} '{name}' is registered twice: by {_qualified(taken)} and by "
+                                 f"{_qualified(obj)}; give one of them another name")
             self._extra[name] = obj
             return obj
 
@@ -195,7 +204,7 @@ def _streams(name: str):
 
 
 def _strategies():
-    import strategies
+    import strategies  # imports every strategy module: each registers itself (strategies.registry)
 
     return strategies.STRATEGIES
 

@@ -9,10 +9,7 @@ is the final linear layer and `num_features` its input width. So one helper
 """
 from __future__ import annotations
 
-import inspect
 import math
-import os
-from pathlib import Path
 from typing import Sequence
 
 import torch

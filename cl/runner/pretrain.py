@@ -42,8 +42,11 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cl.config.schema import ComponentSpec, ConfigError, apply_overrides, coerce_arguments, flatten, format_validation_error, \
-    read_yaml_mapping
+from cl.config.arguments import coerce_arguments
+from cl.config.errors import ConfigError, format_validation_error
+from cl.config.files import apply_overrides, read_yaml_mapping
+from cl.config.params import flatten
+from cl.config.schema import ComponentSpec
 
 WEIGHTS_FORMAT = "cl-lab-pretrained/1"
 
@@ -119,7 +122,7 @@ def load_pretrain(path: str | Path, overrides: list[str] | None = None) -> tuple
         raise ConfigError(f"{source}: dataset.name: {err}") from None
     coerce_arguments(make, cfg.dataset.args, "dataset", source, {"data_dir"})
     if cfg.model.name in MODELS or ":" in cfg.model.name:
-        from cl.config.schema import MODEL_INJECTED
+        from cl.config.arguments import MODEL_INJECTED
 
         try:
             cls = MODELS.get(cfg.model.name)
@@ -241,8 +244,9 @@ def pretrain(cfg: PretrainConfig, source: str = "<pretrain>", *, tracking_uri: s
     from cl.config.models import build_model
     from cl.tracking.provenance import source_tags
     from cl.config.registry import optimizer_class, scheduler_class
-    from cl.runner.invocation import seed_everything, usable_cores
-    from cl.training.trainer import resolve_device
+    from cl.training.devices import usable_cores
+    from cl.training.seeds import seed_everything
+    from cl.training.devices import resolve_device
     from strategies.context import eval_mode
     from streams.experience import BatchTransform
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -28,7 +29,10 @@ from pathlib import Path
 
 import yaml
 
-from cl.config.schema import ExperimentConfig, SweepConfig, SweepRange, load_experiment
+from cl.config.files import load_experiment
+from cl.config.schema import ExperimentConfig, SweepConfig, SweepRange
+
+log = logging.getLogger(__name__)
 
 
 def expand(sweep: SweepConfig) -> list[dict]:
@@ -173,80 +177,106 @@ def sweep(path: str, overrides: list[str], *, tracking_uri: str | None, track: b
           ray: bool | None = None, address: str | None = None, cpus_per_trial: float = 1.0,
           gpus_per_trial: float = 0.0) -> dict:
     """Run the sweep of the file at `path`; returns {"trials", "rows", "best", "final"}."""
-    from cl.tracking.journal import Journal, journal_root
-    from cl.runner.invocation import run_experiment
-    from cl.tracking.sink import MLflowSink
-    from cl.tracking.store import StoreWarmup
+    from cl.tracking.journal import journal_root
 
     cfg: ExperimentConfig = load_experiment(path, overrides)
     if cfg.sweep is None:
         raise ValueError(f"{path}: no 'sweep:' block to run (cl run runs the file as it is)")
-    if ray is None or ray:
-        try:
-            import ray as _  # noqa: F401
-            use_ray = True
-        except ImportError:
-            if ray:
-                raise ValueError('--ray needs Ray: pip install "cl-lab[ray]"') from None
-            use_ray = False
-            print('cl: Ray is not installed (pip install "cl-lab[ray]"): the points run one after another here',
-                  file=sys.stderr)
-    else:
-        use_ray = False
+    use_ray = _ray_wanted(ray)
     points = expand(cfg.sweep)
     invocation = uuid.uuid4().hex[:8]
-    folder = journal_root().resolve() / f"{cfg.name}-{invocation}"
-    parent, parent_key = None, None
-    if track:
-        StoreWarmup(tracking_uri).wait()
-        parent = MLflowSink(Journal(folder / "parent.journal"), cfg.name, f"{cfg.name}-sweep-{invocation}",
-                            {"points": len(points), "method": cfg.sweep.method, "protocol": cfg.sweep.protocol,
-                             "objective": cfg.sweep.objective, "validation": cfg.sweep.validation},
-                            {"cl.role": "parent", "cl.invocation": invocation, "cl.runner.sweep": "true"}, tracking_uri,
-                            remove_when_delivered=True)
-        parent_key = parent.journal.state["key"]
-    pinned = []
-    if use_ray and cfg.threads is None:  # a trial's torch threads are its CPUs, not the machine's cores
-        pinned = [f"threads={max(1, int(cpus_per_trial))}"]
-        print(f"cl: trials on Ray run on {max(1, int(cpus_per_trial))} thread(s) each; pin 'threads:' in the file for "
-              f"results equal to one after another", file=sys.stderr)
-    if use_ray and not gpus_per_trial:
-        import torch
-
-        if torch.cuda.is_available():
-            print("cl: warning: --gpus-per-trial 0: Ray hides the GPUs from the trials, which train on the CPU",
-                  file=sys.stderr)
+    parent = _open_sweep_parent(cfg, points, invocation, tracking_uri) if track else None
+    parent_key = parent.journal.state["key"] if parent is not None else None
+    pinned = _ray_trial_overrides(cfg, use_ray, cpus_per_trial, gpus_per_trial)
     specs = [{"file": str(Path(path).resolve()), "overrides": overrides + pinned + trial_overrides(cfg.sweep, point),
               "point": point, "trial": n, "tracking_uri": tracking_uri, "track": track, "parent_key": parent_key,
               "invocation": invocation, "journal_dir": str(journal_root().resolve())}
              for n, point in enumerate(points)]
-    print(f"{cfg.name}: {len(points)} point(s), {'on Ray, ' + str(workers) + ' at a time' if use_ray else 'here'}; "
-          f"objective {cfg.sweep.objective} on a {cfg.sweep.validation:.0%} validation split"
-          + (f" of the first {cfg.sweep.first_experiences} experiences" if cfg.sweep.protocol == "first_experiences"
-             else ""), file=sys.stderr)
+    log.info(f"{cfg.name}: {len(points)} point(s), {'on Ray, ' + str(workers) + ' at a time' if use_ray else 'here'}; "
+             f"objective {cfg.sweep.objective} on a {cfg.sweep.validation:.0%} validation split"
+             + (f" of the first {cfg.sweep.first_experiences} experiences" if cfg.sweep.protocol == "first_experiences"
+                else ""))
     outcomes = run_points(specs, workers, use_ray, address, cpus_per_trial, gpus_per_trial)
-    for out in outcomes:
-        if "error" in out:
-            print(f"cl: trial {out['trial']} {overrides_of(out['point'])} failed: {out['error']}", file=sys.stderr)
-    reported = {k for out in outcomes for r in out.get("results", []) for k in r}
-    if reported and cfg.sweep.objective not in reported:
-        print(f"cl: error: the objective '{cfg.sweep.objective}' is not a metric of the trials; they report: "
-              f"{', '.join(sorted(k for k in reported if k not in ('name', 'status', 'error')))}", file=sys.stderr)
+    _report_trial_failures(outcomes, cfg.sweep.objective)
     rows, best = choose(outcomes, cfg.sweep)
     final = None
     try:
         if best is not None and cfg.sweep.final_run:
-            seeds = sorted({s for s in best["seeds"] if s is not None}) or None
-            final_cfg = load_experiment(path, overrides + overrides_of(best["point"]))
-            final = run_experiment(final_cfg, tracking_uri=tracking_uri, track=track, progress=False, seeds=seeds,
-                                   only=[best["run"]], parent_key=parent_key, invocation_id=invocation,
-                                   extra_tags={"cl.sweep_final": "true"})
+            final = _run_chosen_point(path, overrides, best, tracking_uri, track, parent_key, invocation)
     finally:
         if parent is not None:
             _close_sweep_parent(parent, cfg, points, rows, best, final, outcomes)
     return {"trials": outcomes, "rows": rows, "best": best, "final": final, "ray": use_ray,
             "objective": cfg.sweep.objective,
             "mlflow_parent_run_id": parent.run_id if parent is not None else None}
+
+
+def _ray_wanted(ray: bool | None) -> bool:
+    """Whether the trials run on Ray: `ray=None` uses it where it is installed, `True` insists on it."""
+    if ray is not None and not ray:
+        return False
+    try:
+        import ray as _  # noqa: F401
+        return True
+    except ImportError:
+        if ray:
+            raise ValueError('--ray needs Ray: pip install "cl-lab[ray]"') from None
+        log.info('Ray is not installed (pip install "cl-lab[ray]"): the points run one after another here')
+        return False
+
+
+def _open_sweep_parent(cfg: ExperimentConfig, points: list[dict], invocation: str, tracking_uri: str | None):
+    """The parent MLflow run the trials are children of (its journal is delivered, then removed)."""
+    from cl.tracking.journal import Journal, journal_root
+    from cl.tracking.sink import MLflowSink
+    from cl.tracking.store import StoreWarmup
+
+    folder = journal_root().resolve() / f"{cfg.name}-{invocation}"
+    StoreWarmup(tracking_uri).wait()
+    return MLflowSink(Journal(folder / "parent.journal"), cfg.name, f"{cfg.name}-sweep-{invocation}",
+                      {"points": len(points), "method": cfg.sweep.method, "protocol": cfg.sweep.protocol,
+                       "objective": cfg.sweep.objective, "validation": cfg.sweep.validation},
+                      {"cl.role": "parent", "cl.invocation": invocation, "cl.runner.sweep": "true"}, tracking_uri,
+                      remove_when_delivered=True)
+
+
+def _ray_trial_overrides(cfg: ExperimentConfig, use_ray: bool, cpus_per_trial: float,
+                         gpus_per_trial: float) -> list[str]:
+    """Overrides every Ray trial gets, with a warning where Ray changes what a trial trains on."""
+    pinned = []
+    if use_ray and cfg.threads is None:  # a trial's torch threads are its CPUs, not the machine's cores
+        pinned = [f"threads={max(1, int(cpus_per_trial))}"]
+        log.info(f"trials on Ray run on {max(1, int(cpus_per_trial))} thread(s) each; pin 'threads:' in the file for "
+                 f"results equal to one after another")
+    if use_ray and not gpus_per_trial:
+        import torch
+
+        if torch.cuda.is_available():
+            log.warning("--gpus-per-trial 0: Ray hides the GPUs from the trials, which train on the CPU")
+    return pinned
+
+
+def _report_trial_failures(outcomes: list[dict], objective: str) -> None:
+    """Each failed trial, and an objective that no trial reports (a typo chooses nothing), on stderr."""
+    for out in outcomes:
+        if "error" in out:
+            log.info(f"trial {out['trial']} {overrides_of(out['point'])} failed: {out['error']}")
+    reported = {k for out in outcomes for r in out.get("results", []) for k in r}
+    if reported and objective not in reported:
+        log.error(f"the objective '{objective}' is not a metric of the trials; they report: "
+                  f"{', '.join(sorted(k for k in reported if k not in ('name', 'status', 'error')))}")
+
+
+def _run_chosen_point(path: str, overrides: list[str], best: dict, tracking_uri: str | None, track: bool,
+                      parent_key: str | None, invocation: str) -> list[dict]:
+    """The chosen point's run on the whole stream and its test sets, at the seeds it was tuned on."""
+    from cl.runner.invocation import run_experiment
+
+    seeds = sorted({s for s in best["seeds"] if s is not None}) or None
+    final_cfg = load_experiment(path, overrides + overrides_of(best["point"]))
+    return run_experiment(final_cfg, tracking_uri=tracking_uri, track=track, progress=False, seeds=seeds,
+                          only=[best["run"]], parent_key=parent_key, invocation_id=invocation,
+                          extra_tags={"cl.sweep_final": "true"})
 
 
 def _close_sweep_parent(parent, cfg, points, rows, best, final, outcomes) -> None:
@@ -273,4 +303,4 @@ def _close_sweep_parent(parent, cfg, points, rows, best, final, outcomes) -> Non
     try:
         parent.close("FINISHED" if final is not None or best is None or not cfg.sweep.final_run else "FAILED")
     except Exception as err:
-        print(f"cl: warning: {err}", file=sys.stderr)
+        log.warning(str(err))

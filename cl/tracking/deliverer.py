@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cl.tracking.journal import Journal
-from cl.tracking.store import DEFAULT_TIMEOUT_S, TrackingError, artifacts_beside, quiet_mlflow, sqlite_store_lock
+from cl.tracking.store import TrackingError, artifacts_beside, quiet_mlflow, sqlite_store_lock, unanswered
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 
@@ -150,7 +150,7 @@ class Deliverer:
         """The store does not answer at all (a server down), as against answering slowly or
         with a lock held by another process (a busy SQLite store): an outage ends a run's
         wait for delivery after the timeout, contention is waited out (up to 10 times it)."""
-        return self.error is not None and _unanswered(self.error)
+        return self.error is not None and unanswered(self.error)
 
     def pending_notice(self) -> str:
         err = self.error

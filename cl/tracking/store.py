@@ -93,7 +93,7 @@ class StoreWarmup:
         t = time.perf_counter()
         self._thread.join()
         if self._error is not None:
-            if is_server(self.tracking_uri) and _unanswered(self._error):
+            if is_server(self.tracking_uri) and unanswered(self._error):
                 self.unreachable = self._error
             else:
                 raise TrackingError(f"MLflow store {self.tracking_uri or '(default)'} could not be opened: "
@@ -135,7 +135,7 @@ def is_server(tracking_uri: str | None) -> bool:
     return bool(tracking_uri) and tracking_uri.startswith(("http://", "https://"))
 
 
-def _unanswered(err: BaseException) -> bool:
+def unanswered(err: BaseException) -> bool:
     """A server that is down or overloaded, not one that refuses: worth waiting for."""
     import requests
 

@@ -9,12 +9,12 @@ configuration is refused with the keys that differ.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
 import torch
+
+from cl.config.identity import config_differences, config_hash
 
 
 class CheckpointError(RuntimeError):
@@ -42,19 +42,6 @@ def check_plain(obj, where: str) -> None:
     raise CheckpointError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which a checkpoint "
                           f"cannot hold (it loads with weights_only=True): keep state as tensors, numbers, "
                           f"strings, lists and dicts")
-
-
-def config_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """'key: saved -> current' for every flattened key whose value differs."""
-    from cl.config.schema import flatten
-
-    a, b = flatten(saved), flatten(current)
-    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")]
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict, meta: dict | None = None) -> Path:
@@ -91,3 +78,11 @@ def check_same_config(path: str | os.PathLike, meta: dict, config: dict) -> None
     raise CheckpointError(f"checkpoint {path} was written with a different configuration; changed: "
                           f"{'; '.join(diffs) or '(unknown keys)'}. Resume with the original settings, "
                           f"or start afresh without --resume")
+
+
+def save_run_checkpoint(path: str | os.PathLike, state: dict, strategies, meta: dict) -> Path:
+    """A trainer's state, once every strategy's state is checked plain (it must load with
+    `weights_only=True`): the strategy whose state is not is named."""
+    for i, (s, s_state) in enumerate(zip(strategies, state["strategies"])):
+        check_plain(s_state, f"strategy {i} ({type(s).__name__}) state")
+    return save_checkpoint(path, state, meta)

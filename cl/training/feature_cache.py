@@ -23,8 +23,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -39,6 +39,8 @@ from streams.experience import BatchTransform, Stream, TensorData
 #: Part of every key: a change to how features are computed makes every old file a miss.
 FEATURE_CACHE_VERSION = "1"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "cl-lab" / "features"
+
+log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path | None:
@@ -78,7 +80,7 @@ class FeatureHead(nn.Module):
 
 def wants_frozen_features(strategies) -> bool:
     """Whether a strategy of the run keeps the backbone frozen (`frozen_features`)."""
-    return any(getattr(s, "frozen_features", False) for s in strategies)
+    return any(s.frozen_features for s in strategies)
 
 
 def bypass_reason(strategies, stream: Stream, model: nn.Module) -> str | None:
@@ -257,8 +259,7 @@ class FeatureCache:
         try:
             x = load_file(str(path))["features"]
         except Exception as err:  # a file cut short by a crash or a full disk: computed again
-            print(f"cl: warning: feature cache file {path} is unreadable ({err}); computing it again",
-                  file=sys.stderr)
+            log.warning(f"feature cache file {path} is unreadable ({err}); computing it again")
             return None
         return x if len(x) == rows else None
 
@@ -281,6 +282,5 @@ class FeatureCache:
                 pass
             if not self._warned:
                 self._warned = True
-                print(f"cl: warning: cannot write the feature cache under {self.root} ({err}); features are "
-                      f"kept in memory for this invocation only (set CL_CACHE_DIR to a writable folder)",
-                      file=sys.stderr)
+                log.warning(f"cannot write the feature cache under {self.root} ({err}); features are "
+                            f"kept in memory for this invocation only (set CL_CACHE_DIR to a writable folder)")

@@ -9,6 +9,7 @@ from strategies.context import Batch, Context, eval_mode
 from strategies.gaussians import cholesky_factors
 from strategies.prompting.base import PromptStrategy
 from strategies.prompting.vit import tokens_from, tokens_through
+from strategies.registry import register_strategy
 from strategies.schedules import decay
 from streams.experience import TensorData
 
@@ -66,6 +67,7 @@ class PromptGenerator(nn.Module):
         return self.mlp_out(out), logits[..., 1:]
 
 
+@register_strategy("apg")
 class APG(PromptStrategy):
     """APG (Tang, Peng and Zheng 2023, "When Prompt-based Incremental Learning Does Not Meet Strong
     Pretraining", ICCV, arXiv 2308.10445; code github.com/TOM-tym/APG).

@@ -8,6 +8,7 @@ from torch import nn
 from strategies.context import Batch, Context
 from strategies.prompting.base import PromptStrategy
 from strategies.prompting.vit import frozen_query, prompted_tokens
+from strategies.registry import register_strategy
 
 
 def gram_schmidt(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -38,6 +39,7 @@ def gram_schmidt(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
+@register_strategy("coda_prompt")
 class CODAPrompt(PromptStrategy):
     """CODA-Prompt (Smith, Karlinsky, Gutta, Cascante-Bonilla, Kim, Arbelle, Panda, Feris and
     Kira 2023, "CODA-Prompt: COntinual Decomposed Attention-based Prompting for

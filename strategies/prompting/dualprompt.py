@@ -8,8 +8,10 @@ from torch import nn
 from strategies.context import Batch, Context
 from strategies.prompting.base import PromptStrategy
 from strategies.prompting.vit import frozen_query, prompted_tokens
+from strategies.registry import register_strategy
 
 
+@register_strategy("dualprompt")
 class DualPrompt(PromptStrategy):
     """DualPrompt (Wang, Zhang, Ebrahimi, Sun, Zhang, Lee, Ren, Su, Perot, Dy and Pfister
     2022, "DualPrompt: Complementary Prompting for Rehearsal-free Continual Learning", ECCV).

@@ -8,8 +8,10 @@ from torch import nn
 from strategies.context import Batch, Context
 from strategies.prompting.base import PromptStrategy
 from strategies.prompting.vit import classify, frozen_query, prompted_tokens
+from strategies.registry import register_strategy
 
 
+@register_strategy("l2p")
 class L2P(PromptStrategy):
     """L2P (Wang, Zhang, Lee, Zhang, Sun, Ren, Su, Perot, Dy and Pfister 2022, "Learning to
     Prompt for Continual Learning", CVPR).

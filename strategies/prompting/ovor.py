@@ -35,6 +35,7 @@ from torch import nn
 from strategies.context import Batch, Context, eval_mode
 from strategies.prompting.base import PromptStrategy
 from strategies.prompting.vit import prompted_tokens
+from strategies.registry import register_strategy
 from streams.experience import TensorData
 
 
@@ -143,6 +144,7 @@ def energy_hinge(inlier_energy: torch.Tensor, outlier_energy: torch.Tensor, inli
 
 
 # ---------------------------------------------------------------------------- the strategy
+@register_strategy("ovor")
 class OVOR(PromptStrategy):
     """OVOR (Huang, Chen and Hsu 2024, "OVOR: OnePrompt with Virtual Outlier Regularization for
     Rehearsal-Free Class-Incremental Learning", ICLR, arXiv 2402.04129).

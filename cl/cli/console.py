@@ -1,0 +1,31 @@
+"""What the lab says while it works, printed as the command line prints: one line each on
+standard error, `cl: ...` (`cl: warning: ...`), through tqdm so progress bars stay whole.
+
+The lab's modules log on the `cl` logger and never print; the command installs this
+handler. From Python, attach it yourself (`cl.cli.console.install()`) or configure
+`logging` as you like; warnings show either way.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from tqdm import tqdm
+
+
+class ConsoleHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+            tqdm.write(f"cl: {level}{record.getMessage()}", file=sys.stderr)  # the stderr of now: tests swap it
+        except Exception:
+            self.handleError(record)
+
+
+def install() -> None:
+    """Print the `cl` logger's INFO and above, once, however often it is called."""
+    logger = logging.getLogger("cl")
+    if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(ConsoleHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # said once, not again by a root handler
