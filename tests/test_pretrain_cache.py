@@ -2,6 +2,8 @@
 frozen backbone's features computed once per invocation and kept on disk."""
 import copy
 import json
+import os
+import signal
 import textwrap
 
 import pytest
@@ -73,7 +75,7 @@ def test_pretrain_writes_safetensors_with_metadata_accuracy_and_an_mlflow_run(tm
     assert json.loads(meta["architecture"]) == {"name": "mlp", "kwargs": {"hidden": [32]}}
     assert json.loads(meta["classes"]) == [3, 1, 4, 0]  # the head's output order
     assert json.loads(meta["dataset"]) == {"name": "digits"}
-    assert (meta["epochs"], meta["seed"], meta["mlflow_run_id"]) == ("3", "0", out["mlflow_run_id"])
+    assert (meta["epochs"], meta["seed"]) == ("3", "0")
     assert meta["lab_version"] and meta["format"].startswith("cl-lab-pretrained")
 
     # The stored accuracy is the saved model's on the held-out digits of those classes,
@@ -89,14 +91,17 @@ def test_pretrain_writes_safetensors_with_metadata_accuracy_and_an_mlflow_run(tm
     assert float(meta["test_accuracy"]) == pytest.approx(accuracy) == pytest.approx(out["test_accuracy"])
     assert out["test_samples"] == len(y) and accuracy > 0.9
 
+    # A run of the lab like any other: the held-out accuracy after every epoch (17 iterations of
+    # 32 of the 543 training digits) as the continual-evaluation curve, the final one as `acc`.
     client = MlflowClient(tracking_uri)
     run = client.get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["cl.role"] == "pretrain"
-    assert run.data.params["training.epochs"] == "3" and run.data.params["classes"] == "[3, 1, 4, 0]"
-    assert run.data.metrics["test_accuracy"] == pytest.approx(accuracy)
-    history = client.get_metric_history(run.info.run_id, "test_acc")
-    assert sorted(m.step for m in history) == [1, 2, 3]
-    assert {"train_loss", "train_acc"} <= set(run.data.metrics)
+    assert run.data.params["training.epochs"] == "3" and run.data.tags["classes"] == "[3, 1, 4, 0]"
+    assert run.data.metrics["acc"] == pytest.approx(accuracy)
+    history = client.get_metric_history(run.info.run_id, "curve_acc_task0")
+    assert sorted(m.step for m in history) == [17, 34, 51]
+    assert [e["test_acc"] for e in out["epochs"]] == [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert "train_loss" in run.data.metrics
     logged = client.download_artifacts(run.info.run_id, "model/mlp_digits.safetensors", str(tmp_path / "dl"))
     assert open(logged, "rb").read() == path.read_bytes()
 
@@ -355,3 +360,72 @@ def test_nearest_mean_on_cached_features_equals_nearest_mean_without_and_by_hand
     assert torch.equal(cached_pred, hand) and torch.equal(plain_pred, hand)
     assert cached_record.accuracy_matrix.tolist() == plain_record.accuracy_matrix.tolist()
     assert cached_record.accuracy_matrix[-1].mean() > 0.3  # features worth classifying, even random ones
+
+
+# Runs `cl pretrain` and SIGKILLs it at its 40th training step (mid-epoch: 17 steps an epoch).
+PRETRAIN_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    kill, argv = sys.argv[1] == "kill", sys.argv[2:]
+    if kill:
+        import cl.training.trainer as trainer
+        original, calls = trainer.LifelongTrainer._train_batch, [0]
+
+        def train_batch(self, *args):
+            calls[0] += 1
+            if calls[0] == 40:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(self, *args)
+        trainer.LifelongTrainer._train_batch = train_batch
+    from cl.cli.main import main
+    sys.exit(main(argv))
+""")
+
+
+def test_a_killed_pretraining_resumes_to_the_same_weights_with_every_metric_once(tmp_path):
+    """`cl pretrain` runs through the lab's trainer and journal: killed mid-epoch and resumed
+    from its checkpoint, it writes the weights an uninterrupted pre-training writes, and its
+    MLflow run holds every metric once."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    file = write(tmp_path, PRETRAIN.replace("  optimizer:", "  checkpoint_every: 5\n  optimizer:"), "pretrain.yaml")
+
+    def pretrain_cli(kill: bool, *args):
+        command = [sys.executable, "-c", PRETRAIN_KILLER, "kill" if kill else "run", "pretrain", str(file),
+                   "--no-progress", "--json", *args]
+        env = {**os.environ, "CL_WEIGHTS_DIR": str(tmp_path / "weights"), "CL_JOURNAL_DIR": str(tmp_path / "j")}
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    whole_uri = f"sqlite:///{tmp_path / 'whole.db'}"
+    whole = pretrain_cli(False, "--tracking-uri", whole_uri, "--set", "output=whole.safetensors")
+    assert whole.returncode == 0, whole.stderr
+    uri, ckpt = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "ckpt"
+    killed = pretrain_cli(True, "--tracking-uri", uri, "--checkpoint-dir", str(ckpt))
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "weights" / "mlp_digits.safetensors").exists()
+    resumed = pretrain_cli(False, "--tracking-uri", uri, "--checkpoint-dir", str(ckpt), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    out = json.loads(resumed.stdout.strip().splitlines()[-1])
+
+    a, b = load_file(str(tmp_path / "weights" / "whole.safetensors")), load_file(out["output"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    stable = ("architecture", "classes", "dataset", "epochs", "seed", "test_accuracy", "test_samples")
+    meta_whole, meta = read_metadata(tmp_path / "weights" / "whole.safetensors"), read_metadata(out["output"])
+    assert {k: meta[k] for k in stable} == {k: meta_whole[k] for k in stable}
+
+    def runs(store):
+        client = MlflowClient(store)
+        found = client.search_runs([client.get_experiment_by_name("pretrain-test").experiment_id],
+                                   "tags.`cl.role` = 'pretrain'")
+        return client, found
+
+    client, found = runs(uri)
+    assert [r.info.status for r in found] == ["FINISHED"]
+    steps = {key: sorted(m.step for m in client.get_metric_history(found[0].info.run_id, key))
+             for key in found[0].data.metrics}
+    whole_client, whole_found = runs(whole_uri)
+    whole_steps = {key: sorted(m.step for m in whole_client.get_metric_history(whole_found[0].info.run_id, key))
+                   for key in whole_found[0].data.metrics}
+    assert steps.keys() == whole_steps.keys() and steps == whole_steps  # every metric once, at its steps
+    assert steps["curve_acc_task0"] == [17, 34, 51]

@@ -63,6 +63,10 @@ def _add_pretrain(sub) -> argparse.ArgumentParser:
     pre.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     pre.add_argument("--no-progress", action="store_true", help="no line per epoch")
     pre.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    pre.add_argument("--checkpoint-dir", default=None, help="save the pre-training's state here when it ends "
+                                                            "and every training.checkpoint_every iterations")
+    pre.add_argument("--resume", action="store_true", help="continue the pre-training from its checkpoint in "
+                                                           "--checkpoint-dir")
     return pre
 
 

@@ -66,9 +66,12 @@ def pretrain_command(args) -> int:
     from cl.runner.pretrain import load_pretrain, pretrain
     from cl.tracking.store import default_tracking_uri
 
+    if args.resume and not args.checkpoint_dir:
+        raise ValueError("--resume needs --checkpoint-dir, the folder the pre-training was checkpointed in")
     cfg, source = load_pretrain(args.file, args.overrides)
     out = pretrain(cfg, source, tracking_uri=args.tracking_uri or default_tracking_uri(), track=not args.no_track,
-                   overwrite=args.overwrite, progress=False if args.no_progress else None)
+                   overwrite=args.overwrite, progress=False if args.no_progress else None,
+                   checkpoint_dir=args.checkpoint_dir, resume=args.resume)
     print(f"{cfg.name}: {cfg.model.name} on {cfg.dataset.name} classes {out['classes']}: held-out accuracy "
           f"{out['test_accuracy']:.4f} on {out['test_samples']} test samples after {len(out['epochs'])} epochs "
           f"({out['train_time_s']:.0f} s training)")

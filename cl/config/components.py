@@ -10,6 +10,7 @@ import inspect
 
 import torch
 
+from cl.config.errors import ConfigError
 from cl.config.arguments import SCENARIO_INJECTED, coerce_arguments
 from cl.config.schema import ComponentSpec, ExperimentConfig
 from cl.models import MultiHeadClassifier
@@ -71,7 +72,10 @@ def build_model_from(cfg: ExperimentConfig, stream: Stream) -> torch.nn.Module:
     args = dict(cfg.model.args)
     multihead = args.pop("multihead", False)
     with plugins_from(cfg.source_dir):
-        model = build_model(cfg.model.name, stream.input_shape, stream.n_classes, **args)
+        try:
+            model = build_model(cfg.model.name, stream.input_shape, stream.n_classes, **args)
+        except TypeError as err:  # a timm model given an argument it does not take (not checked at load)
+            raise ConfigError(f"{cfg.source_file or 'experiment'}: model: {err}") from None
     if multihead:
         model = MultiHeadClassifier(model, stream.task_classes, stream.n_classes)
     return model

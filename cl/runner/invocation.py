@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,7 +19,7 @@ from cl.config.params import flatten
 from cl.config.registry import plugins_from
 from cl.config.schema import ExperimentConfig
 from cl.models import resolve_weights
-from cl.runner.one_run import new_feature_cache, prepare_run, run_config, run_result, saved_state, train_run
+from cl.runner.one_run import PreparedRun, new_feature_cache, prepare_run, run_config, run_result, saved_state, train_run
 from cl.tracking.logger import ExperimentLogger, TrackingOptions
 from cl.tracking.provenance import dataset_inputs, source_tags
 from cl.tracking.sink import ConsoleSink
@@ -26,6 +27,7 @@ from cl.tracking.store import DEFAULT_TIMEOUT_S
 from cl.training.devices import usable_cores
 from cl.training.feature_cache import FeatureCache
 from cl.training.nonfinite import NonFiniteLossError
+from streams.experience import Stream
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +38,18 @@ def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, tr
                    system_metrics_s: float | None = None, log_model: bool = False,
                    tracking_timeout: float = DEFAULT_TIMEOUT_S, parent_key: str | None = None,
                    invocation_id: str | None = None, trial: int | None = None,
-                   extra_tags: dict[str, str] | None = None) -> list[dict]:
+                   extra_tags: dict[str, str] | None = None, stream: Stream | None = None,
+                   keep: Callable[[PreparedRun, dict], Path | None] | None = None) -> list[dict]:
     """Run every run of `cfg` (or those labelled in `only`) once per seed (`seeds`, else the
     file's `seeds`, else its `seed`); returns one summary dict per run and seed (the `--json`
     fields). Tracked, the invocation is one parent MLflow run holding the comparison, with a
     child run per run and seed (`TrackingOptions` says what the other arguments do). A run
     stopped by a non-finite loss gives {"name", "seed", "status": "FAILED", "error"} and the
     others still run. torch's thread count is `cfg.threads`, else the usable cores, for the
-    duration of the call."""
+    duration of the call. `stream`: a stream built by the caller instead of the file's (a
+    pre-training's joint stream). `keep(run, result)`: called once a run has finished, before
+    it is logged, to write what the run keeps of its own (a pre-training's weights file); a
+    path it returns is logged with the run under `model/`."""
     runs = cfg.run_specs()
     if only:
         unknown = [label for label in only if label not in runs]
@@ -62,7 +68,8 @@ def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, tr
     torch.set_num_threads(threads)
     try:
         with plugins_from(cfg.source_dir):
-            return Invocation(cfg, runs, seeds, options, progress and cfg.progress, checkpoint_dir, resume).run()
+            return Invocation(cfg, runs, seeds, options, progress and cfg.progress, checkpoint_dir, resume,
+                              stream, keep).run()
     finally:
         torch.set_num_threads(before)
 
@@ -71,9 +78,11 @@ class Invocation:
     """One `cl run`: every run of the file over every seed. `options` None: not tracked."""
 
     def __init__(self, cfg: ExperimentConfig, runs: dict, seeds: list[int], options: TrackingOptions | None,
-                 progress: bool, checkpoint_dir: str | None, resume: bool):
+                 progress: bool, checkpoint_dir: str | None, resume: bool, stream: Stream | None = None,
+                 keep: Callable[[PreparedRun, dict], Path | None] | None = None):
         self.cfg, self.runs, self.seeds, self.progress = cfg, runs, seeds, progress
         self.checkpoint_dir, self.resume = checkpoint_dir, resume
+        self.given_stream, self.keep = stream, keep
         self.logger = ExperimentLogger(cfg.name, seeds, options or TrackingOptions(), checkpoint_dir, resume) \
             if options is not None else None
         self.source = source_tags(cfg.source_file) if options is not None else {}
@@ -101,7 +110,9 @@ class Invocation:
         try:
             for k, seed in enumerate(self.seeds):
                 cfg = self.cfg.with_seed(seed)
-                if stream is None or cfg.stream_seed != stream_seed:  # a fixed stream seed is built once
+                if self.given_stream is not None:
+                    stream = self.given_stream
+                elif stream is None or cfg.stream_seed != stream_seed:  # a fixed stream seed is built once
                     stream, stream_seed = None, None
                     stream, stream_seed = build_stream(cfg), cfg.stream_seed
                 if logger is not None and k == 0:  # the parent opens with the first seed's stream
@@ -160,8 +171,10 @@ class Invocation:
                         "wall_time_s": time.perf_counter() - wall_start}
             raise
         result = {**run_result(label, cfg.seed, record, stream, run.cached), "fit_start_unix": started}
+        kept = self.keep(run, result) if self.keep is not None else None
         if sink is not None:
-            logger.finished(sink, result, record, stream, config, f"{cfg.name}: {label}, seed {cfg.seed}", run.model)
+            logger.finished(sink, result, record, stream, config, f"{cfg.name}: {label}, seed {cfg.seed}", run.model,
+                            kept)
         else:
             result["mlflow_run_id"] = None
         result["wall_time_s"] = time.perf_counter() - wall_start

@@ -28,6 +28,10 @@ pickle: anyone's file is safe to load) with metadata: the architecture and its a
 the dataset, the classes, epochs, seed, held-out accuracy, lab version and commit, and the
 MLflow run. That run (params, per-epoch loss and accuracies, the final accuracy) holds the
 same file as an artifact under `model/`.
+
+It runs through the lab's own machinery (`pretrain`): the same trainer, journal and MLflow
+layout as `cl run`, so a pre-training checkpoints (`--checkpoint-dir`, `training.checkpoint_every`),
+survives a kill and resumes (`--resume`) exactly as an experiment does.
 """
 from __future__ import annotations
 
@@ -35,17 +39,14 @@ import datetime
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cl.config.arguments import coerce_arguments
 from cl.config.errors import ConfigError, format_validation_error
 from cl.config.files import apply_overrides, read_yaml_mapping
-from cl.config.params import flatten
 from cl.config.schema import ComponentSpec
 
 WEIGHTS_FORMAT = "cl-lab-pretrained/1"
@@ -61,6 +62,8 @@ class PretrainTraining(BaseModel):
                                             "iteration; an argument given as 'steps' gets the run's iterations")
     augment: bool = Field(False, description="random crop (4 px zero padding) and horizontal flip of training "
                                              "batches, on top of the dataset's own transform")
+    checkpoint_every: int | None = Field(None, ge=1, description="with --checkpoint-dir, also checkpoint every N "
+                                                                  "iterations inside an epoch")
 
 
 class PretrainConfig(BaseModel):
@@ -177,201 +180,104 @@ def _subset(data, classes: list[int]):
     return TensorData(data.x[rows], lookup[data.y[rows]])
 
 
-class _Tracker:
-    """The pre-training's MLflow run, written directly with `MlflowClient` (the run is short
-    and its records few). A store that fails mid-run costs a warning, never the weights."""
-
-    def __init__(self, uri: str | None, experiment: str, run_name: str, params: dict, tags: dict):
-        from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
-
-        from cl.tracking.store import TrackingError, artifacts_beside, check_store_location, quiet_mlflow, \
-            sqlite_store_lock
-
-        check_store_location(uri)
-        quiet_mlflow()
-        try:
-            self.client = MlflowClient(uri)
-            with sqlite_store_lock(uri):
-                exp = self.client.get_experiment_by_name(experiment)
-                exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                    experiment, artifact_location=artifacts_beside(uri, experiment))
-            self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-            for k in range(0, len(items), 100):  # MLflow's limit per call
-                self.client.log_batch(self.run_id, params=items[k:k + 100])
-        except Exception as err:
-            raise TrackingError(f"MLflow store {uri or '(default)'} could not be opened: "
-                                f"{type(err).__name__}: {err}") from err
-        self.failed = False
-
-    def _try(self, what, fn, *args, **kwargs) -> None:
-        if self.failed:
-            return
-        try:
-            fn(*args, **kwargs)
-        except Exception as err:
-            self.failed = True
-            print(f"cl: warning: MLflow store failed ({what}: {type(err).__name__}: {err}); the pre-training goes "
-                  f"on without it, its weights are saved all the same", file=sys.stderr)
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._try("metrics", self.client.log_batch, self.run_id,
-                  metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
-
-    def artifact(self, path: Path, folder: str | None = None) -> None:
-        self._try("artifact", self.client.log_artifact, self.run_id, str(path), folder)
-
-    def text(self, text: str, name: str) -> None:
-        self._try("artifact", self.client.log_text, self.run_id, text, name)
-
-    def end(self, status: str) -> None:
-        self._try("end", self.client.set_terminated, self.run_id, status)
-
-
 def pretrain(cfg: PretrainConfig, source: str = "<pretrain>", *, tracking_uri: str | None = None,
-             track: bool = True, overwrite: bool = False, progress: bool | None = None) -> dict:
-    """Run a pre-training file: train, measure held-out accuracy, save the weights (and log
-    the MLflow run). Returns {"output", "test_accuracy", "test_samples", "train_samples",
-    "classes", "epochs", "train_time_s", "wall_time_s", "mlflow_run_id"}."""
-    import torch
-    import torch.nn.functional as F
-
+             track: bool = True, overwrite: bool = False, progress: bool | None = None,
+             checkpoint_dir: str | None = None, resume: bool = False) -> dict:
+    """Run a pre-training file: train, measure held-out accuracy, save the weights. It is a
+    run of the lab like any other (`cl.runner.invocation`): one experience holding every
+    class of `classes`, fine-tuned by the lifelong trainer, evaluated on the held-out data
+    every epoch, journaled to MLflow, checkpointed and resumed as `cl run` is. Returns
+    {"output", "test_accuracy", "test_samples", "train_samples", "classes", "epochs",
+    "train_time_s", "wall_time_s", "mlflow_run_id"}."""
     from cl.config.components import build_dataset
-    from cl.config.models import build_model
-    from cl.tracking.provenance import source_tags
-    from cl.config.registry import optimizer_class, scheduler_class
-    from cl.training.devices import usable_cores
-    from cl.training.seeds import seed_everything
-    from cl.training.devices import resolve_device
-    from strategies.context import eval_mode
-    from streams.experience import BatchTransform
+    from cl.runner.invocation import run_experiment
 
     wall = time.perf_counter()
-    show = cfg.progress if progress is None else progress
-    out = output_path(cfg, source, overwrite)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or usable_cores())
-    try:
-        data = build_dataset(cfg.dataset, cfg.data_dir, source)
-        classes = list(cfg.classes) if cfg.classes is not None else list(range(data.n_classes))
-        absent = [c for c in classes if c >= data.n_classes]
-        if absent:
-            raise ConfigError(f"{source}: classes: {absent} not in dataset '{cfg.dataset.name}' "
-                              f"(labels 0..{data.n_classes - 1})")
-        train, test = _subset(data.train, classes), _subset(data.test, classes)
-        if not len(test):
-            raise ConfigError(f"{source}: classes: dataset '{cfg.dataset.name}' has no test samples of {classes}")
+    out = output_path(cfg, source, overwrite or resume)  # a resumed pre-training may have written it already
+    data = build_dataset(cfg.dataset, cfg.data_dir, source)
+    classes = list(cfg.classes) if cfg.classes is not None else list(range(data.n_classes))
+    stream = joint_stream(data, classes, cfg.training.augment, source)
+    steps_per_epoch = math.ceil(len(stream.experiences[0].train) / cfg.training.batch_size)
+    experiment = experiment_of(cfg, steps_per_epoch, source)
+    tags = {"cl.role": "pretrain", "classes": json.dumps(classes), "output": str(out)}
+    results = run_experiment(experiment, tracking_uri=tracking_uri, track=track, progress=progress is not False,
+                             checkpoint_dir=checkpoint_dir, resume=resume, extra_tags=tags, stream=stream,
+                             keep=lambda run, result: _save(run, result, cfg, classes, data, out))
+    result = results[0]
+    if result["status"] != "FINISHED":
+        raise ValueError(f"{source}: {result['error']}")
+    test = stream.experiences[0].test
+    return {"output": str(out), "test_accuracy": result["acc"], "test_samples": len(test),
+            "train_samples": len(stream.experiences[0].train), "classes": classes,
+            "epochs": [{"epoch": k + 1, "test_acc": acc} for k, (_, acc) in enumerate(result.get("seen_curve", []))],
+            "train_time_s": result["train_time_s"], "wall_time_s": time.perf_counter() - wall,
+            "mlflow_run_id": result.get("mlflow_run_id")}
 
-        seed_everything(cfg.seed)
-        device = resolve_device(cfg.device)
-        try:
-            model = build_model(cfg.model.name, data.input_shape, len(classes), **cfg.model.args).to(device)
-        except TypeError as err:  # a timm model given an argument it does not take
-            raise ConfigError(f"{source}: model: {err}") from None
-        t = cfg.training
-        opt_args = coerce_arguments(optimizer_class(t.optimizer.name), t.optimizer.args, "training.optimizer",
-                                    source, {"params"})
-        optimizer = optimizer_class(t.optimizer.name)(model.parameters(), **opt_args)
-        steps_per_epoch = math.ceil(len(train) / t.batch_size)
-        scheduler = None
-        if t.scheduler is not None:
-            cls = scheduler_class(t.scheduler.name)
-            args = {k: steps_per_epoch * t.epochs if v == "steps" else v for k, v in t.scheduler.args.items()}
-            scheduler = cls(optimizer, **coerce_arguments(cls, args, "training.scheduler", source, {"optimizer"}))
-        transform = data.transform
-        if t.augment:
-            base = data.transform.describe()
-            transform = BatchTransform(base["mean"], base["std"], scale=data.transform.scale, crop_padding=4, flip=True)
 
-        provenance = source_tags(Path(source).resolve() if Path(source).is_file() else None)
-        # What a fresh model needs to take these weights; where they started from is said apart.
-        architecture = {"name": cfg.model.name, "kwargs": {k: v for k, v in cfg.model.args.items()
-                                                           if k not in ("weights", "pretrained")}}
-        resolved = cfg.model_dump(mode="json", exclude_none=True)
-        tracker = None
-        if track:
-            tags = {**provenance, "cl.role": "pretrain", "model": cfg.model.name, "dataset": cfg.dataset.name,
-                    "classes": json.dumps(classes), "output": str(out)}
-            tracker = _Tracker(tracking_uri, cfg.name, f"pretrain-{out.stem}", flatten(resolved), tags)
-            tracker.text(yaml.safe_dump(resolved, sort_keys=False), "pretrain.yaml")
+def joint_stream(data, classes: list[int], augment: bool, source: str):
+    """One experience of every class in `classes` (labels renumbered to their position), with
+    random crops and flips of the training batches if asked."""
+    from streams.experience import BatchTransform, Dataset
+    from streams.scenarios import class_incremental
 
-        data_rng = torch.Generator().manual_seed(cfg.seed)
-        aug_rng = torch.Generator().manual_seed(cfg.seed + 1)
+    absent = [c for c in classes if c >= data.n_classes]
+    if absent:
+        raise ConfigError(f"{source}: classes: {absent} not in dataset '{data.name}' (labels 0..{data.n_classes - 1})")
+    train, test = _subset(data.train, classes), _subset(data.test, classes)
+    if not len(test):
+        raise ConfigError(f"{source}: classes: dataset '{data.name}' has no test samples of {classes}")
+    transform = data.transform
+    if augment:
+        base = data.transform.describe()
+        transform = BatchTransform(base["mean"], base["std"], scale=data.transform.scale, crop_padding=4, flip=True)
+    return class_incremental(Dataset(data.name, train, test, transform), n_experiences=1)
 
-        @torch.no_grad()
-        def test_accuracy() -> float:
-            correct = 0
-            with eval_mode(model):
-                for x, y, _ in test.batches(t.eval_batch_size, shuffle=False):
-                    correct += (model(transform(x.to(device))).argmax(1) == y.to(device)).sum().item()
-            return correct / len(test)
 
-        history, train_s, status = [], 0.0, "FAILED"
-        try:
-            for epoch in range(t.epochs):
-                start = time.perf_counter()
-                model.train()
-                loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-                for x, y, _ in train.batches(t.batch_size, True, data_rng):
-                    x, y = transform(x.to(device), train=True, generator=aug_rng), y.to(device)
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    if scheduler is not None:
-                        scheduler.step()
-                    loss_sum += loss.detach() * len(y)
-                    correct += (logits.argmax(1) == y).sum()
-                train_s += time.perf_counter() - start
-                if not torch.isfinite(loss_sum):  # checked once an epoch: a check per step would sync a GPU
-                    raise ValueError(f"{source}: non-finite training loss in epoch {epoch + 1}; "
-                                             f"the learning rate may be too high")
-                point = {"epoch": epoch + 1, "train_loss": loss_sum.item() / len(train),
-                         "train_acc": correct.item() / len(train), "test_acc": test_accuracy(),
-                         "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - start}
-                history.append(point)
-                if tracker is not None:
-                    tracker.metrics({k: v for k, v in point.items() if k != "epoch"}, epoch + 1)
-                if show:
-                    print(f"epoch {epoch + 1}/{t.epochs}: loss {point['train_loss']:.4f}, train acc "
-                          f"{point['train_acc']:.4f}, test acc {point['test_acc']:.4f} "
-                          f"({point['epoch_time_s']:.0f} s)", file=sys.stderr, flush=True)
-            accuracy = history[-1]["test_acc"]
-            meta = {"format": WEIGHTS_FORMAT, "architecture": json.dumps(architecture, sort_keys=True),
-                    "input_shape": json.dumps(list(data.input_shape)),
-                    "dataset": json.dumps({"name": cfg.dataset.name, **cfg.dataset.args}, sort_keys=True),
-                    "classes": json.dumps(classes), "epochs": str(t.epochs), "seed": str(cfg.seed),
-                    "batch_size": str(t.batch_size), "augment": json.dumps(t.augment),
-                    "optimizer": json.dumps({"name": t.optimizer.name, **t.optimizer.args}, sort_keys=True),
-                    "test_accuracy": repr(accuracy), "test_samples": str(len(test)),
-                    "train_samples": str(len(train)), "train_time_s": f"{train_s:.1f}",
-                    "lab_version": provenance.get("lab_version", ""),
-                    "lab_git_commit": provenance.get("lab_git_commit", ""),
-                    "mlflow_run_id": tracker.run_id if tracker is not None else "",
-                    "initialised_from": str(cfg.model.args.get("weights") or
-                                            ("timm hub" if cfg.model.args.get("pretrained") else "random")),
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-            save_weights(model, out, meta)
-            if tracker is not None:
-                tracker.metrics({"test_accuracy": accuracy, "train_time_s": train_s}, t.epochs)
-                tracker.artifact(out, "model")
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            if tracker is not None:
-                tracker.end(status)
-    finally:
-        torch.set_num_threads(threads_before)
-    return {"output": str(out), "test_accuracy": accuracy, "test_samples": len(test), "train_samples": len(train),
-            "classes": classes, "epochs": history, "train_time_s": train_s,
-            "wall_time_s": time.perf_counter() - wall, "mlflow_run_id": tracker.run_id if tracker else None}
+def experiment_of(cfg: PretrainConfig, steps_per_epoch: int, source: str):
+    """The pre-training as an experiment file: fine-tuning (`naive`) on the joint stream, the
+    scheduler stepped every iteration, the held-out accuracy taken every epoch."""
+    from cl.config.files import experiment_from_dict
+
+    t = cfg.training
+    training = {"epochs": t.epochs, "batch_size": t.batch_size, "eval_batch_size": t.eval_batch_size,
+                "optimizer": t.optimizer.model_dump(mode="json"), "scheduler_interval": "step",
+                "scheduler_scope": "experience", "eval_every": steps_per_epoch, "curve_tasks": "all",
+                "checkpoint_every": t.checkpoint_every}
+    if t.scheduler is not None:
+        training["scheduler"] = t.scheduler.model_dump(mode="json")
+    raw = {"name": cfg.name, "seed": cfg.seed, "device": cfg.device, "data_dir": cfg.data_dir, "threads": cfg.threads,
+           "progress": cfg.progress, "stream": {"dataset": cfg.dataset.model_dump(mode="json")},
+           "model": cfg.model.model_dump(mode="json"), "training": training, "strategies": ["naive"]}
+    file = Path(source) if Path(source).is_file() else None
+    experiment = experiment_from_dict({k: v for k, v in raw.items() if v is not None}, source=source,
+                                      source_dir=file.resolve().parent if file else None)
+    experiment._source_file = file.resolve() if file else None  # MLflow's source tags name the pre-training file
+    return experiment
+
+
+def _save(run, result: dict, cfg: PretrainConfig, classes: list[int], data, out: Path) -> Path:
+    """The trained weights, with what a later run needs to know of them (`read_metadata`)."""
+    from cl.tracking.provenance import source_tags
+
+    t, provenance = cfg.training, source_tags(None)
+    # What a fresh model needs to take these weights; where they started from is said apart.
+    architecture = {"name": cfg.model.name, "kwargs": {k: v for k, v in cfg.model.args.items()
+                                                       if k not in ("weights", "pretrained")}}
+    meta = {"format": WEIGHTS_FORMAT, "architecture": json.dumps(architecture, sort_keys=True),
+            "input_shape": json.dumps(list(data.input_shape)),
+            "dataset": json.dumps({"name": cfg.dataset.name, **cfg.dataset.args}, sort_keys=True),
+            "classes": json.dumps(classes), "epochs": str(t.epochs), "seed": str(cfg.seed),
+            "batch_size": str(t.batch_size), "augment": json.dumps(t.augment),
+            "optimizer": json.dumps({"name": t.optimizer.name, **t.optimizer.args}, sort_keys=True),
+            "test_accuracy": repr(result["acc"]), "test_samples": str(len(run.fit_stream.experiences[0].test)),
+            "train_samples": str(len(run.fit_stream.experiences[0].train)),
+            "train_time_s": f"{result['train_time_s']:.1f}",
+            "lab_version": provenance.get("lab_version", ""), "lab_git_commit": provenance.get("lab_git_commit", ""),
+            "initialised_from": str(cfg.model.args.get("weights") or
+                                    ("timm hub" if cfg.model.args.get("pretrained") else "random")),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    save_weights(run.model, out, meta)
+    return out
 
 
 def save_weights(model, path: Path, metadata: dict[str, str]) -> None:

@@ -193,12 +193,16 @@ class ExperimentLogger:
         except TrackingError as tracking:
             log.warning(str(tracking))  # the training error is the one raised
 
-    def finished(self, sink: MLflowSink, result: dict, record, stream, run_config: dict, title: str, model=None) -> None:
-        """A finished run's summary metrics, configuration, matrices and plots, then its end;
-        `result` gets `mlflow_run_id` and `tracking_time_s` (what tracking cost the run)."""
+    def finished(self, sink: MLflowSink, result: dict, record, stream, run_config: dict, title: str, model=None,
+                 kept: Path | None = None) -> None:
+        """A finished run's summary metrics, configuration, matrices and plots (and the file it
+        `kept`, under `model/`), then its end; `result` gets `mlflow_run_id` and
+        `tracking_time_s` (what tracking cost the run)."""
         finish_start, waited = time.perf_counter(), sink.blocked_s
         if model is not None and self.options.log_model:
             sink.log_model(model)
+        if kept is not None:
+            sink.log_file(kept, "model")
         sink.log_metrics(scalar_metrics(result), len(stream.eval_after), "summary")
         sink.log_artifact("config.yaml", yaml.safe_dump(run_config, sort_keys=False))
         self._log_matrices(sink, record, title)

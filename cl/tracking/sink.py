@@ -9,8 +9,10 @@ a line per experience.
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -110,6 +112,16 @@ class MLflowSink:
         save_model(model, folder / "model")
         self.blocked_s += time.perf_counter() - t
         self._append("artifact", path=str((folder / "model").relative_to(self.journal.folder)))
+
+    def log_file(self, path: Path, folder: str) -> None:
+        """A file of the run's own (a pre-training's weights) under `folder/`, copied into the
+        journal now, delivered like any artifact."""
+        t = time.perf_counter()
+        target = self.journal.folder / BLOBS / f"file-{len(self.journal.records)}" / folder
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target / Path(path).name)
+        self.blocked_s += time.perf_counter() - t
+        self._append("artifact", path=str(target.relative_to(self.journal.folder)))
 
     def log_table(self, name: str, data: dict[str, list]) -> None:
         """A table of columns, shown by MLflow's artifact viewer (`MlflowClient.log_table`)."""
