@@ -2,11 +2,13 @@
 checkpoint taken mid-experience saves and a resume starts from."""
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 
 @dataclass
@@ -74,3 +76,13 @@ class TrainingClock:
             yield
         finally:
             self.excluded += time.perf_counter() - t
+
+
+def progress_bar(show: bool, stream, experience, data, total: int, givers: list[str], done: int = 0):
+    """The experience's progress bar on standard error (drawn only with `show` and data to
+    train on); an experience with nothing to train says so and why instead."""
+    if show and not len(data):  # e.g. Joint after its first experience: say so, draw no bar
+        tqdm.write(f"experience {experience.index + 1}/{len(stream)}: nothing to train ({', '.join(givers) or 'the stream'}"
+                   f" gave no training data here); evaluation only", file=sys.stderr)
+    return tqdm(total=total, initial=done, disable=not show or not len(data), leave=False, file=sys.stderr,
+                mininterval=0.5, desc=f"experience {experience.index + 1}/{len(stream)}")

@@ -14,31 +14,27 @@ One experience, as `fit` runs it::
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from cl.config.schema import TrainingConfig
 from cl.training.checkpoint import save_run_checkpoint
 from cl.training.devices import resolve_device
 from cl.training.evaluation import TaskEvaluation, fits_on_device
+from cl.training.hooks import hook_table, lr_owner, single_owners
 from cl.training.nonfinite import LossCheck
-from cl.training.position import Position, TrainingClock
+from cl.training.position import Position, TrainingClock, progress_bar
 from cl.training.record import DEFAULT_LOSS, RunRecord, Sink
 from cl.training.seeds import RunGenerators, strategy_seeds
 from evaluation.evaluators import Evaluator, default_evaluators
-from strategies.base import SINGLE_OWNER_HOOKS, Strategy, overrides
+from strategies.base import Strategy
 from strategies.context import Batch, Context
 from streams.experience import Stream, TensorData
 
-HOOKS = ("configure_optimizer", "before_experience", "training_data", "before_iteration", "adapt_batch",
-         "extra_loss", "after_backward", "after_step", "after_experience", "before_evaluation")
-BOUNDARY_HOOKS = ("before_experience", "training_data", "after_experience", "before_evaluation")
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -95,10 +91,8 @@ class LifelongTrainer:
 
         self.rng = RunGenerators(seed)
 
-        self.hooks = {h: [s for s in self.strategies if overrides(s, h) and not (s.task_free and h in BOUNDARY_HOOKS)]
-                      for h in HOOKS}
-        self.owner: dict[str, Strategy | None] = {h: self._single_owner(h) for h in SINGLE_OWNER_HOOKS}
-        self.lr_owner = self._lr_owner(scheduler)
+        self.hooks, self.owner = hook_table(self.strategies), single_owners(self.strategies)
+        self.lr_owner = lr_owner(self.strategies, scheduler)
         self.needs_features = any(s.needs_features for s in self.strategies)
         self._trained_on: TensorData | None = None  # the experience's training data (a copy trains on it)
         self.ctx = Context(self.model, optimizer, self.device, aux_generator=self.rng.aux, scheduler=self.scheduler,
@@ -108,20 +102,6 @@ class LifelongTrainer:
         self.record: RunRecord | None = None
         self._pending_state: dict | None = None
         self._start_state: dict | None = None
-
-    def _single_owner(self, hook: str) -> Strategy | None:
-        owners = [s for s in self.strategies if overrides(s, hook)]
-        if len(owners) > 1:
-            names = ", ".join(type(s).__name__ for s in owners)
-            raise ValueError(f"hook '{hook}' has one owner per run, but {names} all implement it")
-        return owners[0] if owners else None
-
-    def _lr_owner(self, scheduler) -> Strategy | None:
-        owners = [s for s in self.strategies if s.owns_lr]
-        if len(owners) > 1 or (owners and scheduler is not None):
-            names = [type(s).__name__ for s in owners] + (["training.scheduler"] if scheduler is not None else [])
-            raise ValueError(f"the learning rate has more than one owner: {', '.join(names)}; keep one")
-        return owners[0] if owners else None
 
     # ------------------------------------------------------------------ run
     def fit(self, stream: Stream, stop_after: int | None = None) -> RunRecord:
@@ -197,7 +177,9 @@ class LifelongTrainer:
             self._load_state(resume.current)
             self.rng.data.set_state(resume.epoch_rng)
             clock = TrainingClock(before=resume.elapsed)
-        bar = self._progress_bar(stream, experience, data, at.epoch * steps_per_epoch + at.batch)
+        givers = [type(s).__name__ for s in self.hooks["training_data"]]
+        bar = progress_bar(self.progress, stream, experience, data, self.ctx.steps_in_experience, givers,
+                           done=at.epoch * steps_per_epoch + at.batch)
         for epoch in range(at.epoch, self.settings.epochs):
             skip = at.batch if epoch == at.epoch else 0
             at.epoch, at.batch = epoch, skip
@@ -264,15 +246,6 @@ class LifelongTrainer:
         record.add_loss_terms(at.loss_means())
         for s in self.hooks["before_evaluation"]:
             s.before_evaluation(self.ctx)
-
-    def _progress_bar(self, stream: Stream, experience, data: TensorData, done: int):
-        if self.progress and not len(data):  # e.g. Joint after its first experience: say so, draw no bar
-            giver = ", ".join(type(s).__name__ for s in self.hooks["training_data"]) or "the stream"
-            tqdm.write(f"experience {experience.index + 1}/{len(stream)}: nothing to train ({giver} gave no "
-                       f"training data here); evaluation only", file=sys.stderr)
-        return tqdm(total=self.ctx.steps_in_experience, initial=done, disable=not self.progress or not len(data),
-                    leave=False, file=sys.stderr, mininterval=0.5,
-                    desc=f"experience {experience.index + 1}/{len(stream)}")
 
     def _restart_scheduler(self) -> None:
         """An experience-scoped scheduler starts again from the first LR, over this experience."""
@@ -368,9 +341,7 @@ class LifelongTrainer:
 
     # ------------------------------------------------------------ evaluate
     def evaluate(self, stream: Stream, tasks: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-        """Every evaluator's score on each task's test set, in one pass over all of them
-        (`TaskEvaluation`). With `tasks`, only those tasks' test sets are evaluated; the
-        others' scores are NaN."""
+        """Every evaluator's score on each task's test set (only `tasks`', the others NaN)."""
         return self.tests.evaluate(stream, tasks)
 
     def _emit(self, metrics: dict[str, float], step: int, kind: str = "evaluation") -> None:
