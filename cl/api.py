@@ -36,8 +36,11 @@ def run(experiment: str | Path | dict | ExperimentConfig, *, overrides: list[str
     Unlike the CLI it does not log to MLflow unless `track=True` (then to `tracking_uri`, else
     MLFLOW_TRACKING_URI, else ./mlflow.db). A run stopped by a non-finite loss comes back with
     status "FAILED" and its error."""
+    from cl import console
     from cl.runner.invocation import run_experiment
     from cl.tracking.store import default_tracking_uri
+
+    console.install()  # what the run has to say, printed as `cl run` prints it
 
     cfg = load(experiment, overrides)
     return run_experiment(cfg, tracking_uri=tracking_uri or (default_tracking_uri() if track else None),

@@ -128,7 +128,6 @@ class Strategy:
     def after_step(self, ctx: Context, batch: Batch) -> None:
         """After the optimizer step; `batch.logits` are those the step was taken on."""
 
-
     # ------------------------------------------------------------ evaluation
     def eval_model(self, ctx: Context) -> torch.nn.Module | None:
         """Owner only: the model to evaluate instead of the trained one (e.g. slow weights)."""

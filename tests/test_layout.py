@@ -1,7 +1,8 @@
 """Dependencies point one way, between the top-level packages and inside cl/.
 
 streams/, strategies/ and evaluation/ never import cl/. Inside cl/ the
-sub-packages follow the data's path: models, then config (a file into
+sub-packages follow the data's path: models (and console, how the lab
+speaks on a terminal), then config (a file into
 components), then training and tracking (peers that never import each other),
 then runner, then the command line and the Python API. Imports inside
 functions count too, and no two modules of cl/ import each other by any path.
@@ -15,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOWER = ("streams", "strategies", "evaluation")
 #: cl's sub-packages by layer: a module may import its own layer's package and lower layers only.
-CL_LAYERS = {"models": 0, "config": 1, "training": 2, "tracking": 2, "runner": 3, "cli": 4, "api": 4, "__main__": 5}
+CL_LAYERS = {"console": 0, "models": 0, "config": 1, "training": 2, "tracking": 2, "runner": 3, "cli": 4, "api": 4, "__main__": 5}
 
 
 def module_name(path: Path) -> str:

@@ -218,7 +218,8 @@ def count_backbone_rows(monkeypatch, layer: str) -> list[int]:
 
 @pytest.mark.parametrize("model, layer", [({"name": "mlp", "hidden": [16]}, "features"),
                                           ({"name": VIT, **TINY_VIT}, "patch_embed")])
-def test_each_image_passes_through_the_frozen_backbone_once_per_invocation(monkeypatch, capsys, model, layer):
+def test_each_image_passes_through_the_frozen_backbone_once_per_invocation(monkeypatch, caplog, model, layer):
+    caplog.set_level("INFO", logger="cl")  # what the run says, as `cl run` would print it
     rows = count_backbone_rows(monkeypatch, layer)
     cfg = experiment_from_dict(nearest_mean_file(model))
     n = 1797  # digits: every training image once, every test image once, over 3 epochs and two runs
@@ -228,15 +229,16 @@ def test_each_image_passes_through_the_frozen_backbone_once_per_invocation(monke
     assert [r["feature_rows_computed"] for r in first] == [n, 0]
     assert first[1]["feature_rows_from_memory"] == n
     assert first[0]["accuracy_matrix"] == first[1]["accuracy_matrix"]
-    err = capsys.readouterr().err
+    err = caplog.text
     assert f"a: frozen backbone, trained on cached features" in err and f"{n} rows through the backbone" in err
 
     rows[0] = 0
+    caplog.clear()
     second = run_experiment(cfg, track=False)  # another invocation: the features come from disk
     assert rows[0] == 0
     assert second[0]["feature_rows_from_disk"] == n and second[0]["feature_rows_computed"] == 0
     assert second[0]["accuracy_matrix"] == first[0]["accuracy_matrix"]
-    assert f"0 rows through the backbone, {n} read from disk" in capsys.readouterr().err
+    assert f"0 rows through the backbone, {n} read from disk" in caplog.text
 
 
 def test_the_cache_key_changes_with_weights_data_and_transform():

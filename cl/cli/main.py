@@ -14,7 +14,7 @@ import threading
 
 from cl.cli.browse import compare_command, sync_command, ui_command
 from cl.cli.catalogue import list_command, streams_command
-from cl.cli import console
+from cl import console
 from cl.cli.parser import build_parser
 from cl.cli.preview import describe_command, schedules_command
 from cl.cli.run_commands import pretrain_command, run_command

@@ -77,15 +77,17 @@ def _index(part: str, node: list, where: str, source: str) -> int:
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     path = Path(path)
     raw = read_yaml_mapping(path)
-    cfg = experiment_from_dict(raw, overrides, str(path), path.resolve().parent)
-    cfg._source_file = path.resolve()
-    return cfg
+    return experiment_from_dict(raw, overrides, str(path), source_file=path)
 
 
 def experiment_from_dict(raw: dict, overrides: list[str] | None = None, source: str = "<dict>",
-                         source_dir: Path | None = None) -> ExperimentConfig:
+                         source_dir: Path | None = None, source_file: Path | None = None) -> ExperimentConfig:
     """An experiment from its keys (what the YAML file holds), checked as a file is; plugin
-    modules it names are looked up in `source_dir` first."""
+    modules it names are looked up in `source_dir` (default: the folder of `source_file`, the
+    file the keys came from, which MLflow's source tags name) first."""
+    if source_file is not None:
+        source_file = Path(source_file).resolve()
+        source_dir = source_dir if source_dir is not None else source_file.parent
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level")
     raw = apply_overrides(copy.deepcopy(raw), overrides or [], source)
@@ -94,5 +96,6 @@ def experiment_from_dict(raw: dict, overrides: list[str] | None = None, source: 
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
     cfg._source_dir = source_dir
+    cfg._source_file = source_file
     validate_components(cfg, source)
     return cfg

@@ -14,6 +14,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
+def check_device(v: str) -> str:
+    """A device setting as experiment and pre-training files take it."""
+    if v != "auto" and v.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise ValueError("expected 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
+    return v
+
+
 class ComponentSpec(BaseModel):
     """`name` picks the component; every other key is an argument to it."""
 
@@ -185,9 +192,7 @@ class ExperimentConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str):
-        if v != "auto" and v.split(":")[0] not in ("cpu", "cuda", "mps"):
-            raise ValueError("expected 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
-        return v
+        return check_device(v)
 
     @model_validator(mode="after")
     def _one_of_strategies_or_runs(self):

@@ -62,8 +62,9 @@ def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, tr
     weights = cfg.model.args.get("weights")
     if weights is not None and lab_loads_weights(cfg.model.name):  # a file that is not there: said before the data loads
         resolve_weights(weights, cfg.model.name)
-    options = TrackingOptions(tracking_uri, tracking_timeout, system_metrics_s, log_model, parent_key,
-                              invocation_id, trial, dict(extra_tags or {})) if track else None
+    options = TrackingOptions(uri=tracking_uri, timeout=tracking_timeout, system_metrics_s=system_metrics_s,
+                              log_model=log_model, parent_key=parent_key, invocation_id=invocation_id, trial=trial,
+                              extra_tags=dict(extra_tags or {})) if track else None
     threads, before = cfg.threads or usable_cores(), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -83,8 +84,7 @@ class Invocation:
         self.cfg, self.runs, self.seeds, self.progress = cfg, runs, seeds, progress
         self.checkpoint_dir, self.resume = checkpoint_dir, resume
         self.given_stream, self.keep = stream, keep
-        self.logger = ExperimentLogger(cfg.name, seeds, options or TrackingOptions(), checkpoint_dir, resume) \
-            if options is not None else None
+        self.logger = ExperimentLogger(cfg.name, seeds, options, checkpoint_dir, resume) if options is not None else None
         self.source = source_tags(cfg.source_file) if options is not None else {}
         self._features: FeatureCache | None = None  # a frozen backbone's features, for every run of the file
 
@@ -162,6 +162,8 @@ class Invocation:
         try:
             record, started = train_run(cfg, run, config, sinks=sinks, progress=self.progress, checkpoint=checkpoint,
                                         state=state, checkpointed=lambda: logger and logger.checkpointed(sink))
+            result = {**run_result(label, cfg.seed, record, stream, run.cached), "fit_start_unix": started}
+            kept = self.keep(run, result) if self.keep is not None else None
         except BaseException as err:
             if logger is not None:
                 logger.failed(sink, err)
@@ -170,8 +172,6 @@ class Invocation:
                         "mlflow_run_id": sink.run_id if sink else None,
                         "wall_time_s": time.perf_counter() - wall_start}
             raise
-        result = {**run_result(label, cfg.seed, record, stream, run.cached), "fit_start_unix": started}
-        kept = self.keep(run, result) if self.keep is not None else None
         if sink is not None:
             logger.finished(sink, result, record, stream, config, f"{cfg.name}: {label}, seed {cfg.seed}", run.model,
                             kept)

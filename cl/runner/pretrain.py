@@ -25,9 +25,9 @@ class `classes[i]`): a head over classes never trained would be noise, and whoev
 weights replaces the head anyway (`cl.models.load_backbone_weights`). Accuracy is measured
 on the held-out test data of the same classes. The weights are saved as safetensors (no
 pickle: anyone's file is safe to load) with metadata: the architecture and its arguments,
-the dataset, the classes, epochs, seed, held-out accuracy, lab version and commit, and the
-MLflow run. That run (params, per-epoch loss and accuracies, the final accuracy) holds the
-same file as an artifact under `model/`.
+the dataset, the classes, epochs, seed, held-out accuracy, lab version and commit. Its
+MLflow run (the held-out accuracy every epoch, the final one, the training loss; tag
+`output` names the file) holds the same file as an artifact under `model/`.
 
 It runs through the lab's own machinery (`pretrain`): the same trainer, journal and MLflow
 layout as `cl run`, so a pre-training checkpoints (`--checkpoint-dir`, `training.checkpoint_every`),
@@ -41,13 +41,14 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cl.config.arguments import coerce_arguments
 from cl.config.errors import ConfigError, format_validation_error
 from cl.config.files import apply_overrides, read_yaml_mapping
-from cl.config.schema import ComponentSpec
+from cl.config.schema import ComponentSpec, check_device
 
 WEIGHTS_FORMAT = "cl-lab-pretrained/1"
 
@@ -62,6 +63,8 @@ class PretrainTraining(BaseModel):
                                             "iteration; an argument given as 'steps' gets the run's iterations")
     augment: bool = Field(False, description="random crop (4 px zero padding) and horizontal flip of training "
                                              "batches, on top of the dataset's own transform")
+    nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN or infinite training loss: 'stop' fails "
+                                               "the pre-training, 'skip' drops that step")
     checkpoint_every: int | None = Field(None, ge=1, description="with --checkpoint-dir, also checkpoint every N "
                                                                   "iterations inside an epoch")
 
@@ -100,9 +103,7 @@ class PretrainConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str):
-        if v != "auto" and v.split(":")[0] not in ("cpu", "cuda", "mps"):
-            raise ValueError("expected 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
-        return v
+        return check_device(v)
 
 
 def load_pretrain(path: str | Path, overrides: list[str] | None = None) -> tuple[PretrainConfig, str]:
@@ -193,7 +194,8 @@ def pretrain(cfg: PretrainConfig, source: str = "<pretrain>", *, tracking_uri: s
     from cl.runner.invocation import run_experiment
 
     wall = time.perf_counter()
-    out = output_path(cfg, source, overwrite or resume)  # a resumed pre-training may have written it already
+    # A resumed pre-training may have written its file already (killed while it was delivered).
+    out = output_path(cfg, source, overwrite or (resume and checkpoint_dir is not None and Path(checkpoint_dir).is_dir()))
     data = build_dataset(cfg.dataset, cfg.data_dir, source)
     classes = list(cfg.classes) if cfg.classes is not None else list(range(data.n_classes))
     stream = joint_stream(data, classes, cfg.training.augment, source)
@@ -242,17 +244,15 @@ def experiment_of(cfg: PretrainConfig, steps_per_epoch: int, source: str):
     training = {"epochs": t.epochs, "batch_size": t.batch_size, "eval_batch_size": t.eval_batch_size,
                 "optimizer": t.optimizer.model_dump(mode="json"), "scheduler_interval": "step",
                 "scheduler_scope": "experience", "eval_every": steps_per_epoch, "curve_tasks": "all",
-                "checkpoint_every": t.checkpoint_every}
+                "checkpoint_every": t.checkpoint_every, "nonfinite": t.nonfinite}
     if t.scheduler is not None:
         training["scheduler"] = t.scheduler.model_dump(mode="json")
     raw = {"name": cfg.name, "seed": cfg.seed, "device": cfg.device, "data_dir": cfg.data_dir, "threads": cfg.threads,
            "progress": cfg.progress, "stream": {"dataset": cfg.dataset.model_dump(mode="json")},
-           "model": cfg.model.model_dump(mode="json"), "training": training, "strategies": ["naive"]}
+           "model": cfg.model.model_dump(mode="json"), "training": training, "runs": {"pretrain": ["naive"]}}
     file = Path(source) if Path(source).is_file() else None
-    experiment = experiment_from_dict({k: v for k, v in raw.items() if v is not None}, source=source,
-                                      source_dir=file.resolve().parent if file else None)
-    experiment._source_file = file.resolve() if file else None  # MLflow's source tags name the pre-training file
-    return experiment
+    return experiment_from_dict({k: v for k, v in raw.items() if v is not None}, source=source,
+                                source_file=file)  # MLflow's source tags name the pre-training file
 
 
 def _save(run, result: dict, cfg: PretrainConfig, classes: list[int], data, out: Path) -> Path:

@@ -236,7 +236,7 @@ def _open_sweep_parent(cfg: ExperimentConfig, points: list[dict], invocation: st
     return MLflowSink(Journal(folder / "parent.journal"), cfg.name, f"{cfg.name}-sweep-{invocation}",
                       {"points": len(points), "method": cfg.sweep.method, "protocol": cfg.sweep.protocol,
                        "objective": cfg.sweep.objective, "validation": cfg.sweep.validation},
-                      {"cl.role": "parent", "cl.invocation": invocation, "cl.runner.sweep": "true"}, tracking_uri,
+                      {"cl.role": "parent", "cl.invocation": invocation, "cl.sweep": "true"}, tracking_uri,
                       remove_when_delivered=True)
 
 
@@ -260,7 +260,7 @@ def _report_trial_failures(outcomes: list[dict], objective: str) -> None:
     """Each failed trial, and an objective that no trial reports (a typo chooses nothing), on stderr."""
     for out in outcomes:
         if "error" in out:
-            log.info(f"trial {out['trial']} {overrides_of(out['point'])} failed: {out['error']}")
+            log.warning(f"trial {out['trial']} {overrides_of(out['point'])} failed: {out['error']}")
     reported = {k for out in outcomes for r in out.get("results", []) for k in r}
     if reported and objective not in reported:
         log.error(f"the objective '{objective}' is not a metric of the trials; they report: "

@@ -5,7 +5,7 @@ on a thread of this process (the delivery child, `cl.tracking.delivery`, runs it
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import threading
 import time
 from pathlib import Path
@@ -13,6 +13,8 @@ from typing import Protocol
 
 from cl.tracking.journal import Journal
 from cl.tracking.store import TrackingError, artifacts_beside, quiet_mlflow, sqlite_store_lock, unanswered
+
+log = logging.getLogger(__name__)
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 
@@ -101,7 +103,7 @@ def deliver_loop(deliverer: "Deliverer", timeout: float, stopped, system_metrics
                 try:
                     monitor.finish()
                 except Exception as err:  # never the reason a run's records stop
-                    print(f"cl: warning: system metrics: {err}", file=sys.stderr)
+                    log.warning(f"system metrics: {err}")
                 monitor = None
             with journal.changed:
                 journal.changed.notify_all()
@@ -111,7 +113,7 @@ def deliver_loop(deliverer: "Deliverer", timeout: float, stopped, system_metrics
         failing = deliverer.failing_for() or 0.0
         patience = timeout * (1 if deliverer.outage else 10)
         if not told and failing >= patience:  # said once per outage, within the timeout
-            print(f"cl: warning: {deliverer.pending_notice()}; training goes on", file=sys.stderr)
+            log.warning(f"{deliverer.pending_notice()}; training goes on")
             told = True
         if isinstance(deliverer.error, ParentNotCreated):  # created any moment now, or held up
             time.sleep(parent_wait)
@@ -232,7 +234,7 @@ class Deliverer:
         except Exception as err:
             if not _refused(err):
                 raise
-            print(f"cl: warning: MLflow refused a '{op}' record of {journal.folder}: {err}", file=sys.stderr)
+            log.warning(f"MLflow refused a '{op}' record of {journal.folder}: {err}")
         journal.mark_delivered(i + 1)
 
     def _parent_id(self, experiment_id: str, parent_key: str) -> str:
@@ -297,7 +299,7 @@ def _start_system_metrics(run_id: str, every_s: float, tracking_uri: str | None,
         monitor.start()
         return monitor
     except Exception as err:  # psutil missing (or the monitor failing): the run goes on without them, and says so
-        print(f"cl: warning: no system metrics: {err} (pip install psutil)", file=sys.stderr)
+        log.warning(f"no system metrics: {err} (pip install psutil)")
         return None
 
 

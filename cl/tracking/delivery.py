@@ -24,6 +24,7 @@ Protocol, one JSON object per line. Parent to child: `{"op": "open", "uri", "tim
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ import time
 # or unset: a child process unless MLflow is already imported here (then a child would only
 # import it a second time).
 MODE_ENV = "CL_TRACKING_DELIVERY"
+log = logging.getLogger("cl.tracking.delivery")  # by name: the child runs this module as __main__
 
 _service: "DeliveryProcess | None" = None
 _lock = threading.Lock()
@@ -262,7 +264,7 @@ class _Child:
                 elif op == "stop":
                     self._stop(command["folder"])
             except Exception as err:  # one bad command never stops the others' deliveries
-                print(f"cl: warning: delivery: {type(err).__name__}: {err}", file=sys.stderr)
+                log.warning(f"delivery: {type(err).__name__}: {err}")
                 if isinstance(command, dict) and command.get("folder"):
                     self.report(folder=command["folder"], stopped=True)
         # The parent closed its end (it ended, or died): stop every delivery where it stands.
@@ -307,7 +309,7 @@ class _Child:
                              system_metrics_s, resumed, on_attempt=progress)
                 progress()
             except Exception as err:  # reported, never a silent end the parent would wait on
-                print(f"cl: warning: delivering {folder}: {type(err).__name__}: {err}", file=sys.stderr)
+                log.warning(f"delivering {folder}: {type(err).__name__}: {err}")
             finally:
                 journal.close()
                 # Forgotten once stopped (a long-lived process watches many); the child runs of a
@@ -355,9 +357,12 @@ class _Child:
                         journal.refresh()
                         sizes[folder] = size
                     except Exception as err:  # tried again at the next look
-                        print(f"cl: warning: reading {folder}: {err}", file=sys.stderr)
+                        log.warning(f"reading {folder}: {err}")
             time.sleep(0.02)
 
 
 if __name__ == "__main__":
+    from cl import console
+
+    console.install()  # what it has to say goes to the parent's standard error, as the parent's does
     raise SystemExit(_Child().main())

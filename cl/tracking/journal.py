@@ -2,7 +2,7 @@
 
 Training never waits for the store. Each record a run emits (its creation, metrics,
 tags, datasets, artifacts, its end) is appended to `records.jsonl` in the run's
-journal folder before anything talks to MLflow; a sink (`cl.tracking.MLflowSink`)
+journal folder before anything talks to MLflow; a deliverer (`cl.tracking.deliverer.Deliverer`)
 delivers the records in order and notes how far it got in `state.json`. A store that
 is down loses nothing: the records wait here and are delivered when it answers,
 later in the same run or by `cl sync`.

@@ -1,3 +1,7 @@
-"""Training one run: the lifelong trainer (`trainer`), its checkpoints
-(`checkpoint`) and the cache of a frozen backbone's features (`feature_cache`).
-Knows nothing of MLflow or the command line: it emits records to sinks."""
+"""Training one run. `trainer` is the lifelong trainer's loop; around it: `hooks` (which
+strategy answers which hook), `position` (where training stands inside an experience),
+`evaluation` (scoring every task's test set), `record` (what a run records), `nonfinite`
+(the finite-loss check), `seeds` (the run's generators), `devices`, `checkpoint`,
+`feature_cache` (a frozen backbone's features, computed once) and `preview` (the LR a run
+will follow, through the trainer's own loop). Knows nothing of MLflow or the command line:
+it emits records to sinks."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cl.config.identity import config_differences, config_hash
+from cl.config.identity import ConfigChangedError, config_differences, config_hash
 
 
 class CheckpointError(RuntimeError):
@@ -75,7 +75,7 @@ def check_same_config(path: str | os.PathLike, meta: dict, config: dict) -> None
     if meta.get("config_hash") in (None, config_hash(config)):
         return
     diffs = config_differences(meta.get("config", {}), config)
-    raise CheckpointError(f"checkpoint {path} was written with a different configuration; changed: "
+    raise ConfigChangedError(f"checkpoint {path} was written with a different configuration; changed: "
                           f"{'; '.join(diffs) or '(unknown keys)'}. Resume with the original settings, "
                           f"or start afresh without --resume")
 

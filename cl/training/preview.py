@@ -50,7 +50,8 @@ class LRPreview(LifelongTrainer):
             self.curve.append([ctx.iteration, ctx.lrs])
         else:
             if ctx.anneal_step == 0:
-                self.anneals.append({"after_experience": ctx.experience.index, "iteration": ctx.iteration,
+                # At the experience's end: where its last iteration left the count.
+                self.anneals.append({"after_experience": ctx.experience.index, "iteration": self.record.iteration,
                                      "lrs": []})
             self.anneals[-1]["lrs"].append(ctx.lrs)
         if self.scheduler is not None and self.settings.scheduler_interval == "step":

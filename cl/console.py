@@ -1,9 +1,9 @@
 """What the lab says while it works, printed as the command line prints: one line each on
 standard error, `cl: ...` (`cl: warning: ...`), through tqdm so progress bars stay whole.
 
-The lab's modules log on the `cl` logger and never print; the command installs this
-handler. From Python, attach it yourself (`cl.cli.console.install()`) or configure
-`logging` as you like; warnings show either way.
+The lab's modules log on the `cl` logger and never print; the `cl` command (and the
+delivery child it starts) installs this handler. From Python, attach it yourself
+(`cl.console.install()`) or configure `logging` as you like; warnings show either way.
 """
 from __future__ import annotations
 
@@ -28,4 +28,3 @@ def install() -> None:
     if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
         logger.addHandler(ConsoleHandler())
     logger.setLevel(logging.INFO)
-    logger.propagate = False  # said once, not again by a root handler
