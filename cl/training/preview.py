@@ -54,8 +54,7 @@ class LRPreview(LifelongTrainer):
                 self.anneals.append({"after_experience": ctx.experience.index, "iteration": self.record.iteration,
                                      "lrs": []})
             self.anneals[-1]["lrs"].append(ctx.lrs)
-        if self.scheduler is not None and self.settings.scheduler_interval == "step":
-            self.scheduler.step()
+        self._step_scheduler("step")
         return {}
 
     def _train_on_copy(self, steps: int):

@@ -189,8 +189,7 @@ class LifelongTrainer:
                 self.ctx.iteration = self.record.iteration
                 at.count(self._train_batch(x, y, t), len(y), self.record, self.settings.nonfinite)
                 self._after_iteration(stream, experience, at, clock, bar)
-            if self.scheduler is not None and self.settings.scheduler_interval == "epoch":
-                self.scheduler.step()
+            self._step_scheduler("epoch")
         bar.close()
         self._end_experience(data, at, clock)
 
@@ -247,6 +246,11 @@ class LifelongTrainer:
         for s in self.hooks["before_evaluation"]:
             s.before_evaluation(self.ctx)
 
+    def _step_scheduler(self, interval: str) -> None:
+        """The experiment's scheduler steps every `training.scheduler_interval` ('step' or 'epoch')."""
+        if self.scheduler is not None and self.settings.scheduler_interval == interval:
+            self.scheduler.step()
+
     def _restart_scheduler(self) -> None:
         """An experience-scoped scheduler starts again from the first LR, over this experience."""
         if self._scheduler_factory is not None and self.settings.scheduler_scope == "experience":
@@ -278,8 +282,7 @@ class LifelongTrainer:
             for s in hooks["after_backward"]:
                 s.after_backward(ctx, batch)
             self.optimizer.step()
-        if self.scheduler is not None and self.settings.scheduler_interval == "step":
-            self.scheduler.step()
+        self._step_scheduler("step")
         for s in hooks["after_step"]:
             s.after_step(ctx, batch)
         return batch.losses
