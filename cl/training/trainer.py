@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from cl.config.schema import TrainingConfig
 from cl.training.checkpoint import save_run_checkpoint
 from cl.training.devices import resolve_device
-from cl.training.evaluation import TaskEvaluation, fits_on_device
+from cl.training.scoring import TaskEvaluation, fits_on_device
 from cl.training.hooks import hook_table, lr_owner, single_owners
 from cl.training.nonfinite import LossCheck
 from cl.training.position import Position, TrainingClock, progress_bar
