@@ -148,6 +148,12 @@ class Strategy:
     def describe(self) -> str:
         return type(self).__name__
 
+    def diagnose(self, ctx: Context) -> str | None:
+        """What this strategy knows about an unstable step, or None: asked only when the
+        training loss turns non-finite, and added to that error (e.g. a weight penalty too
+        stiff for the learning rate says so, and what strength would be stable)."""
+        return None
+
 
 #: Hooks of which a run may have one implementation only.
 SINGLE_OWNER_HOOKS = ("forward", "loss", "eval_model", "predict")

@@ -6,9 +6,14 @@ differs in the importance Omega it estimates: the Fisher information (EWC, onlin
 the path integral of the loss decrease (SI), the sensitivity of the output (MAS), or
 none at all (L2). Importances are computed with the model's own helpers (`ctx.prepare`,
 `ctx.forward`) on the experience's data.
+
+A penalty too stiff for the optimizer makes the step diverge, whatever the learning rate
+alone would do: see `_QuadraticPenalty.stability_note`, which says so (a warning on the
+`strategies.regularization` logger) as soon as the importances are computed.
 """
 from __future__ import annotations
 
+import logging
 from typing import Literal, NamedTuple
 
 import torch
@@ -20,6 +25,8 @@ from strategies.base import Strategy, on_device
 from strategies.context import Batch, Context, eval_mode
 from strategies.registry import register_strategy
 from streams.experience import TensorData
+
+log = logging.getLogger(__name__)
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -196,6 +203,7 @@ class _QuadraticPenalty(Strategy):
         self._cached: _Terms | None = None  # see `_terms`
         self._u: list[torch.Tensor] | None = None
         self._u_iteration: int | None = None  # the iteration `_u` was computed in
+        self._first_unstable: str | None = None  # `stability_note` where the limit was first passed
 
     def add_anchor(self, importance: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]) -> None:
         parts = {n: (importance[n], importance[n] * anchor[n], importance[n] * anchor[n] ** 2) for n in importance}
@@ -210,6 +218,61 @@ class _QuadraticPenalty(Strategy):
     def set_anchor(self, importance: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]) -> None:
         self.sums = None
         self.add_anchor(importance, anchor)
+
+    def stability_note(self, ctx: Context) -> str | None:
+        """Why this penalty makes plain SGD diverge, or None where it does not (or the optimizer
+        is not `torch.optim.SGD`). The penalty scale * lambda * sum_i Omega_i (theta_i - theta*_i)^2
+        has the curvature h_i = 2 scale lambda Omega_i (Omega summed over the anchors), and
+        heavy-ball SGD on a quadratic of curvature h is stable iff lr h < 2 (1 + momentum)
+        (lr (1 - dampening) with dampening; 2 (1 + m) / (1 + 2 m) with Nesterov momentum).
+        A loss of positive curvature only adds to h, so past that limit the step is unstable.
+        The lab's MAS study (experiments/RESULTS.md, Split-MNIST's MAS;
+        benchmarks/mas_importance_compare.py) found 2 lambda Omega_max lr > 3.8 (momentum 0.9)
+        to predict every divergence of seeds 0-6, in the lab and in avalanche-lib. The learning
+        rate used is the larger of the group's current one and its scheduler's base
+        (`initial_lr`); the stable strength offered is 0.9 times the limit's."""
+        if self.sums is None or not self.strength or not isinstance(ctx.optimizer, torch.optim.SGD):
+            return None
+        names = {id(p): n for n, p in _trainable(ctx.model).items()}
+        worst = None  # (lr h / limit, lr, limit, how the limit reads, largest importance)
+        for group in ctx.optimizer.param_groups:
+            held = [self.sums[names[id(p)]]["a"] for p in group["params"] if names.get(id(p)) in self.sums]
+            if not held:
+                continue
+            largest = max(float(a.max()) for a in held)
+            m, damped = float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))
+            lr = float(max(group["lr"], group.get("initial_lr", 0.0))) * (1 - damped if m else 1.0)
+            nesterov = bool(group.get("nesterov"))
+            limit = 2 * (1 + m) / (1 + 2 * m) if nesterov else 2 * (1 + m)
+            rule = f"2 (1 + momentum {m:g})" + (f" / (1 + 2 x {m:g}) (Nesterov)" if nesterov else "")
+            ratio = lr * 2 * self.scale * self.strength * largest / limit
+            if worst is None or ratio > worst[0]:
+                worst = (ratio, lr, limit, rule, largest)
+        if worst is None or not worst[0] >= 1:
+            return None
+        ratio, lr, limit, rule, largest = worst
+        curvature = 2 * self.scale * self.strength * largest
+        stable = 0.9 * limit / (lr * 2 * self.scale * largest)
+        return (f"{type(self).__name__}'s penalty at strength {self.strength:g} is past SGD's stability limit, "
+                f"so training may diverge: its largest importance {largest:.4g} gives the curvature "
+                f"{curvature:.4g}, and lr {lr:g} x {curvature:.4g} = {lr * curvature:.3g} passes {rule} = "
+                f"{limit:.3g}; a strength of {float(f'{stable:.2g}'):g} or less is stable (or a learning rate "
+                f"below {limit / curvature:.3g})")
+
+    def check_stability(self, ctx: Context) -> None:
+        """Warn, right after the importances are computed, where the penalty is past the
+        stability limit (`stability_note`), and keep the first such note for `diagnose`."""
+        note = self.stability_note(ctx)
+        if note:
+            note = f"after experience {ctx.experience.index + 1} of {len(ctx.stream)}, {note}"
+            log.warning(note)
+            self._first_unstable = self._first_unstable or note
+
+    def diagnose(self, ctx: Context) -> str | None:
+        """The note of the experience where the penalty first passed the stability limit: the
+        cause (importances computed later, on weights already swinging, are inflated by the
+        instability itself); where none was kept (a resumed run), the limit on the weights now."""
+        return self._first_unstable or self.stability_note(ctx)
 
     def _terms(self, ctx: Context) -> "_Terms":
         """The trainable parameters and the penalty's tensors for them, looked up once per
@@ -270,7 +333,8 @@ class EWC(_QuadraticPenalty):
     batches: `data` or one `class` at a time, see `fisher_diagonal`). `fisher_samples` caps
     the samples used (None: all). The paper's lambda is not recoverable from its text; the
     default 100 keeps plain SGD stable with the per-sample Fisher (a step becomes unstable
-    once lr * lambda * F passes about 1; avalanche-lib's 1000 goes with its batched Fisher)."""
+    once lr * lambda * F passes 2 (1 + momentum), see `stability_note`, which warns of it;
+    avalanche-lib's 1000 goes with its batched Fisher)."""
 
     term = "ewc"
     scale = 0.5
@@ -293,6 +357,7 @@ class EWC(_QuadraticPenalty):
 
     def after_experience(self, ctx: Context, data: TensorData) -> None:
         self.add_anchor(self.fisher_of(ctx), _weights(ctx))
+        self.check_stability(ctx)
 
 
 @register_strategy("online_ewc")
@@ -320,6 +385,7 @@ class OnlineEWC(EWC):
         self.running = fisher if self.running is None else {
             n: self.gamma * self.running[n] + fisher[n] for n in fisher}
         self.set_anchor({n: self.gamma * f for n, f in self.running.items()}, _weights(ctx))
+        self.check_stability(ctx)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "running": self.running}
@@ -398,6 +464,7 @@ class SI(_QuadraticPenalty):
         self.importance = new if self.importance is None else {n: self.importance[n] + new[n] for n in new}
         self.importance = {n: v.clamp_min(0.0) for n, v in self.importance.items()}
         self.set_anchor(self.importance, now)
+        self.check_stability(ctx)
         self.start = now
         self.omega = {n: torch.zeros_like(p) for n, p in now.items()}
 
@@ -455,6 +522,7 @@ class MAS(_QuadraticPenalty):
             a = self.decay
             self.importance = {n: a * self.importance[n] + (1 - a) * new[n] for n in new}
         self.set_anchor(self.importance, _weights(ctx))
+        self.check_stability(ctx)
 
     def _per_group(self, ctx: Context) -> dict[str, torch.Tensor]:
         """|gradient of a group's mean ||F(x)||^2|, averaged over the whole groups of b samples:
@@ -503,3 +571,4 @@ class L2(_QuadraticPenalty):
     def after_experience(self, ctx: Context, data: TensorData) -> None:
         now = _weights(ctx)
         self.set_anchor({n: torch.ones_like(p) for n, p in now.items()}, now)
+        self.check_stability(ctx)

@@ -189,7 +189,7 @@ def test_a_store_that_fails_mid_run_loses_nothing(tmp_path, tracking_uri, capsys
     assert not client.list_artifacts(run.info.run_id)
 
     monkeypatch.undo()  # the disk has room again
-    assert main(["sync", str(tmp_path / "journal")]) == 0
+    assert main(["sync", str(tmp_path / "journal"), "--tracking-uri", tracking_uri]) == 0  # the store the user names
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"accuracy_matrix.png", "config.yaml"}

@@ -129,6 +129,8 @@ def _add_sweep(sub) -> argparse.ArgumentParser:
     sweep.add_argument("--address", default=None, help="an existing Ray cluster (default: a local one)")
     sweep.add_argument("--cpus-per-trial", type=float, default=1.0)
     sweep.add_argument("--gpus-per-trial", type=float, default=0.0)
+    sweep.add_argument("--max-points", type=int, default=1000, metavar="N",
+                       help="refuse a sweep of more than N points before any runs (default 1000)")
     _tracking_uri_option(sweep)
     sweep.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     sweep.add_argument("--json", action="store_true", help="end standard output with one JSON object")
@@ -139,5 +141,5 @@ def _add_sync(sub) -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="deliver the tracking records that wait in journals to their MLflow stores")
     sync.add_argument("folders", nargs="*", help="journal folders, or folders holding them: checkpoint folders, "
                                                  "./cl-journal (default: CL_JOURNAL_DIR, else ./cl-journal)")
-    sync.add_argument("--tracking-uri", default=None, help="deliver here instead of the store each run names")
+    sync.add_argument("--tracking-uri", default=None, help="deliver to this store (default: MLFLOW_TRACKING_URI, else ./mlflow.db); never to one a journal names")
     return sync

@@ -12,7 +12,8 @@ def sweep_command(args) -> int:
 
     out = sweep(args.file, args.overrides, tracking_uri=args.tracking_uri or default_tracking_uri(),
                 track=not args.no_track, workers=args.workers, ray=False if args.no_ray else None,
-                address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
+                address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                max_points=args.max_points)
     objective = out["objective"]
     print(sweep_table(out["rows"], objective))
     if out["best"] is not None:

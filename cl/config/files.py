@@ -4,6 +4,7 @@ resolve and check every component (`validation`) before anything runs."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import yaml
@@ -21,13 +22,124 @@ def read_yaml_mapping(path: str | Path, kind: str = "experiment") -> dict:
     source = str(path)
     if not path.is_file():
         raise ConfigError(f"{source}: {kind} file not found")
+    with path.open("rb") as f:
+        text = f.read(MAX_FILE_BYTES + 1)
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_FILE_BYTES >> 20} MiB: {kind} files hold settings, not "
+                          f"data (keep data in files of their own)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(text, source)
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    refuse_nonfinite(raw, source)
     return raw
+
+
+#: An experiment file holds settings, not data: a larger file is refused before it is read.
+MAX_FILE_BYTES = 1 << 20
+#: The values a YAML document may hold once its aliases are expanded (each `*a` counts all
+#: that `&a` holds): nested aliases that would multiply a small file are refused, not built.
+MAX_EXPANDED_NODES = 1_000_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the last would win unseen)."""
+
+    source = "<yaml>"
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, which keys may override
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: the safe loader's own error names it
+                    continue
+                if earlier is not key_node:
+                    raise ConfigError(f"{self.source}: line {key_node.start_mark.line + 1}: key '{key}' is given "
+                                      f"twice in one mapping (first on line {earlier.start_mark.line + 1}); keep one")
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str | bytes, source: str):
+    """One YAML document, loaded safely: aliases that expand past `MAX_EXPANDED_NODES` values,
+    an alias inside what it names, or a key given twice in one mapping are ConfigErrors
+    naming `source` (and the line)."""
+    loader = _StrictLoader(text)
+    loader.source = source
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, source)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deep to be an experiment's settings") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root, source: str) -> int:
+    """How many values the YAML node graph `root` holds with every alias expanded, counted
+    without expanding it (each node once); a ConfigError past `MAX_EXPANDED_NODES`."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        line = node.start_mark.line + 1
+        if id(node) in open_nodes:
+            raise ConfigError(f"{source}: line {line}: an alias inside the very value it names (a value that "
+                              f"holds itself); write the value out")
+        open_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_EXPANDED_NODES:
+                raise ConfigError(f"{source}: line {line}: its aliases expand to over {MAX_EXPANDED_NODES:,} "
+                                  f"values (aliases of aliases multiply); refused, write the values out")
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
+
+
+def refuse_nonfinite(value, source: str, where: str = "", prefix: str = "") -> None:
+    """A ConfigError naming the key path (`training.optimizer.lr`) of the first NaN or infinite
+    number in `value`, or a string that reads as one (`1e400`), which an argument's type would
+    turn into one."""
+    stack = [(where, value)]
+    seen: set[int] = set()
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, (dict, list)):
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            items = v.items() if isinstance(v, dict) else enumerate(v)
+            stack.extend((f"{path}.{k}" if path else str(k), x) for k, x in reversed(list(items)))
+            continue
+        if isinstance(v, bool) or not isinstance(v, (float, str)):
+            continue
+        try:
+            number = float(v)
+        except (ValueError, OverflowError):
+            continue
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: {prefix}{path or '(value)'}: expected a finite number, got {v!r}")
 
 
 def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
@@ -36,7 +148,11 @@ def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set '{item}': expected key.sub=value")
-        value = yaml.safe_load(text) if text else None
+        try:
+            value = load_yaml(text, f"{source}: --set {key}") if text else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: --set {key}: not valid YAML: {err}") from None
+        refuse_nonfinite(value, source, key, "--set ")
         parts = key.split(".")
         node = _parent_of(raw, parts, key, source)
         last = parts[-1]
@@ -90,6 +206,7 @@ def experiment_from_dict(raw: dict, overrides: list[str] | None = None, source: 
         source_dir = source_dir if source_dir is not None else source_file.parent
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    refuse_nonfinite(raw, source)
     raw = apply_overrides(copy.deepcopy(raw), overrides or [], source)
     try:
         cfg = ExperimentConfig.model_validate(raw)

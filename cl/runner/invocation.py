@@ -15,15 +15,17 @@ import torch
 
 from cl.config.components import build_stream
 from cl.config.models import lab_loads_weights
+from cl.config.names import file_name
 from cl.config.params import flatten
 from cl.config.registry import plugins_from
 from cl.config.schema import ExperimentConfig
 from cl.models import resolve_weights
 from cl.runner.one_run import PreparedRun, new_feature_cache, prepare_run, run_config, run_result, saved_state, train_run
-from cl.tracking.logger import ExperimentLogger, TrackingOptions
+from cl.tracking.logger import ExperimentLogger, TrackingOptions, check_journal
 from cl.tracking.provenance import dataset_inputs, source_tags
 from cl.tracking.sink import ConsoleSink
 from cl.tracking.store import DEFAULT_TIMEOUT_S
+from cl.training.checkpoint import check_replaceable
 from cl.training.devices import usable_cores
 from cl.training.feature_cache import FeatureCache
 from cl.training.nonfinite import NonFiniteLossError
@@ -96,7 +98,7 @@ class Invocation:
     def checkpoint_path(self, label: str, seed: int) -> Path | None:
         if not self.checkpoint_dir:
             return None
-        return Path(self.checkpoint_dir) / f"{self._run_name(label, seed)}.pt"
+        return Path(self.checkpoint_dir) / f"{file_name(self._run_name(label, seed))}.pt"  # a name is not a path
 
     def _run_name(self, label: str, seed: int) -> str:
         if self.logger is not None:
@@ -105,6 +107,14 @@ class Invocation:
 
     def run(self) -> list[dict]:
         logger = self.logger
+        for label in self.runs:  # before anything trains: no file the lab did not write is replaced
+            for seed in self.seeds:
+                if self.checkpoint_dir:
+                    check_replaceable(self.checkpoint_path(label, seed))
+                if logger is not None:
+                    check_journal(logger.journal_folder(self._run_name(label, seed)))
+        if logger is not None and logger.options.parent_key is None:
+            check_journal(logger.parent_folder())
         warmup = logger.open_store() if logger is not None else None
         results, setup_s, stream, stream_seed = [], 0.0, None, None
         try:

@@ -39,6 +39,7 @@ import datetime
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -146,23 +147,24 @@ def load_pretrain(path: str | Path, overrides: list[str] | None = None) -> tuple
     return cfg, source
 
 
-def output_path(cfg: PretrainConfig, source: str, overwrite: bool = False) -> Path:
+def output_path(cfg: PretrainConfig, source: str, overwrite: bool = False, resumed: bool = False) -> Path:
     """Where the weights go (a relative `output` under `cl.models.weights_root()`), checked
-    writable before anything trains."""
+    writable before anything trains. An existing file is replaced with `overwrite`, or when
+    `resumed` if `cl pretrain` wrote it (a resumed pre-training may have written it already)."""
     from cl.models import weights_root
 
     path = Path(cfg.output).expanduser()
     if not path.is_absolute():
         path = weights_root() / path
-    if path.exists() and not overwrite:
+    if path.exists() and not overwrite and not (resumed and _written_by_pretrain(path)):
         raise ConfigError(f"{source}: output: {path} exists; pass --overwrite to replace it")
     if path.is_dir():
         raise ConfigError(f"{source}: output: {path} is a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")  # a new file
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
         raise ConfigError(f"{source}: output: cannot write {path}: {type(err).__name__}: {err}") from None
     return path
@@ -195,7 +197,7 @@ def pretrain(cfg: PretrainConfig, source: str = "<pretrain>", *, tracking_uri: s
 
     wall = time.perf_counter()
     # A resumed pre-training may have written its file already (killed while it was delivered).
-    out = output_path(cfg, source, overwrite or (resume and checkpoint_dir is not None and Path(checkpoint_dir).is_dir()))
+    out = output_path(cfg, source, overwrite, resume and checkpoint_dir is not None and Path(checkpoint_dir).is_dir())
     data = build_dataset(cfg.dataset, cfg.data_dir, source)
     classes = list(cfg.classes) if cfg.classes is not None else list(range(data.n_classes))
     stream = joint_stream(data, classes, cfg.training.augment, source)
@@ -287,12 +289,21 @@ def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
 
     # Cloned: safetensors refuses tensors that share memory (tied weights); each gets its own.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # a new file, never one there
+    os.close(fd)
+    tmp = Path(tmp)
     try:
         save_file(state, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _written_by_pretrain(path: Path) -> bool:
+    try:
+        return read_metadata(path).get("format") == WEIGHTS_FORMAT
+    except Exception:  # not a safetensors file: not ours
+        return False
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

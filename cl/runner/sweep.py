@@ -29,10 +29,46 @@ from pathlib import Path
 
 import yaml
 
+from cl.config.errors import ConfigError
 from cl.config.files import load_experiment
 from cl.config.schema import ExperimentConfig, SweepConfig, SweepRange
 
 log = logging.getLogger(__name__)
+
+#: The points a sweep may have unless the user raises it (`cl sweep --max-points N`).
+MAX_POINTS = 1000
+
+
+def count_points(sweep: SweepConfig) -> int:
+    """How many points `expand` makes, counted without making them."""
+    return math.prod(len(v) for v in sweep.parameters.values()) if sweep.method == "grid" else sweep.samples
+
+
+def objective_names() -> set[str]:
+    """Every scalar a trial can report, whatever its stream: each evaluator's metrics
+    (`evaluation.summaries`) and the run's costs; an objective outside them chooses nothing."""
+    from evaluation import continual, metrics
+    from evaluation.evaluators import Evaluator
+
+    names = {"perplexity", "anytime_acc", "train_time_s", "eval_time_s", "skipped_steps", "tokens_per_s",
+             "tokens_trained", "rows_trained", "iterations"}
+    for key in {cls.key for cls in Evaluator.__subclasses__() if cls.key}:
+        names |= set(metrics.metric_names(key).values())
+        names |= set(continual.continual_summary([1, 2], [[1.0], [1.0]], [2], key=key))  # their names only
+    return names
+
+
+def check_sweep(sweep: SweepConfig, source: str, max_points: int) -> int:
+    """The sweep's point count, once its objective is known to be a metric and the count is
+    within `max_points`; a ConfigError before any point is made or run otherwise."""
+    if sweep.objective not in objective_names():
+        raise ConfigError(f"{source}: sweep.objective: '{sweep.objective}' is not a metric a trial reports "
+                          f"(expected one of: {', '.join(sorted(objective_names()))})")
+    n = count_points(sweep)
+    if n > max_points:
+        raise ConfigError(f"{source}: the sweep has {n:,} points, over the limit of {max_points:,}; "
+                          f"run it with --max-points {n} to allow them")
+    return n
 
 
 def expand(sweep: SweepConfig) -> list[dict]:
@@ -175,13 +211,14 @@ def sweep_table(rows: list[dict], objective: str) -> str:
 
 def sweep(path: str, overrides: list[str], *, tracking_uri: str | None, track: bool, workers: int = 2,
           ray: bool | None = None, address: str | None = None, cpus_per_trial: float = 1.0,
-          gpus_per_trial: float = 0.0) -> dict:
+          gpus_per_trial: float = 0.0, max_points: int = MAX_POINTS) -> dict:
     """Run the sweep of the file at `path`; returns {"trials", "rows", "best", "final"}."""
     from cl.tracking.journal import journal_root
 
     cfg: ExperimentConfig = load_experiment(path, overrides)
     if cfg.sweep is None:
         raise ValueError(f"{path}: no 'sweep:' block to run (cl run runs the file as it is)")
+    check_sweep(cfg.sweep, path, max_points)
     use_ray = _ray_wanted(ray)
     points = expand(cfg.sweep)
     invocation = uuid.uuid4().hex[:8]
@@ -227,11 +264,12 @@ def _ray_wanted(ray: bool | None) -> bool:
 
 def _open_sweep_parent(cfg: ExperimentConfig, points: list[dict], invocation: str, tracking_uri: str | None):
     """The parent MLflow run the trials are children of (its journal is delivered, then removed)."""
-    from cl.tracking.journal import Journal, journal_root
+    from cl.tracking.journal import Journal
+    from cl.tracking.logger import invocation_journals
     from cl.tracking.sink import MLflowSink
     from cl.tracking.store import StoreWarmup
 
-    folder = journal_root().resolve() / f"{cfg.name}-{invocation}"
+    folder = invocation_journals(cfg.name, invocation).resolve()  # the trials' folder; a name is not a path
     StoreWarmup(tracking_uri).wait()
     return MLflowSink(Journal(folder / "parent.journal"), cfg.name, f"{cfg.name}-sweep-{invocation}",
                       {"points": len(points), "method": cfg.sweep.method, "protocol": cfg.sweep.protocol,

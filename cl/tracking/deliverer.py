@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Protocol
 
-from cl.tracking.journal import Journal
+from cl.tracking.journal import SKIPPED, Journal
 from cl.tracking.store import TrackingError, artifacts_beside, quiet_mlflow, sqlite_store_lock, unanswered
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class Deliverer:
         self.should_stop = lambda: False  # set by the delivery loop
         self._failing_since: float | None = None
         self._client = None
+        self.refused: list[str] = []  # what of the journal was refused (an artifact outside its folder), one line each
 
     def failing_for(self) -> float | None:
         """Seconds the store has been failing this journal's deliveries, or None. Waiting for
@@ -193,6 +195,9 @@ class Deliverer:
         i = journal.state["delivered"]
         record = journal.records[i]
         op, run_id = record["op"], journal.state.get("run_id")
+        if op == SKIPPED:  # a line that is not a record (copied to records.corrupt.jsonl)
+            journal.mark_delivered(i + 1)
+            return
         if op == "create":
             self._create(record)
             return
@@ -222,10 +227,13 @@ class Deliverer:
             elif op == "inputs":
                 client.log_inputs(run_id, datasets=[_dataset_input(d) for d in record["inputs"]])
             elif op == "table":
-                client.log_table(run_id, data=record["data"], artifact_file=record["name"])
+                if self._refuse(i, record, _unsafe_name(record["name"])) is None:
+                    client.log_table(run_id, data=record["data"], artifact_file=record["name"])
             elif op == "artifact":
-                path = journal.folder / record["path"]
-                if path.is_dir():
+                path = self._refuse(i, record, _outside(journal.folder, record["path"]))
+                if path is None:
+                    pass
+                elif path.is_dir():
                     client.log_artifacts(run_id, str(path), path.name)
                 else:
                     client.log_artifact(run_id, str(path))
@@ -236,6 +244,17 @@ class Deliverer:
                 raise
             log.warning(f"MLflow refused a '{op}' record of {journal.folder}: {err}")
         journal.mark_delivered(i + 1)
+
+    def _refuse(self, i: int, record: dict, problem: "str | Path"):
+        """A journal names its files: `problem` (a reason) refuses record `i`, with a warning, and
+        delivery goes on; else `problem` is the path to read, returned."""
+        if isinstance(problem, Path):
+            return problem
+        what = record.get("path", record.get("name"))
+        line = f"{self.journal.folder}: refused the '{record['op']}' record at line {i + 1} ({_shown(what)}): {problem}"
+        self.refused.append(line)
+        log.warning(line)
+        return None
 
     def _parent_id(self, experiment_id: str, parent_key: str) -> str:
         """The parent's run id: from its journal, else (a journal already delivered and
@@ -274,6 +293,44 @@ class Deliverer:
 
 class ParentNotCreated(RuntimeError):
     """A child's creation waits for its parent's."""
+
+
+def _outside(folder: Path, name: str) -> "Path | str":
+    """The file or folder an artifact record names, if it lies inside the journal's `folder`
+    (links followed, every file of a folder too) and holds only plain files; else why not."""
+    root = folder.resolve()
+    if Path(name).is_absolute() or "\0" in name:
+        return "an absolute path: an artifact is read only from inside the journal's folder"
+    path = (folder / name).resolve()
+    if not path.is_relative_to(root) or path == root:
+        return "a path outside the journal's folder (through '..' or a link)"
+    if not path.exists():
+        return "no such file in the journal's folder"
+    if path.is_dir():
+        for parent, dirs, files in os.walk(path, followlinks=False):
+            for entry in dirs + files:
+                inner = Path(parent, entry)
+                if not inner.resolve().is_relative_to(root):
+                    return f"{inner.relative_to(folder)} links outside the journal's folder"
+                if entry in files and not inner.resolve().is_file():
+                    return f"{inner.relative_to(folder)} is not a plain file"
+    elif not path.is_file():
+        return "not a plain file"
+    return path
+
+
+def _unsafe_name(name: str) -> "Path | str":
+    """A table's artifact name is a path inside the run's artifacts: no absolute path, no '..'."""
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or "\\" in name or ".." in parts or "\0" in name:
+        return "a table's name must be a relative path inside the run's artifacts"
+    return Path(name)
+
+
+def _shown(value, limit: int = 120) -> str:
+    """A journal's text as shown to the user: on one line, not too long."""
+    text = repr(value) if not isinstance(value, str) else value.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _find_run(client, experiment_id: str, key: str):

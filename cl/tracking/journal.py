@@ -13,6 +13,11 @@ between delivering and noting it) stores nothing twice: MLflow keeps one metric 
 artifacts are overwritten. A resumed run emits again what it had emitted after its
 checkpoint; the journal keeps the first of each metric point (key, step), so the
 store gets one value per step.
+
+A journal is data: a line that is not a whole record of a known kind (a corrupt line, a
+list or a number, a record missing its fields) is passed over, counted and copied to
+`records.corrupt.jsonl`, and never the reason a record after it is dropped; only a torn
+last line (what a killed process was writing) is cut off, after being copied there too.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ import uuid
 from pathlib import Path
 
 RECORDS, STATE, BLOBS = "records.jsonl", "state.json", "blobs"
+CORRUPT = "records.corrupt.jsonl"  # the lines passed over, each with where it was and why
+SKIPPED = "(corrupt)"  # the op of the place a passed-over line keeps in `records` (record i is line i)
 
 
 class Journal:
@@ -40,8 +47,12 @@ class Journal:
         self._lock = threading.Lock()
         self._offset = 0  # bytes of the records file read so far
         self.records: list[dict] = []
-        self._read_new(repair=not follow)
-        self.state: dict = self._read_state()
+        try:
+            self._read_new(repair=not follow)
+            self.state: dict = self._read_state()
+        except (OSError, ValueError) as err:
+            self.close()
+            raise JournalUnreadable(f"{self.folder} cannot be read ({_reason(err)}); it is left as it is") from None
         if not (self.folder / STATE).exists():  # the run key is on disk before any run carries it
             self.mark_delivered(0)
         self._points = {(k, r["step"]) for r in self.records if r["op"] == "metrics" for k in r["metrics"]}
@@ -66,8 +77,10 @@ class Journal:
 
     # ------------------------------------------------------------ reading
     def _read_new(self, repair: bool) -> int:
-        """Add the whole records written past what was read; returns how many. `repair`: cut
-        off a torn last line (what a killed process was writing) and what follows it."""
+        """Add the whole lines written past what was read; returns how many. A line that is
+        not a record keeps its place as a `SKIPPED` one (passed over by delivery). `repair`
+        (the owner): copy such lines to `records.corrupt.jsonl`, and complete or cut off a
+        torn last line (what a killed process was writing), copied there first."""
         path = self.folder / RECORDS
         if not path.exists():
             return 0
@@ -76,18 +89,64 @@ class Journal:
             f.seek(self._offset)
             for line in f:
                 if not line.endswith(b"\n"):  # still being written (or torn)
+                    if repair:
+                        self._repair_last(path, line)
                     break
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    break
-                self.records.append(record)
-                self._offset += len(line)
+                self._take(line, repair)
                 added += 1
-        if repair and self._offset != path.stat().st_size:
-            with open(path, "r+b") as f:
-                f.truncate(self._offset)
         return added
+
+    def _take(self, line: bytes, repair: bool) -> None:
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            record, problem = None, f"not JSON ({err.__class__.__name__})"
+        else:
+            problem = record_problem(record)
+        if problem is not None:
+            if repair:
+                self._quarantine(line, problem)
+            record = {"op": SKIPPED, "line": len(self.records) + 1, "reason": problem}
+        self.records.append(record)
+        self._offset += len(line)
+
+    def _repair_last(self, path: Path, line: bytes) -> None:
+        """A last line without its newline, in a journal nobody writes now: kept (newline added)
+        if it is a whole record, else copied aside and cut off."""
+        try:
+            whole = record_problem(json.loads(line)) is None
+        except ValueError:
+            whole = False
+        if whole:
+            with open(path, "ab") as f:
+                f.write(b"\n")
+            self._take(line + b"\n", repair=True)
+            return
+        self._quarantine(line, "torn last line (a process killed while writing it), cut off")
+        with open(path, "r+b") as f:
+            f.truncate(self._offset)
+
+    def _quarantine(self, line: bytes, problem: str) -> None:
+        """Copy a passed-over line to `records.corrupt.jsonl`, once (a journal is read again
+        by every process that opens it)."""
+        entry = {"line": len(self.records) + 1, "offset": self._offset, "reason": problem,
+                 "text": line.decode("utf-8", "backslashreplace")}
+        side = self.folder / CORRUPT
+        if side.exists():
+            for kept in side.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    old = json.loads(kept)
+                except ValueError:
+                    continue
+                if isinstance(old, dict) and (old.get("offset"), old.get("text")) == (entry["offset"], entry["text"]):
+                    return
+        with open(side, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    @property
+    def skipped(self) -> int:
+        """Lines passed over (copied to `records.corrupt.jsonl` by the owner)."""
+        return sum(1 for r in self.records if r["op"] == SKIPPED)
 
     def refresh(self) -> int:
         """(`follow`) Take in the records written since the last look; wakes the waiters."""
@@ -99,8 +158,21 @@ class Journal:
 
     def _read_state(self) -> dict:
         path = self.folder / STATE
-        state = json.loads(path.read_text()) if path.exists() else {}
+        try:
+            state = json.loads(path.read_text()) if path.exists() else {}
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{STATE} is not JSON: {err}") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{STATE} is not a JSON object")
         state.setdefault("delivered", 0)
+        delivered = state["delivered"]
+        if type(delivered) is not int or not 0 <= delivered <= len(self.records):
+            raise ValueError(f"{STATE} says {delivered!r} record(s) delivered, of {len(self.records)}")
+        for field in ("key", "run_id", "experiment_id"):
+            if field in state and not isinstance(state[field], str):
+                raise ValueError(f"{STATE}: its {field} is not a string")
+        if "key" in state and not _key(state["key"]):
+            raise ValueError(f"{STATE}: its key is not a run key")
         state.setdefault("key", uuid.uuid4().hex)  # tags the MLflow run: a run created but not noted is found again
         return state
 
@@ -110,8 +182,9 @@ class Journal:
 
     @property
     def ended(self) -> dict | None:
-        """The last record if it ends the run, else None."""
-        return self.records[-1] if self.records and self.records[-1]["op"] == "end" else None
+        """The last record if it ends the run, else None (lines passed over aside)."""
+        last = next((r for r in reversed(self.records) if r["op"] != SKIPPED), None)
+        return last if last is not None and last["op"] == "end" else None
 
     @property
     def pending(self) -> int:
@@ -163,7 +236,7 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
+            if getattr(self, "_file", None) is not None:
                 self._file.close()
         if self._owner is not None:
             self._owner.close()  # releases the lock
@@ -182,6 +255,68 @@ class Journal:
 
 class JournalBusy(ValueError):
     """Another process owns this journal (reported like bad input: exit 2, one line)."""
+
+
+class JournalUnreadable(ValueError):
+    """A journal that cannot be read at all (its records file or state unreadable)."""
+
+
+def _reason(err: BaseException) -> str:
+    return f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.strerror else str(err)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_SCALAR = (str, int, float, bool)
+
+
+def _strings(d) -> bool:
+    """Names to values MLflow takes as text (a tag's, a parameter's)."""
+    return isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, _SCALAR) for k, v in d.items())
+
+
+def _key(v) -> bool:
+    """A run key (`Journal.state["key"]`, hex): a store is searched by it."""
+    return isinstance(v, str) and v.isascii() and v.isalnum()
+
+
+# What each kind of record must hold: field -> test (`Journal.append`'s callers, `cl.tracking.sink`).
+_FIELDS = {
+    "create": {"experiment": lambda v: isinstance(v, str), "name": lambda v: isinstance(v, str),
+               "params": _strings, "tags": lambda v: _strings(v) and _key(v.get("cl.run_key"))},
+    "metrics": {"metrics": lambda v: isinstance(v, dict) and all(isinstance(k, str) and _number(x) for k, x in v.items()),
+                "step": lambda v: type(v) is int},
+    "tags": {"tags": _strings},
+    "status": {"status": lambda v: isinstance(v, str)},
+    "inputs": {"inputs": lambda v: isinstance(v, list) and all(
+        isinstance(d, dict) and all(isinstance(d.get(k), _SCALAR) for k in ("name", "digest", "source", "context"))
+        for d in v)},
+    "table": {"name": lambda v: isinstance(v, str), "data": lambda v: isinstance(v, dict)},
+    "artifact": {"path": lambda v: isinstance(v, str)},
+    "end": {"status": lambda v: isinstance(v, str)},
+}
+_OPTIONAL = {"tracking_uri": lambda v: v is None or isinstance(v, str),  # shown, never used (`cl sync`)
+             "parent_key": lambda v: v is None or _key(v)}
+
+
+def record_problem(record) -> str | None:
+    """Why `record` (a line's JSON) is not a record a journal holds, or None if it is."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    op = record.get("op")
+    if not isinstance(op, str) or op not in _FIELDS:
+        return f"no known 'op' ({op!r})"[:120]
+    if not _number(record.get("time")):
+        return f"a '{op}' record without its time"
+    for field, test in _FIELDS[op].items():
+        if not test(record.get(field)):
+            return f"a '{op}' record whose '{field}' is missing or of the wrong type"
+    for field, test in _OPTIONAL.items():
+        if field in record and not test(record[field]):
+            return f"a '{op}' record whose '{field}' is of the wrong type"
+    return None
 
 
 def journal_root() -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import threading
 import time
 import uuid
@@ -21,9 +20,10 @@ from pathlib import Path
 import yaml
 
 from cl.config.identity import ConfigChangedError, config_hash
+from cl.config.names import file_name
 from cl.tracking import delivery
 from cl.tracking.deliverer import Deliverer
-from cl.tracking.journal import Journal, journal_root
+from cl.tracking.journal import RECORDS, STATE, Journal, journal_root
 from cl.tracking.sink import MLflowSink
 from cl.tracking.store import DEFAULT_TIMEOUT_S, StoreWarmup, TrackingError, check_store_location, is_server, run_link
 from evaluation import compare
@@ -63,6 +63,20 @@ def json_safe(value):
     return value
 
 
+def invocation_journals(experiment: str, invocation: str) -> Path:
+    """Where the journals of an invocation without a checkpoint folder go (a sweep's too)."""
+    return journal_root() / file_name(f"{experiment}-{invocation}")
+
+
+def check_journal(folder: Path) -> Path:
+    """`folder`, refused if something is there that is not a journal the lab wrote."""
+    if folder.is_symlink() or folder.exists() and not (folder.is_dir() and any(
+            (folder / f).exists() for f in (RECORDS, STATE, ".owner"))):
+        raise TrackingError(f"{folder} exists and is not a journal the lab wrote: move it away or give another "
+                            f"--checkpoint-dir")
+    return folder
+
+
 class ExperimentLogger:
     """The MLflow side of one invocation of an experiment file named `experiment`, over
     `seeds`; `checkpoint_dir`, where the journals live beside the checkpoints."""
@@ -81,9 +95,17 @@ class ExperimentLogger:
         return name if self.options.trial is None else f"trial{self.options.trial}-{name}"
 
     def journal_folder(self, name: str) -> Path:
+        """The journal of the run called `name` (label, seed, trial); a name is not a path
+        (`cl.config.names`), and never the parent's `parent.journal`."""
+        return self._journals() / f"{file_name(name, reserved=('parent',))}.journal"
+
+    def parent_folder(self) -> Path:
+        return self._journals() / "parent.journal"
+
+    def _journals(self) -> Path:
         if self.checkpoint_dir:
-            return Path(self.checkpoint_dir) / f"{name}.journal"
-        return journal_root() / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', self.experiment)}-{self.id}" / f"{name}.journal"
+            return Path(self.checkpoint_dir)
+        return invocation_journals(self.experiment, self.id)
 
     # ------------------------------------------------------------ the store
     def open_store(self) -> StoreWarmup | None:
@@ -105,7 +127,7 @@ class ExperimentLogger:
                 self._store_unreachable(report["error_type"])
             elif not report.get("ok"):
                 log.warning(f"{report['error']}; the runs go on, their records wait in "
-                            f"{self.journal_folder('parent').parent} (`cl sync --tracking-uri URI` delivers them "
+                            f"{self._journals()} (`cl sync --tracking-uri URI` delivers them "
                             f"to a store that works)")
 
         service.on_store = reported
@@ -133,11 +155,11 @@ class ExperimentLogger:
 
     def _store_unreachable(self, kind: str) -> None:
         log.warning(f"MLflow server {self.options.uri} does not answer ({kind}); the runs go on, their records wait "
-                    f"in {self.journal_folder('parent').parent} and are delivered when it answers (or by `cl sync`)")
+                    f"in {self._journals()} and are delivered when it answers (or by `cl sync`)")
 
     # ------------------------------------------------------------ sinks
-    def _sink(self, name: str, run_name: str, params: dict, tags: dict, parent=None, system_metrics_s=None):
-        folder = self.journal_folder(name)
+    def _sink(self, folder: Path, run_name: str, params: dict, tags: dict, parent=None, system_metrics_s=None):
+        check_journal(folder)
         if folder.exists() and not self.resume:  # an earlier invocation's, in the same checkpoint folder
             aside = folder.with_name(f"{folder.name}.{time.strftime('%Y%m%d-%H%M%S')}")
             folder.rename(aside)
@@ -154,7 +176,7 @@ class ExperimentLogger:
         invocation keeps its id."""
         if self.options.parent_key is not None:
             return
-        folder = self.journal_folder("parent")
+        folder = check_journal(self.parent_folder())
         if self.resume and folder.exists():
             peek = Journal(folder, owner=False)
             created = next((r for r in peek.records if r["op"] == "create"), None)
@@ -162,7 +184,7 @@ class ExperimentLogger:
             if created is not None:
                 self.id = created["tags"].get("cl.invocation", self.id)
         tags = {**tags, "cl.role": "parent", "cl.invocation": self.id}
-        self.parent = self._sink("parent", f"{self.experiment}-{self.id}", params, tags)
+        self.parent = self._sink(self.parent_folder(), f"{self.experiment}-{self.id}", params, tags)
 
     def child(self, name: str, label: str, seed: int, params: dict, tags: dict, on_gpu: bool) -> MLflowSink:
         """The MLflow run of one run and seed, under the parent."""
@@ -171,7 +193,7 @@ class ExperimentLogger:
                                                       else {}), **options.extra_tags}
         every = options.system_metrics_s if options.system_metrics_s is not None else (10.0 if on_gpu else None)
         trial = "" if options.trial is None else f"-trial{options.trial}"
-        return self._sink(name, f"{label}{trial}-seed{seed}-{self.id}", params, tags,
+        return self._sink(self.journal_folder(name), f"{label}{trial}-seed{seed}-{self.id}", params, tags,
                           parent=self.parent or options.parent_key, system_metrics_s=every)
 
     def checkpointed(self, sink: MLflowSink | None) -> None:
@@ -238,7 +260,7 @@ class ExperimentLogger:
         """A run this invocation already finished (its journal ends FINISHED with its result):
         its result, delivering what it has not; it is not trained or logged again. With a
         changed configuration the resume is refused, as a checkpoint's would be."""
-        folder = self.journal_folder(name)
+        folder = check_journal(self.journal_folder(name))
         if not folder.exists():
             return None
         journal = Journal(folder)

@@ -7,11 +7,12 @@ child (`cl.tracking.delivery`) while the data loads.
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from cl.config.names import file_name
 
 # How long a store may fail before the user is told what waits, and how long a run's end
 # waits for it: `--tracking-timeout`, or CL_TRACKING_TIMEOUT.
@@ -29,8 +30,8 @@ def artifacts_beside(uri: str | None, experiment: str) -> str | None:
     default is ./mlruns of the working directory). Other stores choose for themselves (None)."""
     if not uri or not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
         return None
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment)
-    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns" / name).as_uri()
+    # A name is data: its folder is a safe, distinct file name (`..` or `a/b` never reach past mlruns/).
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns" / file_name(experiment)).as_uri()
 
 
 @contextmanager

@@ -10,6 +10,7 @@ configuration is refused with the keys that differ.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -45,13 +46,46 @@ def check_plain(obj, where: str) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict, meta: dict | None = None) -> Path:
-    """Write `state` to `path` via a temporary file and a rename, so a crash never leaves half a file."""
+    """Write `state` to `path` via a temporary file of its own and a rename, so a crash never
+    leaves half a file; a file at `path` that is not a checkpoint of the lab is refused
+    (`check_replaceable`), never replaced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "meta": meta or {}, "state": state}, tmp)
-    os.replace(tmp, path)
+    if str(path.absolute()) not in _WRITTEN:
+        check_replaceable(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # a new file, never one there
+    os.close(fd)
+    try:
+        torch.save({"format": FORMAT, "meta": meta or {}, "state": state}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _WRITTEN.add(str(path.absolute()))
     return path
+
+
+#: Checkpoints this process wrote: replacing them needs no second look.
+_WRITTEN: set[str] = set()
+
+
+def is_lab_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a checkpoint the lab wrote (any version of its format); its tensors are
+    not read."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return isinstance(blob, dict) and str(blob.get("format", "")).startswith(FORMAT.split("/")[0] + "/")
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Refuse, naming it, a file at `path` that a checkpoint would replace and that is not a
+    checkpoint of the lab (a file the lab did not write is never replaced)."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not (path.is_file() and is_lab_checkpoint(path))):
+        raise CheckpointError(f"{path} exists and is not a checkpoint the lab wrote: move it away or give another "
+                              f"--checkpoint-dir")
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:

@@ -16,10 +16,12 @@ class NonFiniteLossError(RuntimeError):
 class LossCheck:
     """Each step's loss is checked at once on the CPU, where reading it costs nothing, and
     where `nonfinite: skip` must know before the step; elsewhere `DEFERRED_CHECK_EVERY`
-    steps at a time. `where(iteration)` describes an iteration for the error message."""
+    steps at a time. `where(iteration)` describes an iteration for the error message, and
+    `diagnose()`, asked only when that error is built, what the strategies know of the
+    cause (their `Strategy.diagnose` notes: a penalty past SGD's stability limit)."""
 
-    def __init__(self, each_step: bool, stop: bool, where):
-        self.each_step, self.stop, self.where = each_step, stop, where
+    def __init__(self, each_step: bool, stop: bool, where, diagnose=lambda: ()):
+        self.each_step, self.stop, self.where, self.diagnose = each_step, stop, where, diagnose
         self._unchecked: list[tuple[int, torch.Tensor]] = []
 
     def step_is_finite(self, iteration: int, loss: torch.Tensor) -> bool:
@@ -47,5 +49,6 @@ class LossCheck:
             raise self.error(iteration, loss.item())
 
     def error(self, iteration: int, value: float) -> NonFiniteLossError:
-        return NonFiniteLossError(f"non-finite training loss ({value}) in {self.where(iteration)}; the learning "
-                                  f"rate may be too high. Set training.nonfinite: skip to skip such steps")
+        cause = "; ".join(self.diagnose()) or "the learning rate may be too high"
+        return NonFiniteLossError(f"non-finite training loss ({value}) in {self.where(iteration)}; {cause}. "
+                                  f"Set training.nonfinite: skip to skip such steps")

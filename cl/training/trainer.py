@@ -87,7 +87,8 @@ class LifelongTrainer:
         self.checkpoint_path, self.checkpoint_meta = checkpoint_path, checkpoint_meta
         self.checkpoint_every = settings.checkpoint_every if checkpoint_path else None
         self.loss_check = LossCheck(self.device.type == "cpu" or settings.nonfinite == "skip",
-                                    settings.nonfinite == "stop", self._where)
+                                    settings.nonfinite == "stop", self._where,
+                                    lambda: [n for s in self.strategies if (n := s.diagnose(self.ctx))])
 
         self.rng = RunGenerators(seed)
 
