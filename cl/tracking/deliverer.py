@@ -227,7 +227,7 @@ class Deliverer:
             elif op == "inputs":
                 client.log_inputs(run_id, datasets=[_dataset_input(d) for d in record["inputs"]])
             elif op == "table":
-                if self._refuse(i, record, _unsafe_name(record["name"])) is None:
+                if self._refuse(i, record, _unsafe_name(record["name"])) is not None:  # a safe name
                     client.log_table(run_id, data=record["data"], artifact_file=record["name"])
             elif op == "artifact":
                 path = self._refuse(i, record, _outside(journal.folder, record["path"]))
