@@ -107,6 +107,9 @@ class Invocation:
 
     def run(self) -> list[dict]:
         logger = self.logger
+        if self.checkpoint_dir and Path(self.checkpoint_dir).exists() and not Path(self.checkpoint_dir).is_dir():
+            raise ValueError(f"--checkpoint-dir {self.checkpoint_dir} is a file, not a folder: give a folder "
+                             f"(it is made if missing)")
         for label in self.runs:  # before anything trains: no file the lab did not write is replaced
             for seed in self.seeds:
                 if self.checkpoint_dir:
@@ -136,7 +139,8 @@ class Invocation:
             self._close(results, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
         start = time.perf_counter()
-        self._close(results, "FINISHED")
+        # A parent whose runs failed did not finish what it was asked (and `cl run` exits 1).
+        self._close(results, "FAILED" if any(r.get("status") == "FAILED" for r in results) else "FINISHED")
         # Seconds the comparison took to compute, draw and deliver: tracking's cost past the runs'.
         results[0]["comparison_time_s"] = time.perf_counter() - start
         results[0]["tracking_setup_s"] = setup_s
