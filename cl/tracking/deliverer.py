@@ -251,7 +251,7 @@ class Deliverer:
         if isinstance(problem, Path):
             return problem
         what = record.get("path", record.get("name"))
-        line = f"{self.journal.folder}: refused the '{record['op']}' record at line {i + 1} ({_shown(what)}): {problem}"
+        line = f"{self.journal.folder}: refused the '{record['op']}' record at line {i + 1} ({shown(what)}): {problem}"
         self.refused.append(line)
         log.warning(line)
         return None
@@ -327,7 +327,7 @@ def _unsafe_name(name: str) -> "Path | str":
     return Path(name)
 
 
-def _shown(value, limit: int = 120) -> str:
+def shown(value, limit: int = 120) -> str:
     """A journal's text as shown to the user: on one line, not too long."""
     text = repr(value) if not isinstance(value, str) else value.encode("unicode_escape").decode("ascii")
     return text if len(text) <= limit else text[:limit] + "..."

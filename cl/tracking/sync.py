@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cl.tracking.journal import CORRUPT, RECORDS, SKIPPED, Journal, JournalBusy, JournalUnreadable, find_journals, \
     journal_root
-from cl.tracking.deliverer import Deliverer, _shown
+from cl.tracking.deliverer import Deliverer, shown
 from cl.tracking.store import default_tracking_uri
 
 
@@ -82,7 +82,7 @@ def _deliver(folder: Path, journal: Journal, uri: str | None) -> int:
         print(f"cl: {' '.join(deliverer.pending_notice().split())}", file=sys.stderr)  # on one line
         journal.close()
         return 1
-    elsewhere = f"; the run named {_shown(named)}, not used" if named and named != uri else ""
+    elsewhere = f"; the run named {shown(named)}, not used" if named and named != uri else ""
     print(f"{folder}: {pending} record(s) delivered to {uri or '(default store)'}"
           f" (run {journal.state.get('run_id')}){elsewhere}")
     if journal.complete and not journal.skipped and not _beside_checkpoints(folder):
