@@ -11,6 +11,8 @@ The data root comes from the experiment file (`data_dir`), else the
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +37,31 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
         return Path(data_dir).expanduser()
     env = os.environ.get("CL_DATA_DIR")
     return Path(env).expanduser() if env else DEFAULT_DATA_DIR
+
+
+#: Why downloads are off here (`no_downloads`), or None where a dataset may be downloaded.
+_no_downloads: contextvars.ContextVar[str | None] = contextvars.ContextVar("no_downloads", default=None)
+
+
+@contextlib.contextmanager
+def no_downloads(reason: str):
+    """Within it, a dataset that is not on disk is a DatasetNotFoundError that gives `reason`,
+    whatever its `download` says: nothing is fetched and no folder is made for it (a preview
+    shows what is there; it does not go to the network nor write to the data root)."""
+    token = _no_downloads.set(reason)
+    try:
+        yield
+    finally:
+        _no_downloads.reset(token)
+
+
+def _may_download(download: bool) -> bool:
+    """`download`, unless within `no_downloads` (an error is not cached: its message reads it then)."""
+    return download and _no_downloads.get() is None
+
+
+def _why_not_downloaded() -> str:
+    return _no_downloads.get() or "Set `download: true` to fetch it (needs internet)."
 
 
 def _not_found(name: str, looked: list[Path], how: str, cause: Exception | None = None) -> DatasetNotFoundError:
@@ -112,8 +139,7 @@ def _mnist_tensors(root: str, download: bool):
             ds = torchvision.datasets.MNIST(root, train=train, download=False)
         except RuntimeError:
             if not download:
-                raise _not_found("mnist", [Path(root) / "MNIST" / "raw"],
-                                 "Set `download: true` to fetch it (needs internet).") from None
+                raise _not_found("mnist", [Path(root) / "MNIST" / "raw"], _why_not_downloaded()) from None
             try:
                 ds = torchvision.datasets.MNIST(root, train=train, download=True)
             except Exception as err:  # network errors come in many types
@@ -136,7 +162,7 @@ def mnist(data_dir: str | None = None, download: bool = True, size: int | None =
     about 7% below 1, more at larger sizes)."""
     if (size is not None and size < 1) or channels < 1:
         raise ValueError(f"mnist: size and channels must be positive, got size={size}, channels={channels}")
-    train, test = _mnist_tensors(str(data_root(data_dir)), download)
+    train, test = _mnist_tensors(str(data_root(data_dir)), _may_download(download))
     if size not in (None, 28) or channels != 1:
         side = size or 28
         train, test = (TensorData(reshape_images(d.x, side, channels), d.y) for d in (train, test))
@@ -192,7 +218,7 @@ def _cifar10_tensors(root: str, download: bool):
         return train, test
     looked = [torchvision_dir, pack]
     if not download:
-        raise _not_found("cifar10", looked, "Set `download: true` to fetch it (needs internet).")
+        raise _not_found("cifar10", looked, _why_not_downloaded())
     try:
         return from_torchvision(True, True), from_torchvision(False, True)
     except Exception as err:
@@ -204,6 +230,6 @@ def cifar10(data_dir: str | None = None, download: bool = True, augment: bool = 
 
     `augment` adds the usual random crop (padding 4) and horizontal flip to training batches.
     """
-    train, test = _cifar10_tensors(str(data_root(data_dir)), download)
+    train, test = _cifar10_tensors(str(data_root(data_dir)), _may_download(download))
     transform = BatchTransform(CIFAR10_MEAN, CIFAR10_STD, crop_padding=4 if augment else 0, flip=augment)
     return Dataset("cifar10", train, test, transform, class_names=list(CIFAR10_CLASSES))

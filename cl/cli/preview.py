@@ -8,9 +8,13 @@ import json
 def describe_command(args) -> int:
     from cl.config.components import build_stream
     from cl.config.files import load_experiment
+    from streams.sources import no_downloads
 
+    # Loading checks every component the file names (cl.config.validation, as `cl run` does), so
+    # nothing the registry refuses is called; the stream is then built from what is on disk only.
     cfg = load_experiment(args.file, args.overrides)
-    stream = build_stream(cfg)
+    with no_downloads("`cl describe` downloads nothing: `cl run` fetches it (needs internet)."):
+        stream = build_stream(cfg)
     info = stream.describe()
     if args.json:
         print(json.dumps(info))

@@ -19,7 +19,10 @@ a class of the expected base for strategies, models, optimizers and
 schedulers; a function from the user's plugin code (a module beside the
 experiment file, or a package that registers through the lab's entry points)
 for datasets, scenarios and factories. Anything else, a standard-library
-function that runs a shell command say, is refused before it is called.
+function that runs a shell command say, is refused before it is called. "Beside"
+means under the file's folder and not where Python or a package manager put it (the
+standard library, site-packages, a virtual environment), though those may lie there
+too; a plugin slot's module in such a place is refused before it is even imported.
 Plugin modules are looked up beside the experiment file first
 (`plugins_from`), then on the installed path.
 """
@@ -28,8 +31,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import importlib.util
 import inspect
+import re
+import site
 import sys
+import sysconfig
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable, Generic, TypeVar
@@ -72,14 +79,74 @@ def is_plugin_code(obj, extra_modules: tuple[str, ...] = ()) -> bool:
     """Whether `obj` is defined in the lab, in a module beside the experiment file, in a package
     that registers through the lab's entry points, or in one of `extra_modules` (prefixes)."""
     module = getattr(obj, "__module__", None) or ""
+    if _trusted_name(module, extra_modules):
+        return True
+    return _beside_experiment(getattr(sys.modules.get(module), "__file__", None))
+
+
+def _trusted_name(module: str, extra_modules: tuple[str, ...] = ()) -> bool:
+    """The lab's packages, the entry-point packages, and `extra_modules`: trusted by name."""
     top = module.split(".")[0]
     if top in LAB_PACKAGES or top in _entry_point_packages():
         return True
-    if any(module == m or module.startswith(m + ".") for m in extra_modules):
-        return True
+    return any(module == m or module.startswith(m + ".") for m in extra_modules)
+
+
+def _beside_experiment(file: str | None) -> bool:
+    """Whether `file` is code the user put beside the experiment file: under its folder, and not
+    Python's own or installed there by a package manager (standard library, site-packages, a
+    virtual environment), which may well lie under that folder too (a project's `.venv`, or a
+    home folder that holds Python)."""
     directory = _plugin_dir.get()
-    file = getattr(sys.modules.get(module), "__file__", None)
-    return directory is not None and file is not None and Path(file).resolve().is_relative_to(directory)
+    if directory is None or file is None:
+        return False
+    path = Path(file).resolve()  # a symlink counts where it points
+    if not path.is_relative_to(directory):
+        return False
+    if any(part in ("site-packages", "dist-packages") for part in path.parts):
+        return False
+    if any(path.is_relative_to(folder) for folder in _python_folders(directory)):
+        return False
+    # A virtual environment below the experiment's folder is installed code, whatever its name
+    # (the folder that holds the experiment may itself be one: its own files are the user's).
+    return not any((folder / "pyvenv.cfg").is_file() for folder in path.parents
+                   if folder != directory and folder.is_relative_to(directory))
+
+
+def _python_folders(directory: Path) -> list[Path]:
+    """Where Python and installed packages live. A prefix is broad (a Python built with
+    `--prefix=$HOME` has the home folder as its prefix; a project may be its own venv), so it
+    counts only when it lies below the experiment's folder; the library folders count always."""
+    paths = sysconfig.get_paths()
+    libraries = [paths.get(key) for key in ("stdlib", "platstdlib", "purelib", "platlib")]
+    libraries += site.getsitepackages() + [site.getusersitepackages()]
+    prefixes = _resolved([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix])
+    return _resolved(libraries) + [p for p in prefixes if p != directory and p.is_relative_to(directory)]
+
+
+def _resolved(folders) -> list[Path]:
+    return [Path(f).resolve() for f in folders if f]
+
+
+def _refuse_before_import(module_name: str, extra_modules: tuple[str, ...]) -> str | None:
+    """Why a plugin slot's module must not even be imported (importing runs its code), or None.
+    Its top-level package is found without running it; the object itself is checked again
+    once imported."""
+    top = module_name.split(".")[0]
+    if _trusted_name(module_name, extra_modules) or any(m.split(".")[0] == top for m in extra_modules):
+        return None
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None  # the import itself says what is wrong
+    if spec is None:
+        return None
+    # A module's file (a package's __init__.py), or the folders of a namespace package.
+    places = [spec.origin] if spec.has_location else list(spec.submodule_search_locations or [])
+    outside = [place for place in places if not _beside_experiment(place)]
+    if not outside:
+        return None
+    return f"module '{top}' is not a module beside the experiment file ({outside[0]})"
 
 
 def _subclass_of(base_path: str):
@@ -163,16 +230,26 @@ class Registry(Generic[T]):
         return name in self._items or any(ep.name == name for ep in self._entry_points())
 
 
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 def import_path(path: str, kind: str, slot: str | None = None, extra_modules: tuple[str, ...] = ()):
     """The object a `module:attr` path names (attr may be dotted), imported with the plugin
     directory first on the path; with `slot`, refused unless it is what that slot accepts
     (`SLOTS`; `extra_modules` are module prefixes a plugin slot also accepts)."""
     module_name, _, attr = path.partition(":")
+    # A module is named, never located: `../x`, `/tmp/x` or `.x` would reach past the plugin folder.
+    if not _DOTTED.fullmatch(module_name) or not _DOTTED.fullmatch(attr):
+        raise UnknownComponentError(f"{kind} '{path}': expected 'package.module:Name' (Python names separated by "
+                                    f"dots; a module is found beside the experiment file or installed, not by a path)")
     directory = _plugin_dir.get()
     added = directory is not None and str(directory) not in sys.path
     if added:
         sys.path.insert(0, str(directory))
     try:
+        if slot is not None and SLOTS[slot][0] == _PLUGIN and (why := _refuse_before_import(module_name, extra_modules)):
+            also = f" or a function from {', '.join(extra_modules)}" if extra_modules else ""
+            raise ForbiddenComponentError(f"{kind} '{path}': {why}; this slot accepts {SLOTS[slot][0]}{also}")
         module = importlib.import_module(module_name)
     except ImportError as err:
         where = f" (looked beside the experiment file, in {directory}, then on the installed path)" if directory else ""

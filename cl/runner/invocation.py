@@ -7,6 +7,8 @@ are) it logs on the `cl` logger; the command line prints it.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,14 +18,15 @@ import torch
 from cl.config.components import build_stream
 from cl.config.models import lab_loads_weights
 from cl.config.names import file_name
-from cl.config.params import flatten
+from cl.config.params import flatten, strategy_arguments
 from cl.config.registry import plugins_from
 from cl.config.schema import ExperimentConfig
 from cl.models import resolve_weights
 from cl.runner.one_run import PreparedRun, new_feature_cache, prepare_run, run_config, run_result, saved_state, train_run
+from cl.tracking.journal import journal_root
 from cl.tracking.logger import ExperimentLogger, TrackingOptions, check_journal
 from cl.tracking.provenance import dataset_inputs, source_tags
-from cl.tracking.sink import ConsoleSink
+from cl.tracking.sink import ConsoleSink, interrupts
 from cl.tracking.store import DEFAULT_TIMEOUT_S
 from cl.training.checkpoint import check_replaceable
 from cl.training.devices import usable_cores
@@ -110,6 +113,11 @@ class Invocation:
         if self.checkpoint_dir and Path(self.checkpoint_dir).exists() and not Path(self.checkpoint_dir).is_dir():
             raise ValueError(f"--checkpoint-dir {self.checkpoint_dir} is a file, not a folder: give a folder "
                              f"(it is made if missing)")
+        if self.checkpoint_dir:
+            check_writable(Path(self.checkpoint_dir), "--checkpoint-dir", "give --checkpoint-dir a folder you can write")
+        elif logger is not None:
+            check_writable(journal_root(), "CL_JOURNAL_DIR", "set CL_JOURNAL_DIR to a folder you can write (or give "
+                           "--checkpoint-dir, where the journals then live)")
         for label in self.runs:  # before anything trains: no file the lab did not write is replaced
             for seed in self.seeds:
                 if self.checkpoint_dir:
@@ -132,11 +140,18 @@ class Invocation:
                     setup_s = logger.wait_for_store(warmup)
                     logger.open_parent(*self._parent_params_and_tags())
                 for label, specs in self.runs.items():
+                    if interrupts.interrupted:  # an interrupt some library's `except:` swallowed still stops the runs
+                        raise KeyboardInterrupt
                     if logger is not None:
                         logger.store_failed()
                     results.append(self._run_one(cfg, stream, label, specs))
         except BaseException as err:
-            self._close(results, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            try:
+                self._close(results, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", announce=False)
+            except Exception as closing:  # a full disk refusing the parent's end too: the first error is the one said
+                log.debug(f"the parent run could not be closed: {closing}")
+            if warmup is not None and not isinstance(err, KeyboardInterrupt):
+                warmup.settle()
             raise
         start = time.perf_counter()
         # A parent whose runs failed did not finish what it was asked (and `cl run` exits 1).
@@ -146,9 +161,9 @@ class Invocation:
         results[0]["tracking_setup_s"] = setup_s
         return results
 
-    def _close(self, results: list[dict], status: str) -> None:
+    def _close(self, results: list[dict], status: str, announce: bool = True) -> None:
         if self.logger is not None:
-            self.logger.close_parent(results, status, ",".join(map(str, self.seeds)))
+            self.logger.close_parent(results, status, ",".join(map(str, self.seeds)), announce)
 
     def _parent_params_and_tags(self) -> tuple[dict, dict]:
         cfg, seeds = self.cfg, ",".join(map(str, self.seeds))
@@ -176,7 +191,7 @@ class Invocation:
         try:
             record, started = train_run(cfg, run, config, sinks=sinks, progress=self.progress, checkpoint=checkpoint,
                                         state=state, checkpointed=lambda: logger and logger.checkpointed(sink))
-            result = {**run_result(label, cfg.seed, record, stream, run.cached), "fit_start_unix": started}
+            result = {**run_result(label, cfg.seed, record, stream, run.cached, run.strategies), "fit_start_unix": started}
             kept = self.keep(run, result) if self.keep is not None else None
         except BaseException as err:
             if logger is not None:
@@ -187,8 +202,12 @@ class Invocation:
                         "wall_time_s": time.perf_counter() - wall_start}
             raise
         if sink is not None:
-            logger.finished(sink, result, record, stream, config, f"{cfg.name}: {label}, seed {cfg.seed}", run.model,
-                            kept)
+            try:
+                logger.finished(sink, result, record, stream, config, f"{cfg.name}: {label}, seed {cfg.seed}",
+                                run.model, kept)
+            except BaseException as err:  # its artifacts refused (a full disk): the run ends FAILED, not RUNNING
+                logger.failed(sink, err)
+                raise
         else:
             result["mlflow_run_id"] = None
         result["wall_time_s"] = time.perf_counter() - wall_start
@@ -199,7 +218,9 @@ class Invocation:
                 "device": str(run.device), "torch_threads": str(torch.get_num_threads())}
         if run.cached:
             tags["feature_cache"] = run.cached["feature_cache"]
-        params = {**flatten(config), "torch_threads": torch.get_num_threads()}
+        # The strategies as they ran, defaults included: reproducible from MLflow after a default changes.
+        params = {**flatten({**config, "strategies": strategy_arguments(config["strategies"])}),
+                  "torch_threads": torch.get_num_threads()}
         sink = self.logger.child(name, label, cfg.seed, params, tags, on_gpu=run.device.type == "cuda")
         sink.log_inputs(dataset_inputs(stream, dataset_name(cfg), cfg.data_dir))
         return sink
@@ -208,6 +229,27 @@ class Invocation:
         if not self.progress:
             return None
         return ConsoleSink(label if len(self.seeds) == 1 else f"{label} seed {seed}")
+
+
+class UnusableFolder(ValueError):
+    """A folder the user named (or its default) that the run cannot write in: bad input, exit 2."""
+
+
+def check_writable(folder: Path, what: str, fix: str) -> None:
+    """Refuse, before anything opens or trains, a folder the run would write in and cannot:
+    one under a file, read-only, or not the user's to write. Nothing is made: the nearest
+    folder that exists takes an empty file, removed at once."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UnusableFolder(f"{what} {folder} cannot be used: {existing} is a file, not a folder; {fix}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".cl-write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UnusableFolder(f"{what} {folder} cannot be written ({err.strerror}); {fix}") from None
 
 
 def dataset_name(cfg: ExperimentConfig) -> str:

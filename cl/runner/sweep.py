@@ -219,6 +219,10 @@ def sweep(path: str, overrides: list[str], *, tracking_uri: str | None, track: b
     if cfg.sweep is None:
         raise ValueError(f"{path}: no 'sweep:' block to run (cl run runs the file as it is)")
     check_sweep(cfg.sweep, path, max_points)
+    if track:  # the parent's journal and the trials' live there: refused before anything opens
+        from cl.runner.invocation import check_writable
+
+        check_writable(journal_root(), "CL_JOURNAL_DIR", "set CL_JOURNAL_DIR to a folder you can write")
     use_ray = _ray_wanted(ray)
     points = expand(cfg.sweep)
     invocation = uuid.uuid4().hex[:8]

@@ -15,14 +15,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cl.tracking.store import TrackingError, quiet_mlflow
+from cl.tracking.store import TrackingError, quiet_mlflow, sqlite_store_lock
 
 
 def _client(tracking_uri: str | None):
+    """A client of the store; a local SQLite store that does not exist yet is created whole,
+    under its lock, as every other opener of the lab creates it (`sqlite_store_lock`)."""
     from mlflow.tracking import MlflowClient
 
     quiet_mlflow()
-    return MlflowClient(tracking_uri)
+    with sqlite_store_lock(tracking_uri):
+        return MlflowClient(tracking_uri)
 
 
 def find_runs(tracking_uri: str | None, experiment: str | None = None, parent: str | None = None,

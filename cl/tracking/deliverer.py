@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Protocol
 
 from cl.tracking.journal import SKIPPED, Journal
-from cl.tracking.store import TrackingError, artifacts_beside, quiet_mlflow, sqlite_store_lock, unanswered
+from cl.tracking.store import (TrackingError, artifacts_beside, one_line, quiet_mlflow, sqlite_store_lock,
+                              storage_notice, storage_problem, unanswered)
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +152,24 @@ class Deliverer:
 
     @property
     def outage(self) -> bool:
-        """The store does not answer at all (a server down), as against answering slowly or
-        with a lock held by another process (a busy SQLite store): an outage ends a run's
-        wait for delivery after the timeout, contention is waited out (up to 10 times it)."""
-        return self.error is not None and unanswered(self.error)
+        """The store does not answer at all (a server down) or cannot take records until someone
+        acts (its disk full, read-only), as against answering slowly or with a lock held by
+        another process (a busy SQLite store): an outage is retried with backoff and ends a
+        run's wait for delivery after the timeout; contention is waited out (up to 10 times it)."""
+        return self.error is not None and (unanswered(self.error) or storage_problem(self.error) is not None)
 
     def pending_notice(self) -> str:
+        """What waits, where, and the command that delivers it to this store, in one line."""
         err = self.error
         if isinstance(err, ParentNotCreated) and self.parent_deliverer is not None and self.parent_deliverer.error:
             err = self.parent_deliverer.error  # the reason the parent is not there
+        full = storage_notice(self.tracking_uri, err, self.journal.pending, self.journal.folder)
+        if full is not None:
+            return full
+        target = f" --tracking-uri {self.tracking_uri}" if self.tracking_uri else ""
         return (f"MLflow store {self.tracking_uri or '(default)'} is not answering "
-                f"({type(err).__name__}: {err}); {self.journal.pending} record(s) wait in "
-                f"{self.journal.folder}, delivered when it answers, or by `cl sync {self.journal.folder}`")
+                f"({type(err).__name__}: {one_line(err)}); {self.journal.pending} record(s) wait in "
+                f"{self.journal.folder}, delivered when it answers, or by `cl sync {self.journal.folder}{target}`")
 
     def deliver(self) -> bool:
         """Deliver everything pending; True if nothing is left. A record the store refuses

@@ -13,7 +13,10 @@ each journal's progress (records delivered, run id, the store's error) on its st
 output; the parent's sink waits on those reports when the run ends, exactly as it
 waits on its own thread otherwise. The parent's journal lock stays with the parent,
 so `cl sync` never delivers a journal the child is delivering. If the parent dies,
-the child stops: what it had not delivered waits in the journals, as it would have.
+the child stops: what it had not delivered waits in the journals, as it would have. A
+store it is opening is finished first (a SQLite store is built beside its place and linked
+in whole, `cl.tracking.store.create_sqlite_store`, so even a kill of the child leaves
+none or a complete one).
 
 Protocol, one JSON object per line. Parent to child: `{"op": "open", "uri", "timeout"}`,
 `{"op": "watch", "folder", "uri", "parent", "timeout", "system_metrics_s", "resumed"}`,
@@ -205,8 +208,12 @@ class ChildDelivery:
         if not self.service.alive and not self._notice:
             return (f"the process delivering to MLflow store {self.tracking_uri or '(default)'} ended "
                     f"(exit code {self.service.proc.returncode}); {self.journal.pending} record(s) wait in "
-                    f"{self.journal.folder}, delivered by `cl sync {self.journal.folder}`")
+                    f"{self.journal.folder}, delivered by `cl sync {self.journal.folder}{self._to_store()}`")
         return self._notice
+
+    def _to_store(self) -> str:
+        # `cl sync` delivers to the store it is told, never the one a journal names: this one.
+        return f" --tracking-uri {self.tracking_uri}" if self.tracking_uri else ""
 
     def stop(self) -> None:
         """The child stops delivering this journal (after the attempt under way, waited for as
@@ -219,6 +226,11 @@ class ChildDelivery:
 
 
 # ---------------------------------------------------------------- the child
+# How long a child whose parent is gone still waits for a store it is opening (a fresh SQLite
+# store takes about a second to create; a busy machine, many).
+OPEN_GRACE_S = 60.0
+
+
 class _Child:
     """`python -m cl.tracking.delivery`: commands on standard input, reports on standard output."""
 
@@ -228,6 +240,7 @@ class _Child:
         self.deliverers: dict[str, object] = {}
         self.stopped: set[str] = set()
         self.parent_gone = False
+        self.opening: list[threading.Thread] = []  # the stores being opened (created, for a fresh one)
 
     def report(self, **fields) -> None:
         if self.parent_gone:
@@ -258,7 +271,9 @@ class _Child:
                 command = json.loads(line)
                 op = command.pop("op", None)
                 if op == "open":
-                    threading.Thread(target=self._open, kwargs=command, daemon=True).start()
+                    thread = threading.Thread(target=self._open, kwargs=command, daemon=True)
+                    self.opening = [t for t in self.opening if t.is_alive()] + [thread]
+                    thread.start()
                 elif op == "watch":
                     self._watch(**command)
                 elif op == "stop":
@@ -267,8 +282,15 @@ class _Child:
                 log.warning(f"delivery: {type(err).__name__}: {err}")
                 if isinstance(command, dict) and command.get("folder"):
                     self.report(folder=command["folder"], stopped=True)
-        # The parent closed its end (it ended, or died): stop every delivery where it stands.
+        # The parent closed its end (it ended, or died): stop every delivery where it stands,
+        # but finish opening the stores first. Returning would end those threads mid-way:
+        # harmless to a SQLite store (built aside and linked in whole), but the next run would
+        # pay for its creation again. Bounded, as a server that never answers must not keep
+        # the process (the thread's own requests time out).
         self.parent_gone = True
+        deadline = time.monotonic() + OPEN_GRACE_S
+        for thread in self.opening:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         for folder in list(self.journals):
             self._stop(folder, join=True)
         return 0

@@ -208,17 +208,24 @@ class Journal:
                     return
                 self._points.update((k, step) for k in fields["metrics"])
             record = {"op": op, "time": int(time.time() * 1000), **fields}
-            self._file.write(json.dumps(record, allow_nan=True) + "\n")
-            self._file.flush()  # in the OS's hands: a killed process loses nothing, a lost machine may
+            try:
+                self._file.write(json.dumps(record, allow_nan=True) + "\n")
+                self._file.flush()  # in the OS's hands: a killed process loses nothing, a lost machine may
+            except OSError as err:
+                raise self._cannot_write(err) from None
             self.records.append(record)
             self.changed.notify_all()
 
     def blob(self, name: str, data: bytes | str) -> str:
         """Keep an artifact's bytes beside the records; returns the path its record names."""
         folder = self.folder / BLOBS / uuid.uuid4().hex[:12]
-        folder.mkdir(parents=True)
         path = folder / name
-        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+        try:
+            folder.mkdir(parents=True)
+            path.write_bytes(data if isinstance(data, bytes) else data.encode())
+        except OSError as err:
+            shutil.rmtree(folder, ignore_errors=True)  # no half an artifact for `cl sync` to deliver
+            raise OSError(err.errno, err.strerror, str(path)) from None
         return str(path.relative_to(self.folder))
 
     def sync(self) -> None:
@@ -231,8 +238,26 @@ class Journal:
         """Note that records [0, upto) are in the store (atomically: a rename)."""
         self.state.update(state, delivered=upto)
         tmp = self.folder / (STATE + ".tmp")
-        tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.folder / STATE)
+        try:
+            tmp.write_text(json.dumps(self.state))
+            os.replace(tmp, self.folder / STATE)
+        except BaseException as err:
+            tmp.unlink(missing_ok=True)  # the old state stands; no .tmp left beside it
+            if isinstance(err, OSError):
+                raise OSError(err.errno, err.strerror, str(self.folder / STATE)) from None
+            raise
+
+    def _cannot_write(self, err: OSError) -> OSError:
+        """The records file could not take a record (a full disk): what is buffered is dropped,
+        so that closing the file does not fail again, and the error names the file."""
+        path = self.folder / RECORDS
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        _cut_torn_line(path)  # the next record starts a line of its own
+        self._file = open(path, "a", encoding="utf-8")
+        return OSError(err.errno, err.strerror, str(path))
 
     def close(self) -> None:
         with self._lock:
@@ -251,6 +276,20 @@ class Journal:
                 folder.rmdir()  # only when empty
             except OSError:
                 break
+
+
+def _cut_torn_line(path: Path) -> None:
+    """Cut what follows the last newline of `path` (part of a record a full disk cut short)."""
+    try:
+        with open(path, "r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - (1 << 20))  # a record is far shorter than a megabyte
+            f.seek(start)
+            newline = f.read().rfind(b"\n")
+            if newline >= 0 or start == 0:
+                f.truncate(start + newline + 1)
+    except OSError:
+        pass  # left for the repair on reading (`Journal._repair_last`)
 
 
 class JournalBusy(ValueError):

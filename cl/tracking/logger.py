@@ -207,13 +207,15 @@ class ExperimentLogger:
     def failed(self, sink: MLflowSink | None, err: BaseException) -> None:
         """What was logged per experience stays in the store; the run is marked as not
         finished, with the reason as a tag."""
-        if sink is None:
+        if sink is None or sink.closed:  # ended already (an interrupt while its delivery was waited for)
             return
-        sink.set_tags({"failure_reason": f"{type(err).__name__}: {err}"[:5000]})
         try:
+            sink.set_tags({"failure_reason": f"{type(err).__name__}: {err}"[:5000]})
             sink.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         except TrackingError as tracking:
             log.warning(str(tracking))  # the training error is the one raised
+        except OSError as disk:  # the journal's disk refuses the end too (full): the training error is the one said
+            log.debug(f"{sink.journal.folder}: the run's end could not be written: {disk}")
 
     def finished(self, sink: MLflowSink, result: dict, record, stream, run_config: dict, title: str, model=None,
                  kept: Path | None = None) -> None:
@@ -280,9 +282,10 @@ class ExperimentLogger:
         journal.close()
         return {**end["result"], "mlflow_run_id": journal.state.get("run_id"), "resumed": "finished before"}
 
-    def close_parent(self, results: list[dict], status: str, seeds_text: str) -> None:
+    def close_parent(self, results: list[dict], status: str, seeds_text: str, announce: bool = True) -> None:
         """The comparison over what finished, then the parent's end. A store that fails here
-        costs nothing: the records wait in the parent's journal."""
+        costs nothing: the records wait in the parent's journal. `announce`: say where the
+        parent is (not when an error ends the command: its one line is the error's)."""
         parent, self.parent = self.parent, None
         if parent is None:
             return
@@ -298,7 +301,7 @@ class ExperimentLogger:
             log.warning(str(err))
         for r in results:
             r["mlflow_parent_run_id"] = parent.run_id
-        if parent.run_id is not None:
+        if parent.run_id is not None and announce:
             remote = is_server(self.options.uri)
             log.info(f"MLflow: {run_link(self.options.uri, parent.experiment_id, parent.run_id)}"
                      + ("" if remote else "  (open it after `cl ui`)"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,48 @@ from cl.tracking.journal import BLOBS, Journal
 from cl.tracking.store import DEFAULT_TIMEOUT_S, TrackingError
 
 MAX_PARAM_LENGTH = 6000
+
+
+class Interrupts:
+    """The interrupts of this command (`cl.cli.main` counts them) and the journals they left
+    undelivered. After the first, a run's end is still written and delivered (waited for as
+    usual); after a second, nobody waits: the journals that still hold records are noted, for
+    the command's last line to name."""
+
+    def __init__(self):
+        self._count = 0
+        self._waiting: list[tuple[Path, int, str | None]] = []
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._count, self._waiting = 0, []
+
+    def note(self) -> bool:
+        """Count an interrupt; True for the first (which interrupts), False for later ones."""
+        self._count += 1
+        return self._count == 1
+
+    @property
+    def interrupted(self) -> bool:
+        return self._count > 0
+
+    @property
+    def hurried(self) -> bool:
+        """Interrupted again: stop waiting for delivery."""
+        return self._count > 1
+
+    def left(self, folder: Path, pending: int, uri: str | None) -> None:
+        with self._lock:
+            self._waiting.append((folder, pending, uri))
+
+    def waiting(self) -> list[tuple[Path, int, str | None]]:
+        """(journal folder, records pending, store URI) of every journal an interrupt left waiting."""
+        with self._lock:
+            return list(self._waiting)
+
+
+interrupts = Interrupts()
 
 class ConsoleSink:
     """One line per evaluated experience on stderr (the scores on the tasks seen so far and
@@ -54,6 +97,7 @@ class MLflowSink:
         self.journal, self.tracking_uri, self.timeout = journal, tracking_uri, timeout
         self.blocked_s = 0.0  # time the caller spent in this sink: what tracking costs the run
         self._remove = remove_when_delivered
+        self.closed = False  # its end is written (`close`): nothing more is appended
         self._resumed = journal.created
         if not journal.created:
             journal.append("create", experiment=experiment_name, name=run_name, tracking_uri=tracking_uri,
@@ -162,14 +206,35 @@ class MLflowSink:
         `TrackingError` (what is pending, where, and why) if records are left waiting."""
         t = time.perf_counter()
         self._append("end", status=status, **({"result": result} if result is not None else {}), **fields)
+        self.closed = True
         worker = self._deliverer
+        caught = self._wait(worker)
+        self.blocked_s += time.perf_counter() - t
+        try:
+            return self._let_go(worker)
+        finally:
+            if caught is not None:
+                raise caught
+
+    def _wait(self, worker) -> KeyboardInterrupt | None:
+        """Wait until the journal is delivered, the worker stops, the store has failed for the
+        timeout, or a second interrupt says stop. The first interrupt, arriving here, is held
+        until the wait is over (the run's end is written: its delivery is what it waits for)."""
+        caught = None
         with self.journal.changed:
-            while not self.journal.complete and worker.alive:
+            while not self.journal.complete and worker.alive and not interrupts.hurried:
                 failing = worker.failing_for()
                 if failing is not None and failing >= self.timeout * (1 if worker.outage else 10):
                     break
-                self.journal.changed.wait(0.05)
-        self.blocked_s += time.perf_counter() - t
+                try:
+                    self.journal.changed.wait(0.05)
+                except KeyboardInterrupt as err:
+                    if caught is not None:  # a second one where nobody counts them (`cl.cli.main` does)
+                        break
+                    caught = err
+        return caught
+
+    def _let_go(self, worker) -> str | None:
         # Delivered or not, the worker stops: what is left waits in the journal for `cl sync`,
         # and the two never deliver one journal at once.
         worker.stop()
@@ -182,5 +247,8 @@ class MLflowSink:
             return run_id
         notice = worker.pending_notice()
         self.journal.close()  # `cl sync` may own it now
+        if interrupts.interrupted:  # the command's last line names what waits, once for every journal
+            interrupts.left(self.journal.folder, self.journal.pending, self.tracking_uri)
+            return self.run_id
         raise TrackingError(notice)
 

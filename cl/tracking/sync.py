@@ -83,8 +83,9 @@ def _deliver(folder: Path, journal: Journal, uri: str | None) -> int:
         journal.close()
         return 1
     elsewhere = f"; the run named {shown(named)}, not used" if named and named != uri else ""
+    run_id = journal.state.get("run_id")
     print(f"{folder}: {pending} record(s) delivered to {uri or '(default store)'}"
-          f" (run {journal.state.get('run_id')}){elsewhere}")
+          f" ({f'run {run_id}' if run_id else 'it holds no run'}){elsewhere}")
     if journal.complete and not journal.skipped and not _beside_checkpoints(folder):
         journal.remove()
         _remove_if_empty(folder.parent)

@@ -9,7 +9,9 @@ configuration is refused with the keys that differ.
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -58,11 +60,43 @@ def save_checkpoint(path: str | os.PathLike, state: dict, meta: dict | None = No
     try:
         torch.save({"format": FORMAT, "meta": meta or {}, "state": state}, tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        cause = None if isinstance(err, KeyboardInterrupt) else write_failure(err, Path(tmp))
+        Path(tmp).unlink(missing_ok=True)  # never a half-written .tmp left behind
+        if cause is not None:
+            raise cause from err  # names the checkpoint (not its .tmp) and the reason
         raise
     _WRITTEN.add(str(path.absolute()))
     return path
+
+
+def write_failure(err: BaseException, tmp: Path) -> OSError | None:
+    """Why writing `tmp` failed, as an OSError naming the checkpoint it was for, or None if it
+    was not the file system. torch's writer reports a full disk only as "unexpected pos",
+    so the disk and the file-size limit are looked at."""
+    path = tmp.with_name(tmp.name[1:].rsplit(".", 2)[0])  # .NAME.XXXX.tmp -> NAME
+    if isinstance(err, OSError) and err.errno is not None:
+        return OSError(err.errno, err.strerror, str(path))
+    if not isinstance(err, RuntimeError):
+        return None
+    try:
+        written, free = tmp.stat().st_size, shutil.disk_usage(tmp.parent).free
+    except OSError:
+        return None
+    if free < max(written // 100, 1 << 16):  # nearly nothing left beside what was written
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    if _at_file_size_limit(written):
+        return OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(path))
+    return None
+
+
+def _at_file_size_limit(size: int) -> bool:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return False
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return limit != resource.RLIM_INFINITY and size >= limit
 
 
 #: Checkpoints this process wrote: replacing them needs no second look.
@@ -106,7 +140,11 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
 
 def check_same_config(path: str | os.PathLike, meta: dict, config: dict) -> None:
     """Refuse to resume from a checkpoint written under another configuration."""
-    if meta.get("config_hash") in (None, config_hash(config)):
+    if "config_hash" not in meta:  # an older lab's, or another tool's: its weights may not even fit this model
+        raise CheckpointError(f"checkpoint {path} does not record the configuration it was written for, so resuming "
+                              f"from it is refused: start afresh without --resume, or move it out of the "
+                              f"--checkpoint-dir")
+    if meta["config_hash"] == config_hash(config):
         return
     diffs = config_differences(meta.get("config", {}), config)
     raise ConfigChangedError(f"checkpoint {path} was written with a different configuration; changed: "

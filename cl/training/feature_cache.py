@@ -275,11 +275,15 @@ class FeatureCache:
             save_file({"features": x.contiguous()}, str(tmp),
                       metadata={"version": FEATURE_CACHE_VERSION, "rows": str(len(x)), "width": str(x.shape[1])})
             os.replace(tmp, path)  # whole or absent: a reader never sees half a file
-        except OSError as err:
+        except BaseException as err:
             try:
-                tmp.unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)  # no .tmp left behind, whatever stopped the write
             except OSError:
                 pass
+            # A full disk is an OSError from Python and a SafetensorError from safetensors' writer:
+            # either way the cache is an optimisation, and the run goes on without it.
+            if not isinstance(err, Exception):
+                raise
             if not self._warned:
                 self._warned = True
                 log.warning(f"cannot write the feature cache under {self.root} ({err}); features are "
