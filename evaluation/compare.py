@@ -11,6 +11,7 @@ import csv
 import io
 import math
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -49,19 +50,126 @@ def group(runs: Sequence[dict]) -> dict[str, list[dict]]:
 
 
 def comparison(runs: Sequence[dict], columns: Sequence[str] | None = None) -> list[dict]:
-    """One row per strategy: {"strategy", "n", "seeds", "<column>": (mean, std), ...}."""
+    """One row per strategy, best first: {"strategy", "n", "seeds", "rank", "vs_best",
+    "<column>": (mean, std), ...}. Strategies are ranked by the mean of the primary metric
+    (`ranking_metric`); "vs_best" is each one's `Difference` to the best (None for the best,
+    and where no run has the metric the rows keep the order the strategies first appear)."""
     columns = list(columns) if columns is not None else default_columns(runs)
+    groups = group(runs)
+    metric, higher = ranking_metric(runs)
+    if metric is not None and metric not in columns:
+        columns.insert(0, metric)
     rows = []
-    for label, members in group(runs).items():
-        row = {"strategy": label, "n": len(members), "seeds": [m.get("seed") for m in members]}
+    for label, members in groups.items():
+        row = {"strategy": label, "n": len(members), "seeds": [m.get("seed") for m in members],
+               "rank": None, "vs_best": None}
         for c in columns:
             row[c] = mean_std([m["metrics"].get(c, math.nan) for m in members])
         rows.append(row)
+    if metric is None:
+        return rows
+    # Best first; a strategy without the metric last, in the order it appeared.
+    rows.sort(key=lambda r: (not math.isfinite(r[metric][0]), -r[metric][0] if higher else r[metric][0]))
+    best = rows[0]
+    for rank, row in enumerate(rows, start=1):
+        row["rank"] = rank if math.isfinite(row[metric][0]) else None
+        if row is not best and row["rank"] is not None:
+            row["vs_best"] = difference(groups[best["strategy"]], groups[row["strategy"]], metric)
     return rows
 
 
+ROW_FACTS = ("strategy", "n", "seeds", "rank", "vs_best")
+
+
 def columns_of(rows: Sequence[dict]) -> list[str]:
-    return [k for k in (rows[0] if rows else {}) if k not in ("strategy", "n", "seeds")]
+    return [k for k in (rows[0] if rows else {}) if k not in ROW_FACTS]
+
+
+# ---------------------------------------------------------------- ranking
+def ranking_metric(runs: Sequence[dict]) -> tuple[str | None, bool]:
+    """The metric strategies are ranked by, and whether higher is better: the final accuracy
+    (ACC) where the runs have it, else the final loss (language streams)."""
+    present = {k for run in runs for k, v in run["metrics"].items() if _finite(v)}
+    if "acc" in present:
+        return "acc", True
+    if "loss" in present:
+        return "loss", False
+    return None, True
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A strategy's mean difference to the best one in the ranking metric (this minus the
+    best), with a `level` confidence interval over seeds (None with fewer than two seeds on
+    either side). `paired`: computed from per-seed differences, because both ran the same
+    seeds; otherwise Welch's interval for two independent means."""
+    mean: float
+    low: float | None
+    high: float | None
+    paired: bool
+    level: float = 0.95
+
+    @property
+    def distinguishable(self) -> bool | None:
+        """Whether the seeds tell this strategy from the best: the interval excludes zero."""
+        if self.low is None:
+            return None
+        return self.low > 0 or self.high < 0
+
+
+def difference(best: Sequence[dict], other: Sequence[dict], metric: str, level: float = 0.95) -> Difference:
+    """`other`'s difference to `best` in `metric` over seeds (runs as `comparison` takes them).
+
+    Paired where both ran the same seeds (each seed once): a seed's runs share their data
+    order and initial weights, so the per-seed difference removes that shared noise, and the
+    interval is Student's t on those differences. Otherwise Welch's t interval on the two
+    means, with the Welch-Satterthwaite degrees of freedom."""
+    from scipy import stats
+
+    a = {m.get("seed"): m["metrics"].get(metric, math.nan) for m in best}
+    b = {m.get("seed"): m["metrics"].get(metric, math.nan) for m in other}
+    same_seeds = (None not in a and a.keys() == b.keys() and len(a) == len(best) == len(other)
+                  and all(_finite(a[s]) and _finite(b[s]) for s in a))
+    if same_seeds:
+        d = np.array([b[s] - a[s] for s in sorted(a)], dtype=float)
+        if d.size < 2:
+            return Difference(float(d.mean()), None, None, True, level)
+        half = stats.t.ppf(0.5 + level / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size)
+        return Difference(float(d.mean()), float(d.mean() - half), float(d.mean() + half), True, level)
+    x = np.array([v for v in a.values() if _finite(v)], dtype=float)
+    y = np.array([v for v in b.values() if _finite(v)], dtype=float)
+    mean = float(y.mean() - x.mean())
+    if x.size < 2 or y.size < 2:
+        return Difference(mean, None, None, False, level)
+    vx, vy = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    se = math.sqrt(vx + vy)
+    if se == 0:  # both constant over seeds: the difference is exact
+        return Difference(mean, mean, mean, False, level)
+    df = (vx + vy) ** 2 / (vx ** 2 / (x.size - 1) + vy ** 2 / (y.size - 1))
+    half = stats.t.ppf(0.5 + level / 2, df) * se
+    return Difference(mean, mean - half, mean + half, False, level)
+
+
+def _difference_cell(row: dict) -> str:
+    if row["rank"] == 1:
+        return "best"
+    d = row["vs_best"]
+    if d is None:
+        return "-"
+    text = f"{d.mean:+.4f}"
+    if d.low is not None:
+        text += f" [{d.low:+.4f}, {d.high:+.4f}]" + ("" if d.distinguishable else " ≈")
+    return text
+
+
+def ranking_note(rows: Sequence[dict], runs: Sequence[dict]) -> str:
+    """The line under a ranked table that says what its difference column is."""
+    metric, higher = ranking_metric(runs)
+    if metric is None or len(rows) < 2:
+        return ""
+    return (f"ranked by {metric} ({'higher' if higher else 'lower'} is better); vs best: difference to the best "
+            f"with a 95% interval over seeds (paired by seed where the seeds match); "
+            f"≈: the seeds cannot tell it from the best")
 
 
 def _cell(mean: float, std: float) -> str:
@@ -71,35 +179,67 @@ def _cell(mean: float, std: float) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if math.isfinite(std) else "")
 
 
-def text_table(rows: Sequence[dict]) -> str:
-    """Aligned columns for a terminal: mean ± std over seeds, and how many runs."""
+def _ranked(rows: Sequence[dict]) -> bool:
+    return len(rows) > 1 and any(r.get("rank") for r in rows)
+
+
+def _head_cells(rows: Sequence[dict]) -> list[str]:
+    return (["rank"] if _ranked(rows) else []) + ["strategy", "runs", "seeds"]
+
+
+def _row_cells(rows: Sequence[dict], row: dict) -> list[str]:
+    rank = [str(row["rank"] or "-")] if _ranked(rows) else []
+    return rank + [row["strategy"], str(row["n"]), _seeds(row["seeds"])]
+
+
+def _metric_cells(rows: Sequence[dict], row: dict) -> list[str]:
+    """The metric columns, with the difference to the best right after the first (the
+    ranking metric) when the rows are ranked."""
+    cells = [_cell(*row[c]) for c in columns_of(rows)]
+    return cells[:1] + [_difference_cell(row)] + cells[1:] if _ranked(rows) else cells
+
+
+def _metric_heads(rows: Sequence[dict]) -> list[str]:
     columns = columns_of(rows)
-    cells = [["strategy", "runs", "seeds"] + columns]
-    for row in rows:
-        cells.append([row["strategy"], str(row["n"]), _seeds(row["seeds"])] + [_cell(*row[c]) for c in columns])
+    return columns[:1] + ["vs best"] + columns[1:] if _ranked(rows) else columns
+
+
+def text_table(rows: Sequence[dict]) -> str:
+    """Aligned columns for a terminal: best first, mean ± std over seeds, how many runs, and
+    each strategy's difference to the best (`ranking_note` says how to read it)."""
+    cells = [_head_cells(rows) + _metric_heads(rows)]
+    cells += [_row_cells(rows, row) + _metric_cells(rows, row) for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    first = 1 if _ranked(rows) else 0  # the strategy column, left-aligned
+    return "\n".join("  ".join(c.ljust(w) if i == first else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in cells)
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    columns = columns_of(rows)
-    out = ["| strategy | runs | seeds | " + " | ".join(columns) + " |",
-           "| --- | --- | --- | " + " | ".join("---" for _ in columns) + " |"]
+    heads = _head_cells(rows) + _metric_heads(rows)
+    out = ["| " + " | ".join(heads) + " |", "| " + " | ".join("---" for _ in heads) + " |"]
     for row in rows:
-        out.append(f"| {row['strategy']} | {row['n']} | {_seeds(row['seeds'])} | "
-                   + " | ".join(_cell(*row[c]) for c in columns) + " |")
+        out.append("| " + " | ".join(_row_cells(rows, row) + _metric_cells(rows, row)) + " |")
     return "\n".join(out)
 
 
 def table_columns(rows: Sequence[dict]) -> dict[str, list]:
     """The comparison as columns ({name: values}): CSV and MLflow's `log_table`. NaN is None."""
     columns = columns_of(rows)
-    out: dict[str, list] = {"strategy": [r["strategy"] for r in rows], "runs": [r["n"] for r in rows],
-                            "seeds": [_seeds(r["seeds"]) for r in rows]}
+    out: dict[str, list] = {}
+    if _ranked(rows):
+        out["rank"] = [r["rank"] for r in rows]
+    out.update({"strategy": [r["strategy"] for r in rows], "runs": [r["n"] for r in rows],
+                "seeds": [_seeds(r["seeds"]) for r in rows]})
     for c in columns:
         out[f"{c}_mean"] = [_none(r[c][0]) for r in rows]
         out[f"{c}_std"] = [_none(r[c][1]) for r in rows]
+    if _ranked(rows):
+        diffs = [r["vs_best"] for r in rows]
+        out["vs_best_mean"] = [None if d is None else d.mean for d in diffs]
+        out["vs_best_low"] = [None if d is None else d.low for d in diffs]
+        out["vs_best_high"] = [None if d is None else d.high for d in diffs]
+        out["vs_best_paired"] = [None if d is None else d.paired for d in diffs]
     return out
 
 
@@ -121,8 +261,10 @@ def _seeds(seeds: Sequence) -> str:
 
 
 def metric_key(label: str) -> str:
-    """A strategy label as MLflow allows in a metric name (letters, digits, _ - . / and space)."""
-    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", label)
+    """A strategy label as MLflow allows in a metric name (letters, digits, _ - . / and space),
+    kept readable: a `+` is spelt `p` (`der++` -> `derpp`, as the field writes DER++), any
+    other character MLflow refuses becomes `_`."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", label.replace("+", "p"))
 
 
 def parent_metrics(rows: Sequence[dict]) -> dict[str, float]:

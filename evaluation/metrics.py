@@ -114,7 +114,8 @@ def anytime_accuracy(seen_accuracies) -> float:
     return float(np.nanmean(values))
 
 
-def applicable_metrics(rows_follow_tasks: bool, seen_at_rows: Sequence[Sequence[int]]) -> set[str]:
+def applicable_metrics(rows_follow_tasks: bool, seen_at_rows: Sequence[Sequence[int]], *,
+                       class_incremental: bool = False, learned_ahead: bool = False) -> set[str]:
     """Which of BWT, FWT and forgetting mean something for a stream.
 
     All three compare a task's score at the row where it was learned with
@@ -123,11 +124,20 @@ def applicable_metrics(rows_follow_tasks: bool, seen_at_rows: Sequence[Sequence[
     the end of each task). FWT also needs every task j >= 1 unseen before its
     own turn (`seen_at_rows[j-1]`, the tasks seen at row j, must not hold j):
     a blurry stream whose first experience holds part of the last task fails
-    that. A power-law environment, whose rows are phases, gets none of them."""
+    that. A power-law environment, whose rows are phases, gets none of them.
+
+    FWT is left out in two more cases, where it is a number that says nothing
+    about the strategy. `class_incremental` (a task brings classes no earlier
+    task had, and no task label tells the model which): before its turn a
+    task's classes were never a training target, so every strategy scores about
+    0 on them and FWT is minus the random model's score, the same for all.
+    `learned_ahead` (the run trained on later tasks before their turn, as Joint
+    does): there is no score "before its own training" to measure."""
     if not rows_follow_tasks:
         return set()
     out = {"bwt", "forgetting"}
-    if all(j not in seen_at_rows[j - 1] for j in range(1, len(seen_at_rows))):
+    unseen_before = all(j not in seen_at_rows[j - 1] for j in range(1, len(seen_at_rows)))
+    if unseen_before and not class_incremental and not learned_ahead:
         out.add("fwt")
     return out
 

@@ -10,13 +10,15 @@ from evaluation import continual, metrics
 from evaluation.evaluators import perplexity
 
 
-def summarise(record, stream) -> dict[str, float | None]:
+def summarise(record, stream, learned_ahead: bool = False) -> dict[str, float | None]:
     """The scalar metrics of every matrix the run recorded, each where the stream supports it
-    (`evaluation.metrics.applicable_metrics`): final score, BWT, FWT, forgetting, average
-    incremental score, and anytime accuracy when the run evaluated periodically. A loss
-    matrix also gives the perplexity of its final row."""
+    (`evaluation.metrics.applicable_metrics`; `learned_ahead`: the run trained on later tasks
+    early, as Joint does): final score, BWT, FWT, forgetting, average incremental score, and
+    anytime accuracy when the run evaluated periodically. A loss matrix also gives the
+    perplexity of its final row."""
     seen = stream.seen_at_rows
-    applicable = metrics.applicable_metrics(stream.rows_follow_tasks, seen)
+    applicable = metrics.applicable_metrics(stream.rows_follow_tasks, seen, class_incremental=stream.class_incremental,
+                                            learned_ahead=learned_ahead)
     out: dict[str, float | None] = {}
     for key, matrix in record.matrices.items():
         out.update(metrics.summary(matrix, key, record.higher_is_better[key], seen, applicable))

@@ -66,6 +66,9 @@ class Strategy:
     #: The backbone stays frozen for the whole run, so a runner may compute its features once
     #: and train on them (`cl.training.feature_cache`); nearest-mean on a frozen backbone says so.
     frozen_features: bool = False
+    #: Trains on later tasks before their turn (Joint): the run reports no forward transfer,
+    #: which needs each task's score before its own training (`evaluation.metrics`).
+    learned_ahead: bool = False
     #: When this strategy owns `loss`: the name its term is logged under (default "ce" otherwise).
     loss_name: str | None = None
 

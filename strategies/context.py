@@ -54,7 +54,9 @@ class Context:
 
     Attributes: `model`, `optimizer`, `scheduler` (the experiment's LR scheduler,
     or None), `device`, `stream`, `experience` (the current one, an `Experience`
-    whose `index` counts from 0 in stream order; None before the first),
+    whose `index` counts from 0 in stream order; None before the first; progress
+    lines and MLflow steps number experiences from 1, so print `index + 1`; a
+    task-free strategy must not read it),
     `transform` (raw batch -> model input), `iteration` (optimizer steps so far in
     the run), `epoch` and `step` (within the experience), `steps_in_experience`,
     `planned_steps` (the steps of every experience as the stream gives them, before
@@ -177,6 +179,7 @@ class Context:
 
     @property
     def lrs(self) -> list[float]:
+        """The learning rate of every parameter group, in group order."""
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def strategy_seed(self, strategy: "Strategy") -> int:

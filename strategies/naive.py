@@ -28,6 +28,8 @@ class Joint(Strategy):
     shuffled together, is learned at the first experience; later experiences
     add nothing, so the last row of the accuracy matrix is the joint model."""
 
+    learned_ahead = True
+
     def training_data(self, ctx: Context, data: TensorData) -> TensorData:
         if ctx.experience.index == 0:
             return concat_data([e.train for e in ctx.stream.experiences])

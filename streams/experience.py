@@ -299,6 +299,18 @@ class Stream:
         return start == len(self.experiences)
 
     @property
+    def class_incremental(self) -> bool:
+        """Some task brings classes that no earlier task had, and the experiences carry no task
+        labels that would tell the model which task it faces (a single-head, class-incremental
+        stream; domain-incremental streams repeat their classes, task-incremental ones label)."""
+        seen: set[int] = set()
+        new_classes = False
+        for j, classes in enumerate(self.task_classes):
+            new_classes |= j > 0 and not set(classes) <= seen
+            seen |= set(classes)
+        return new_classes and len({e.task_label for e in self.experiences}) == 1
+
+    @property
     def one_experience_per_task(self) -> bool:
         """Experience i trains task i and is evaluated after: the classic setting."""
         return len(self.experiences) == self.n_tasks and self.rows_follow_tasks

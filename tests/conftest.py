@@ -5,25 +5,35 @@ import pytest
 
 import cl.config.components  # noqa: F401  (registers the built-in components)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _data_dir() -> Path | None:
-    for candidate in (os.environ.get("CL_DATA_DIR"), SHARED_DATA):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    return None
+# Where test data comes from, the one rule (docs/index.md#testing says it to readers): the
+# real datasets (MNIST, CIFAR-10) are read from $CL_DATA_DIR and from nowhere else. Without
+# them a test that needs them skips, saying so; where CI is set (.ci/run points CL_DATA_DIR
+# at ../shared/data) a missing dataset fails instead, so CI never passes by skipping.
+# Tests that need them take one of `REAL_DATA_FIXTURES`, which `need_real_data` stands
+# behind; `pytest_collection_modifyitems` marks each such test `real_data`.
+REAL_DATA_FIXTURES = ("mnist_root", "cifar_root", "mnist_root_module")
 
 
 def need_real_data(*relative: str) -> Path:
-    """The data root holding `relative`; skips without it, except in CI where it must be there."""
-    root = _data_dir()
-    if root is None or not all((root / r).exists() for r in relative):
-        message = f"real dataset {relative} not found (set CL_DATA_DIR)"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI must have it")
-        pytest.skip(message)
-    return root
+    """The data root, $CL_DATA_DIR, holding `relative`; skips without it, except in CI where it
+    must be there."""
+    root = os.environ.get("CL_DATA_DIR")
+    if not root:
+        message = f"needs the real dataset {'/'.join(relative)}: set CL_DATA_DIR to the folder holding it"
+    elif not all((Path(root) / r).exists() for r in relative):
+        message = f"needs the real dataset {'/'.join(relative)}, which CL_DATA_DIR={root} does not hold"
+    else:
+        return Path(root)
+    if os.environ.get("CI"):
+        pytest.fail(message + " (CI must have it)")
+    pytest.skip(message)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that takes a real dataset `real_data`, so `-m "not real_data"` leaves them out."""
+    for item in items:
+        if set(REAL_DATA_FIXTURES) & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_data)
 
 
 @pytest.fixture(scope="module")

@@ -74,9 +74,11 @@ def test_the_parents_comparison_equals_the_childrens_metrics_read_back(seeded):
         assert parent.data.metrics[f"{label}/forgetting_mean"] == pytest.approx(np.mean(forgetting))
     table = json.load(open(client.download_artifacts(parent.info.run_id, "comparison.json")))
     frame = dict(zip(table["columns"], zip(*table["data"])))  # MLflow stores a table split by columns
-    assert list(frame["strategy"]) == ["naive", "replay"] and list(frame["runs"]) == [3, 3]
+    # Best first: replay keeps the early tasks, fine-tuning forgets them.
+    assert list(frame["strategy"]) == ["replay", "naive"] and list(frame["runs"]) == [3, 3]
+    assert list(frame["rank"]) == [1, 2]
     naive_accs = [r.data.metrics["acc"] for r in children if r.data.tags["strategy"] == "naive"]
-    assert frame["acc_mean"][0] == pytest.approx(np.mean(naive_accs))
+    assert frame["acc_mean"][1] == pytest.approx(np.mean(naive_accs))
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.json", "comparison.md", "comparison.csv", "comparison_tasks.png", "comparison_matrices.png",
             "comparison_scores.png", "comparison_stability.png"} <= artifacts
@@ -123,14 +125,16 @@ def test_compare_reads_the_store_back(seeded, capsys, tmp_path):
     result, _, uri = seeded
     assert main(["compare", "browse-test", "--tracking-uri", uri, "--format", "csv", "--plots", str(tmp_path)]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [(r["strategy"], r["runs"], r["seeds"]) for r in rows] == [("naive", "3", "0,1,2"), ("replay", "3", "0,1,2")]
+    assert [(r["strategy"], r["runs"], r["seeds"]) for r in rows] == [("replay", "3", "0,1,2"), ("naive", "3", "0,1,2")]
     accs = [r["acc"] for r in result["runs"] if r["name"] == "replay"]
-    assert float(rows[1]["acc_mean"]) == pytest.approx(np.mean(accs))
-    assert float(rows[1]["acc_std"]) == pytest.approx(np.std(accs, ddof=1))
+    assert float(rows[0]["acc_mean"]) == pytest.approx(np.mean(accs))
+    assert float(rows[0]["acc_std"]) == pytest.approx(np.std(accs, ddof=1))
+    assert float(rows[1]["vs_best_mean"]) < 0 and rows[1]["vs_best_paired"] == "True"  # same seeds: paired
     assert {p.name for p in tmp_path.iterdir()} >= {"comparison_tasks.png", "comparison_scores.png"}
     parent = result["runs"][0]["mlflow_parent_run_id"]
     assert main(["compare", "--parent", parent, "--tracking-uri", uri, "--metrics", "acc"]) == 0
-    assert "± " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "± " in out and out.splitlines()[1].split()[:2] == ["1", "replay"] and "ranked by acc" in out
     assert main(["compare", "no-such-experiment", "--tracking-uri", uri]) == 2
     assert "no experiment 'no-such-experiment'" in capsys.readouterr().err
 
@@ -149,7 +153,7 @@ def test_compare_reads_flat_runs_of_earlier_versions(tmp_path, capsys):
         client.set_terminated(run.info.run_id)
     assert main(["compare", "old-runs", "--tracking-uri", uri, "--format", "csv", "--plots", str(tmp_path / "p")]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [(r["strategy"], r["runs"], float(r["acc_mean"])) for r in rows] == [("naive", "2", 0.25), ("replay", "1", 0.8)]
+    assert [(r["strategy"], r["runs"], float(r["acc_mean"])) for r in rows] == [("replay", "1", 0.8), ("naive", "2", 0.25)]
     assert (tmp_path / "p" / "comparison_matrices.png").exists()
 
 
@@ -163,7 +167,7 @@ def test_comparison_mean_and_sample_std_by_hand():
     assert np.isnan(rows[1]["bwt"][0])  # b never logged it
     assert compare.parent_metrics(rows) == pytest.approx({"a/acc_mean": 0.7, "a/acc_std": 0.2, "a/bwt_mean": -0.7,
                                                           "a/bwt_std": 0.2, "b/acc_mean": 0.4})
-    assert "0.7000 ± 0.2000" in compare.text_table(rows) and "| b | 1 | 0 | 0.4000 | - |" in compare.markdown_table(rows)
+    assert "0.7000 ± 0.2000" in compare.text_table(rows) and "| 2 | b | 1 | 0 | 0.4000 | -0.3000 | - |" in compare.markdown_table(rows)
 
 
 def test_bad_seeds_are_refused(tmp_path, capsys):

@@ -229,3 +229,19 @@ def test_two_processes_can_open_one_fresh_store_together(tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
+
+
+def test_a_strategy_logs_its_defaults_as_parameters(tmp_path, tracking_uri, capsys):
+    """A run is reproducible from MLflow alone: replay's arguments the file left out are logged
+    with the defaults they took, next to the one it set."""
+    import inspect
+
+    from strategies import Replay
+
+    path = experiment(tmp_path, "defaults.yaml", epochs=1, strategies=[{"name": "replay", "memory_size": 60}])
+    result = run_cli(capsys, str(path), "--tracking-uri", tracking_uri)
+    params = MlflowClient(tracking_uri).get_run(result["mlflow_run_id"]).data.params
+    defaults = inspect.signature(Replay).parameters
+    assert params["strategies.0.memory_size"] == "60"
+    assert params["strategies.0.replay_batch_size"] == str(defaults["replay_batch_size"].default)
+    assert params["strategies.0.policy"] == str(defaults["policy"].default)

@@ -1,8 +1,9 @@
 """The documentation site: it builds with no warning, its generated strategy catalogue
-matches the registered strategies, its tutorials run as written, and every full
+matches the registered strategies, its tutorials and the strategy-writing guide run as
+written, that guide covers every hook and every member of the context, and every full
 experiment file it shows is valid.
 
-Tutorials run in a fresh folder with an MLflow store of their own, block by block in
+Tutorials (and the runnable guide pages, `RUNNABLE`) run in a fresh folder with an MLflow store of their own, block by block in
 page order, as a reader would: a code block with a title (```yaml title="x.yaml"```)
 is a file the reader saves; a `cl ...` line of a bash block is a command they type
 (all but `cl ui`, a server); an untitled python block is code they run, in one
@@ -31,6 +32,9 @@ from cl.cli.main import main
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 TUTORIALS = sorted((DOCS / "tutorials").glob("*.md"))
+# Guide pages whose code runs as written too: the strategy-writing guide's example of every hook.
+HOOK_GUIDE = DOCS / "guide" / "context.md"
+RUNNABLE = TUTORIALS + [HOOK_GUIDE]
 FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```\s*$", re.M | re.S)
 
 
@@ -141,7 +145,7 @@ def tracking_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
 
 
-@pytest.mark.parametrize("page", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+@pytest.mark.parametrize("page", RUNNABLE, ids=[p.stem for p in RUNNABLE])
 def test_tutorial_runs_as_written(page, tmp_path, monkeypatch, tracking_uri):
     blocks = fenced_blocks(page.read_text())
     assert any(lang == "python" for lang, _, _ in blocks), f"{page.name} has no Python to run"
@@ -188,6 +192,39 @@ def test_tutorial_experiments_are_tiny():
                 assert data["stream"]["dataset"] == "digits", f"{page.name}: {title}"
                 assert data["training"]["epochs"] == 1, f"{page.name}: {title}"
                 assert data["model"]["name"] == "mlp" and max(data["model"]["hidden"]) <= 64, f"{page.name}: {title}"
+
+
+# ------------------------------------------------------------------ the strategy guide
+def reference_hook():
+    """The site's build hook, `docs/hooks/reference.py`, as a module (it is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_reference_hook", DOCS / "hooks" / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_strategy_guide_has_an_example_of_every_hook():
+    hook = reference_hook()
+    assert hook.HOOK_EXAMPLES == HOOK_GUIDE.relative_to(DOCS).as_posix()
+    text = HOOK_GUIDE.read_text()
+    missing = [name for name in hook.strategy_hooks() if f"{{ #{hook.hook_anchor(name)} }}" not in text]
+    assert not missing, f"{HOOK_GUIDE.name} has no example heading for the hooks {missing}"
+
+
+def test_the_strategy_guide_names_every_member_of_the_context():
+    import torch
+
+    from strategies.context import Context
+
+    model = torch.nn.Linear(2, 2)
+    ctx = Context(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"))
+    members = {n for n in vars(ctx) if not n.startswith("_")}
+    members |= {n for n in vars(Context) if not n.startswith("_")}
+    text = HOOK_GUIDE.read_text()
+    missing = sorted(n for n in members if f"`ctx.{n}" not in text)
+    assert not missing, f"{HOOK_GUIDE.name} does not say what these members of Context are: {missing}"
 
 
 # ------------------------------------------------------------------- examples elsewhere

@@ -107,6 +107,9 @@ def test_applicable_metrics_by_layout():
     # Task 2 had samples in the first experience (blurry hand-off): no forward transfer.
     assert metrics.applicable_metrics(True, [[0, 2], [0, 1, 2], [0, 1, 2]]) == {"bwt", "forgetting"}
     assert metrics.applicable_metrics(False, tasks_in_order) == set()
+    # New classes with no task label, or a run that trained on later tasks early (Joint): no FWT.
+    assert metrics.applicable_metrics(True, tasks_in_order, class_incremental=True) == {"bwt", "forgetting"}
+    assert metrics.applicable_metrics(True, tasks_in_order, learned_ahead=True) == {"bwt", "forgetting"}
 
 
 def test_average_incremental_accuracy_with_seen_sets():

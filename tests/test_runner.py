@@ -149,11 +149,15 @@ def test_lazy_path_leaves_the_global_rng_alone():
 
 
 def test_transfer_metrics_follow_the_setting(tmp_path, capsys):
-    """An online stream (one row per task) gets BWT, FWT and forgetting; a blurry one no FWT."""
+    """An online stream (one row per task) gets BWT, FWT and forgetting where FWT means something
+    (task labels given); a blurry one no FWT; class-incremental without task labels no FWT."""
     path = experiment(tmp_path)
-    result = run_json(capsys, str(path), "--set", "stream.online.experience_size=100")
+    result = run_json(capsys, str(path), "--set", "stream.online.experience_size=100",
+                      "--set", "stream.scenario.task_labels=true")
     assert None not in (result["bwt"], result["fwt"], result["forgetting"])
-    result = run_json(capsys, str(path), "--set", "stream.blurry=0.2")
+    result = run_json(capsys, str(path), "--set", "stream.online.experience_size=100")
+    assert result["fwt"] is None and None not in (result["bwt"], result["forgetting"])
+    result = run_json(capsys, str(path), "--set", "stream.blurry=0.2", "--set", "stream.scenario.task_labels=true")
     assert result["fwt"] is None and result["bwt"] is not None and result["forgetting"] is not None
 
 

@@ -20,6 +20,9 @@ def compare_command(args) -> int:
     rows = compare.comparison(found, args.metrics.split(",") if args.metrics else None)
     print({"text": compare.text_table, "markdown": compare.markdown_table, "csv": compare.csv_table}[args.format](rows)
           .rstrip("\n"))
+    note = compare.ranking_note(rows, found)
+    if note and args.format == "text":  # markdown and CSV stay a clean table for files
+        print(note)
     if args.plots:
         folder = Path(args.plots)
         folder.mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,8 @@ def _add_compare(sub) -> argparse.ArgumentParser:
 def _add_ui(sub) -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="serve the MLflow UI on the lab's store and print each experiment's link")
     _tracking_uri_option(ui)
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, default=5000, metavar="PORT",
+                    help="the port the UI listens on, on 127.0.0.1; the printed links use it")
     ui.add_argument("--experiment", default=None, help="print only this experiment's link")
     return ui
 

@@ -37,6 +37,9 @@ def run_command(args) -> int:
         rows = compare.comparison([comparison_entry(r) for r in runs if r.get("status") == "FINISHED"])
         print(f"\nmean ± std over seeds {','.join(map(str, seeds))}:")
         print(compare.text_table(rows))
+        note = compare.ranking_note(rows, [comparison_entry(r) for r in runs if r.get("status") == "FINISHED"])
+        if note:
+            print(note)
     tracked = [f"{r['name']}{'-seed' + str(r['seed']) if several else ''}={r['mlflow_run_id']}"
                for r in runs if r["mlflow_run_id"]]
     if tracked:

@@ -143,7 +143,8 @@ class ExperimentConfig(BaseModel):
     seed: int = 0
     seeds: list[int] | None = Field(None, min_length=1, description="run every run of the file once per seed "
                                                                     "(overrides 'seed'); `cl run --seeds 0,1,2`")
-    device: str = "auto"
+    device: str = Field("auto", description="`cpu`, `cuda` (the current GPU), `cuda:N` (GPU number N, from 0), "
+                                            "`mps`, or `auto` (CUDA when available, else the CPU)")
     data_dir: str | None = None
     threads: int | None = Field(None, ge=1, description="torch's CPU threads (default: the cores this "
                                                         "process may use, by affinity and cgroup quota)")

@@ -135,11 +135,14 @@ def train_run(cfg: ExperimentConfig, run: PreparedRun, config: dict, *, sinks=()
         gc.unfreeze()  # what this run made may be collected again once it is over (the next run freezes anew)
 
 
-def run_result(label: str, seed: int, record: RunRecord, stream: Stream, cached: dict | None = None) -> dict:
-    """The flat result of a finished run: its scalar metrics (`evaluation.summaries`), matrices,
-    loss terms, curves and costs; a frozen backbone's feature passes count as its training and
+def run_result(label: str, seed: int, record: RunRecord, stream: Stream, cached: dict | None = None,
+               strategies: list | None = None) -> dict:
+    """The flat result of a finished run: its scalar metrics (`evaluation.summaries`; FWT left out
+    where one of its `strategies` learned tasks ahead of their turn, as Joint), matrices, loss
+    terms, curves and costs; a frozen backbone's feature passes count as its training and
     evaluation forward passes."""
-    result = {"name": label, "seed": seed, "status": "FINISHED", **summarise(record, stream),
+    ahead = any(getattr(s, "learned_ahead", False) for s in strategies or ())
+    result = {"name": label, "seed": seed, "status": "FINISHED", **summarise(record, stream, ahead),
               "accuracy_matrix": record.accuracy_matrix.tolist(),
               "matrices": {k: v.tolist() for k, v in record.matrices.items()},
               "train_loss": record.train_loss, "loss_terms": record.loss_terms,

@@ -6,8 +6,8 @@ A page asks for a generated section with a marker comment on a line of its own,
 - `strategy-catalogue`: every entry of `strategies.STRATEGIES`, grouped by module, with the
   paper its docstring cites, every constructor argument with its type and default, the
   hooks it implements, a line of YAML and its docstring;
-- `strategy-hooks`, `strategy-rules`: the hooks of `strategies.Strategy` and the rules
-  `strategies.base` states for them;
+- `strategy-hooks`, `strategy-rules`: the hooks of `strategies.Strategy`, each linked to its
+  example on `HOOK_EXAMPLES`, and the rules `strategies.base` states for them;
 - `experiment-file`: every key of an experiment file, from the pydantic classes under
   `ExperimentConfig` (types, constraints, defaults, descriptions);
 - `components`: the datasets, scenarios and models a file may name, with their arguments;
@@ -388,7 +388,6 @@ NOTES = {
     "ExperimentConfig.name": "MLflow experiment name",
     "ExperimentConfig.seed": "data order, initialisation, strategies' sampling (and the stream's, unless "
                              "`stream.seed` is set)",
-    "ExperimentConfig.device": "`cpu`, `cuda`, `cuda:N`, `mps`, or `auto` (CUDA when available, else the CPU)",
     "ExperimentConfig.data_dir": "where datasets are read and downloaded; default `$CL_DATA_DIR`, else "
                                  "`~/.cache/cl-lab/data`",
     "ExperimentConfig.stream": "what the runs learn from: a dataset cut into experiences by a scenario",
@@ -477,14 +476,30 @@ def _first_sentence(doc: str | None) -> str:
 
 
 # ----------------------------------------------------------------------- the hook API
-def strategy_hooks_table() -> str:
-    """Every hook of `Strategy`, with its arguments and what its docstring says of it."""
+# The page with a runnable example of every hook, under the heading `{ #hook-<name> }`
+# (`hook_anchor`): the hook table links each hook there, so the strict build fails when a
+# hook has no example.
+HOOK_EXAMPLES = "guide/context.md"
+
+
+def hook_anchor(name: str) -> str:
+    return "hook-" + name.replace("_", "-")
+
+
+def strategy_hooks_table(page: str = HOOK_EXAMPLES) -> str:
+    """Every hook of `Strategy`, with its arguments, what its docstring says of it, and a
+    link to its example, relative to `page` (the page the table is on)."""
+    import posixpath
+
     base = source("strategy_base")
-    out = ["| hook | when it is called, and what it may do |", "| --- | --- |"]
+    examples = posixpath.relpath(HOOK_EXAMPLES, posixpath.dirname(page) or ".")
+    examples = "" if examples == posixpath.basename(page) else examples  # on the examples page itself
+    out = ["| hook | when it is called, and what it may do | example |", "| --- | --- | --- |"]
     for name in strategy_hooks():
         params = [p for p in inspect.signature(getattr(base, name)).parameters if p != "self"]
         doc = first_paragraph(getattr(base, name).__doc__) or "(no description)"
-        out.append(f"| `{name}({', '.join(params)})` | {escape_inline(doc)} |")
+        out.append(f"| `{name}({', '.join(params)})` | {escape_inline(doc)} | "
+                   f"[example]({examples}#{hook_anchor(name)}) |")
     return "\n".join(out) + "\n"
 
 
@@ -543,6 +558,10 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         name = match.group(1)
         if name not in GENERATORS:
             raise KeyError(f"{page.file.src_uri}: no generator named '{name}' (known: {', '.join(GENERATORS)})")
-        return GENERATORS[name]()
+        generator = GENERATORS[name]
+        # A generator with a `page` parameter links to other pages relative to this one.
+        if "page" in inspect.signature(generator).parameters:
+            return generator(page=page.file.src_uri)
+        return generator()
 
     return MARKER.sub(fill, markdown)
