@@ -329,7 +329,7 @@ def comparison_plots(runs: Sequence[dict], title: str) -> dict[str, bytes]:
     rows = comparison(runs, [names["final"], names["forgetting"]])
     bars = {c: ([r[c][0] for r in rows], [r[c][1] for r in rows]) for c in (names["final"], names["forgetting"])}
     if not single and any(math.isfinite(v) for means, _ in bars.values() for v in means):
-        plots["comparison_scores.png"] = bar_chart_png([r["strategy"] for r in rows], bars,
+        plots["comparison_bars.png"] = bar_chart_png([r["strategy"] for r in rows], bars,
                                                        f"{title}: mean ± std over seeds", name)
     curves = {label: [m["curve"] for m in members if m.get("curve")] for label, members in groups.items()}
     curves = {k: v for k, v in curves.items() if v}

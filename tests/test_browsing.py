@@ -81,7 +81,7 @@ def test_the_parents_comparison_equals_the_childrens_metrics_read_back(seeded):
     assert frame["acc_mean"][1] == pytest.approx(np.mean(naive_accs))
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.json", "comparison.md", "comparison.csv", "comparison_tasks.png", "comparison_matrices.png",
-            "comparison_scores.png", "comparison_stability.png"} <= artifacts
+            "comparison_bars.png", "comparison_stability.png"} <= artifacts
     assert result["comparison"]["acc_mean"][1] == pytest.approx(frame["acc_mean"][1])
 
 
@@ -130,7 +130,7 @@ def test_compare_reads_the_store_back(seeded, capsys, tmp_path):
     assert float(rows[0]["acc_mean"]) == pytest.approx(np.mean(accs))
     assert float(rows[0]["acc_std"]) == pytest.approx(np.std(accs, ddof=1))
     assert float(rows[1]["vs_best_mean"]) < 0 and rows[1]["vs_best_paired"] == "True"  # same seeds: paired
-    assert {p.name for p in tmp_path.iterdir()} >= {"comparison_tasks.png", "comparison_scores.png"}
+    assert {p.name for p in tmp_path.iterdir()} >= {"comparison_tasks.png", "comparison_bars.png"}
     parent = result["runs"][0]["mlflow_parent_run_id"]
     assert main(["compare", "--parent", parent, "--tracking-uri", uri, "--metrics", "acc"]) == 0
     out = capsys.readouterr().out
@@ -206,6 +206,8 @@ def test_cl_ui_serves_the_store_and_prints_the_training_view_link(seeded):
     import time
     import urllib.request
 
+    from cl.tracking import views
+
     _, _, uri = seeded
     with socket.socket() as s:  # a free port
         s.bind(("127.0.0.1", 0))
@@ -215,7 +217,10 @@ def test_cl_ui_serves_the_store_and_prints_the_training_view_link(seeded):
     try:
         line = proc.stdout.readline()
         exp_id = MlflowClient(uri).get_experiment_by_name("browse-test").experiment_id
-        assert line.strip() == f"browse-test: http://127.0.0.1:{port}/#/experiments/{exp_id}?workflowType=machine_learning"
+        # The newest cl run's saved view: its children, best first, with the comparison's columns.
+        key = views.lab_views(MlflowClient(uri).get_experiment(exp_id).tags)[0]
+        assert line.strip() == (f"browse-test: http://127.0.0.1:{port}/#/experiments/{exp_id}/runs?"
+                                f"viewStateShareKey={key}&workflowType=machine_learning")
         deadline, status = time.time() + 90, None
         while time.time() < deadline and status is None:
             try:

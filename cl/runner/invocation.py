@@ -23,6 +23,7 @@ from cl.config.registry import plugins_from
 from cl.config.schema import ExperimentConfig
 from cl.models import resolve_weights
 from cl.runner.one_run import PreparedRun, new_feature_cache, prepare_run, run_config, run_result, saved_state, train_run
+from cl.runner.progress import InvocationProgress
 from cl.tracking.journal import journal_root
 from cl.tracking.logger import ExperimentLogger, TrackingOptions, check_journal
 from cl.tracking.provenance import dataset_inputs, source_tags
@@ -92,6 +93,7 @@ class Invocation:
         self.logger = ExperimentLogger(cfg.name, seeds, options, checkpoint_dir, resume) if options is not None else None
         self.source = source_tags(cfg.source_file) if options is not None else {}
         self._features: FeatureCache | None = None  # a frozen backbone's features, for every run of the file
+        self.where = InvocationProgress(len(runs) * len(seeds))  # run k of n, and the time left, for the bars
 
     def features(self) -> FeatureCache:
         if self._features is None:
@@ -144,7 +146,9 @@ class Invocation:
                         raise KeyboardInterrupt
                     if logger is not None:
                         logger.store_failed()
+                    self.where.start(label, seed, len(self.seeds) > 1)
                     results.append(self._run_one(cfg, stream, label, specs))
+                    self.where.end(trained=results[-1].get("resumed") != "finished before")
         except BaseException as err:
             try:
                 self._close(results, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", announce=False)
@@ -189,8 +193,9 @@ class Invocation:
         sink = self._child_sink(cfg, stream, label, name, config, run) if logger is not None else None
         sinks = [s for s in (sink, self._console(label, cfg.seed)) if s is not None]
         try:
-            record, started = train_run(cfg, run, config, sinks=sinks, progress=self.progress, checkpoint=checkpoint,
-                                        state=state, checkpointed=lambda: logger and logger.checkpointed(sink))
+            record, started = train_run(cfg, run, config, sinks=sinks, progress=self.progress,
+                                        progress_label=self.where.label, checkpoint=checkpoint, state=state,
+                                        checkpointed=lambda: logger and logger.checkpointed(sink))
             result = {**run_result(label, cfg.seed, record, stream, run.cached, run.strategies), "fit_start_unix": started}
             kept = self.keep(run, result) if self.keep is not None else None
         except BaseException as err:

@@ -110,17 +110,19 @@ def saved_state(checkpoint: Path | None, config: dict) -> dict | None:
 
 
 def train_run(cfg: ExperimentConfig, run: PreparedRun, config: dict, *, sinks=(), progress: bool = False,
-              checkpoint: Path | None = None, state: dict | None = None,
+              progress_label: Callable[[], str] = str, checkpoint: Path | None = None, state: dict | None = None,
               checkpointed: Callable[[], None] = lambda: None) -> tuple[RunRecord, float]:
     """Train `run` through its stream with the file's training settings; resume from `state`.
-    `checkpointed()` is called as each checkpoint is written (before it counts as written).
-    Returns the record and when training started (Unix time)."""
+    `checkpointed()` is called as each checkpoint is written (before it counts as written);
+    `progress_label()` prefixes each progress bar. Returns the record and when training
+    started (Unix time)."""
     def checkpoint_meta():
         checkpointed()
         return {"config": config, "config_hash": config_hash(config)}
 
     trainer = LifelongTrainer(run.fit_model, run.optimizer, run.strategies, cfg.training, device=run.device,
                               seed=cfg.seed, scheduler=run.scheduler, sinks=sinks, progress=progress,
+                              progress_label=progress_label,
                               checkpoint_path=str(checkpoint) if checkpoint else None, checkpoint_meta=checkpoint_meta)
     if state is not None:
         trainer.load_state_dict(state)

@@ -106,6 +106,7 @@ def serve_ui(tracking_uri: str | None, port: int, experiment: str | None = None)
     training view; returns when the UI is stopped (Ctrl-C)."""
     import mlflow
 
+    from cl.tracking import views
     from cl.tracking.store import run_link
 
     uri = tracking_uri or mlflow.get_tracking_uri()
@@ -123,7 +124,11 @@ def serve_ui(tracking_uri: str | None, port: int, experiment: str | None = None)
     base = f"http://127.0.0.1:{port}"
     for e in experiments:
         if e.name != "Default" or experiment is not None:
-            print(f"{e.name}: {run_link(base, e.experiment_id, None)}")
+            # The newest `cl run`'s view of the runs list (its children, best first, the comparison's
+            # columns shown), where there is one; else the experiment's runs list as MLflow opens it.
+            newest = views.lab_views(e.tags or {})
+            link = views.link(base, e.experiment_id, newest[0]) if newest else run_link(base, e.experiment_id, None)
+            print(f"{e.name}: {link}")
     sys.stdout.flush()
     # One worker and no job runner: browsing needs neither four workers nor the GenAI job
     # queue (eight more processes). Its own process group, so stopping `cl ui` stops them all.

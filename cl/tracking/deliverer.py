@@ -244,6 +244,8 @@ class Deliverer:
                     client.log_artifacts(run_id, str(path), path.name)
                 else:
                     client.log_artifact(run_id, str(path))
+            elif op == "view":
+                self._view(i, record, run_id)
             elif op == "end":
                 client.set_terminated(run_id, record["status"], end_time=record["time"])
         except Exception as err:
@@ -262,6 +264,24 @@ class Deliverer:
         self.refused.append(line)
         log.warning(line)
         return None
+
+    def _view(self, i: int, record: dict, run_id: str) -> None:
+        """A saved view of the run's children (`cl.tracking.views`), set on the experiment the
+        run is in, under a tag the lab names from the run: the record gives only the view's
+        name and state. Then the lab's views of that experiment beyond the newest
+        `views.KEEP` are deleted (never a tag of any other name)."""
+        from cl.tracking import views
+
+        client = self._client
+        try:
+            tag, value = views.seal(run_id, record["name"], record["state"], now_ms=record["time"])
+        except ValueError as err:
+            self._refuse(i, record, str(err))
+            return
+        experiment_id = client.get_run(run_id).info.experiment_id  # the run's own, whatever the journal says
+        client.set_experiment_tag(experiment_id, tag, value)
+        for old in views.beyond_kept(client.get_experiment(experiment_id).tags):
+            client.delete_experiment_tag(experiment_id, old)
 
     def _parent_id(self, experiment_id: str, parent_key: str) -> str:
         """The parent's run id: from its journal, else (a journal already delivered and

@@ -55,7 +55,8 @@ class Journal:
             raise JournalUnreadable(f"{self.folder} cannot be read ({_reason(err)}); it is left as it is") from None
         if not (self.folder / STATE).exists():  # the run key is on disk before any run carries it
             self.mark_delivered(0)
-        self._points = {(k, r["step"]) for r in self.records if r["op"] == "metrics" for k in r["metrics"]}
+        # (key, step) -> the value last written there: a point is written once, or again with a new value.
+        self._points = {(k, r["step"]): v for r in self.records if r["op"] == "metrics" for k, v in r["metrics"].items()}
         self._file = None if follow else open(self.folder / RECORDS, "a", encoding="utf-8")
         self.changed = threading.Condition(self._lock)  # notified on every append
 
@@ -196,17 +197,22 @@ class Journal:
         return self.ended is not None and self.pending == 0
 
     # ------------------------------------------------------------ writing
-    def append(self, op: str, **fields) -> None:
+    def append(self, op: str, *, again: bool = False, **fields) -> None:
         """Add a record. Metric points this journal already holds (a resumed run emitting
         again what it emitted before its checkpoint) are left out; a record left empty by
-        that is not written."""
+        that is not written. `again`: such points are written even so where their value
+        changed (a summary at step 0, whose newer value must win: MLflow shows the point with
+        the latest timestamp), and only there (a resume that ends as it would have writes no
+        point twice)."""
         with self._lock:
             if op == "metrics":
                 step = fields["step"]
-                fields["metrics"] = {k: v for k, v in fields["metrics"].items() if (k, step) not in self._points}
+                held = self._points
+                fields["metrics"] = {k: v for k, v in fields["metrics"].items() if (k, step) not in held or again
+                                     and not _same(held[(k, step)], v)}
                 if not fields["metrics"]:
                     return
-                self._points.update((k, step) for k in fields["metrics"])
+                held.update(((k, step), v) for k, v in fields["metrics"].items())
             record = {"op": op, "time": int(time.time() * 1000), **fields}
             try:
                 self._file.write(json.dumps(record, allow_nan=True) + "\n")
@@ -304,6 +310,11 @@ def _reason(err: BaseException) -> str:
     return f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.strerror else str(err)
 
 
+def _same(a, b) -> bool:
+    """Two metric values that are one (NaN is NaN)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -335,7 +346,12 @@ _FIELDS = {
     "table": {"name": lambda v: isinstance(v, str), "data": lambda v: isinstance(v, dict)},
     "artifact": {"path": lambda v: isinstance(v, str)},
     "end": {"status": lambda v: isinstance(v, str)},
+    # A saved view of the runs list (`cl.tracking.views`): the deliverer makes its tag's name and
+    # its filter from the run it delivers, so a journal cannot name another tag or experiment.
+    "view": {"name": lambda v: isinstance(v, str) and len(v) <= 200, "state": lambda v: isinstance(v, dict)},
 }
+# Records whose every field is named: anything else in them (a tag's name, an experiment) is refused.
+_ONLY = {"view": {"op", "time", "name", "state"}}
 _OPTIONAL = {"tracking_uri": lambda v: v is None or isinstance(v, str),  # shown, never used (`cl sync`)
              "parent_key": lambda v: v is None or _key(v)}
 
@@ -352,6 +368,9 @@ def record_problem(record) -> str | None:
     for field, test in _FIELDS[op].items():
         if not test(record.get(field)):
             return f"a '{op}' record whose '{field}' is missing or of the wrong type"
+    extra = sorted(set(record) - _ONLY[op]) if op in _ONLY else []
+    if extra:
+        return f"a '{op}' record with fields it may not have ({', '.join(map(str, extra))})"[:160]
     for field, test in _OPTIONAL.items():
         if field in record and not test(record[field]):
             return f"a '{op}' record whose '{field}' is of the wrong type"

@@ -25,7 +25,9 @@ from cl.tracking import delivery
 from cl.tracking.deliverer import Deliverer
 from cl.tracking.journal import RECORDS, STATE, Journal, journal_root
 from cl.tracking.sink import MLflowSink
-from cl.tracking.store import DEFAULT_TIMEOUT_S, StoreWarmup, TrackingError, check_store_location, is_server, run_link
+from cl.tracking import views
+from cl.tracking.store import (DEFAULT_TIMEOUT_S, StoreWarmup, TrackingError, check_store_location, is_server,
+                              run_link, view_link)
 from evaluation import compare
 from evaluation.report import heatmap_png, matrix_csv, matrix_json, task_curves_png
 from evaluation.summaries import comparison_entry, scalar_metrics
@@ -227,7 +229,10 @@ class ExperimentLogger:
             sink.log_model(model)
         if kept is not None:
             sink.log_file(kept, "model")
-        sink.log_metrics(scalar_metrics(result), len(stream.eval_after), "summary")
+        # At step 0: MLflow draws a metric no run has past step 0 as a number (a bar in the
+        # charts), not as a line of one dot. A resumed run's summary is written again and wins
+        # (MLflow shows the point with the latest timestamp at the highest step).
+        sink.log_metrics(scalar_metrics(result), 0, "summary", again=True)
         sink.log_artifact("config.yaml", yaml.safe_dump(run_config, sort_keys=False))
         self._log_matrices(sink, record, title)
         for key in record.matrices:  # one chart point per boundary
@@ -302,20 +307,58 @@ class ExperimentLogger:
         for r in results:
             r["mlflow_parent_run_id"] = parent.run_id
         if parent.run_id is not None and announce:
-            remote = is_server(self.options.uri)
-            log.info(f"MLflow: {run_link(self.options.uri, parent.experiment_id, parent.run_id)}"
-                     + ("" if remote else "  (open it after `cl ui`)"))
+            later = "" if is_server(self.options.uri) else "  (open it after `cl ui`)"
+            if finished:  # the runs list on this invocation's view (`cl.tracking.views`): who won, at a glance
+                log.info(f"MLflow: {view_link(self.options.uri, parent.experiment_id, views.view_key(parent.run_id))}"
+                         + later)
+            log.info(f"MLflow parent run: {run_link(self.options.uri, parent.experiment_id, parent.run_id)}" + later)
+
+    @staticmethod
+    def _headline(entries: list[dict]) -> str:
+        """The table the parent's description leads with: the ranking metric, the difference to
+        the best, forgetting and BWT (those that apply), one line a strategy, so that the best
+        rows fit in what MLflow shows before "Show more"."""
+        from evaluation.metrics import metric_names
+
+        names = metric_names(compare.primary_score(entries))
+        present = {k for e in entries for k, v in e["metrics"].items() if isinstance(v, (int, float)) and v == v}
+        return compare.markdown_table(compare.comparison(
+            entries, [m for m in (names["final"], names["forgetting"], names["bwt"]) if m in present]))
+
+    def _caption(self, rows: list[dict], entries: list[dict], seeds_text: str) -> str:
+        """The line under the parent's table: what it compares and how to read it."""
+        caption = f"**{self.experiment}** ({self.id}): mean ± std over seeds {seeds_text}, best first"
+        note = compare.ranking_note(rows, entries)
+        return f"{caption}; {note}." if note else f"{caption}."
+
+    @staticmethod
+    def _view_state(rows: list[dict], entries: list[dict]) -> dict:
+        """This invocation's view of the runs list: its children ranked as the table ranks the
+        strategies, with the comparison's metrics (those that apply to the stream) as columns
+        and bars, and the score on the seen tasks per experience."""
+        from evaluation.metrics import metric_names
+
+        present = compare.columns_of(rows)
+        score = compare.primary_score(entries)
+        names = metric_names(score)
+        metrics = [m for m in (names["final"], names["forgetting"], names["bwt"]) if m in present]
+        ranking, higher = compare.ranking_metric(entries)
+        seen = f"{score}_seen" if any(e.get("matrices") for e in entries) else None
+        return views.children_state(metrics, ranking, higher, seen, (0.0, 1.0) if score == "acc" else None)
 
     def _log_comparison(self, parent: MLflowSink, entries: list[dict], seeds_text: str) -> None:
         rows = compare.comparison(entries)
-        # Step = runs compared: a resumed invocation's fuller comparison is a new point, never a
-        # second value at the partial one's step.
-        parent.log_metrics(compare.parent_metrics(rows), len(entries), "summary")
+        # At step 0, as a run's summary (`finished`): numbers, not one-dot lines; a resumed
+        # invocation's fuller comparison is written again and, being newer, is the one shown.
+        parent.log_metrics(compare.parent_metrics(rows), 0, "summary", again=True)
         parent.log_table("comparison.json", compare.table_columns(rows))
         table = compare.markdown_table(rows)
         parent.log_artifact("comparison.md", table + "\n")
-        # The run's description in the UI: the comparison is the first thing on its page.
-        parent.set_tags({"mlflow.note.content": f"**{self.experiment}**: mean ± std over seeds {seeds_text}\n\n{table}\n"})
+        # The run's description: MLflow shows its first 100 pixels until "Show more", so the
+        # table leads (its header and the best rows fit), and what it means follows.
+        parent.set_tags({"mlflow.note.content": f"{self._headline(entries)}\n\n{self._caption(rows, entries, seeds_text)}"
+                                                f" (every metric: comparison.md)\n"})
+        parent.save_view(f"cl: {self.experiment}-{self.id}", self._view_state(rows, entries))
         parent.log_artifact("comparison.csv", compare.csv_table(rows))
         for name, png in compare.comparison_plots(entries, self.experiment).items():
             parent.log_artifact(name, png)

@@ -130,8 +130,14 @@ class MLflowSink:
         self.journal.append(op, **fields)
         self.blocked_s += time.perf_counter() - t
 
-    def log_metrics(self, metrics: dict[str, float], step: int, kind: str = "evaluation") -> None:
-        self._append("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=int(step))
+    def log_metrics(self, metrics: dict[str, float], step: int, kind: str = "evaluation", again: bool = False) -> None:
+        """`again`: written even where the journal holds these points (a resumed run's summary
+        at step 0: the newer value is the one MLflow shows)."""
+        self._append("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=int(step), again=again)
+
+    def save_view(self, name: str, state: dict) -> None:
+        """A saved view of this run's children in the runs list (`cl.tracking.views`)."""
+        self._append("view", name=name, state=state)
 
     def log_artifact(self, name: str, data: bytes | str) -> None:
         t = time.perf_counter()

@@ -322,6 +322,14 @@ def run_link(tracking_uri: str | None, experiment_id: str | None, run_id: str | 
     return f"{base}/{page}?workflowType=machine_learning"
 
 
+def view_link(tracking_uri: str | None, experiment_id: str | None, key: str) -> str:
+    """The MLflow UI's runs list of an experiment opened on its saved view `key`
+    (`cl.tracking.views`), on the address `run_link` uses."""
+    from cl.tracking.views import link
+
+    return link(run_link(tracking_uri, None, None).split("/#/", 1)[0], experiment_id, key)
+
+
 def quiet_mlflow() -> None:
     """MLflow logs at INFO on import ("Creating initial MLflow database tables..."); a run's
     output is the lab's own lines and the result. Its warnings and errors still show."""

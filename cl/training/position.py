@@ -78,11 +78,14 @@ class TrainingClock:
             self.excluded += time.perf_counter() - t
 
 
-def progress_bar(show: bool, stream, experience, data, total: int, givers: list[str], done: int = 0):
+def progress_bar(show: bool, stream, experience, data, total: int, givers: list[str], done: int = 0,
+                 prefix: str = ""):
     """The experience's progress bar on standard error (drawn only with `show` and data to
-    train on); an experience with nothing to train says so and why instead."""
+    train on), after `prefix` (where the invocation stands: run k of n, time left); an
+    experience with nothing to train says so and why instead."""
+    where = f"{prefix}experience {experience.index + 1}/{len(stream)}"
     if show and not len(data):  # e.g. Joint after its first experience: say so, draw no bar
-        tqdm.write(f"experience {experience.index + 1}/{len(stream)}: nothing to train ({', '.join(givers) or 'the stream'}"
+        tqdm.write(f"{where}: nothing to train ({', '.join(givers) or 'the stream'}"
                    f" gave no training data here); evaluation only", file=sys.stderr)
     return tqdm(total=total, initial=done, disable=not show or not len(data), leave=False, file=sys.stderr,
-                mininterval=0.5, desc=f"experience {experience.index + 1}/{len(stream)}")
+                mininterval=0.5, desc=where)

@@ -67,8 +67,8 @@ class LifelongTrainer:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategies: Sequence[Strategy],
                  settings: TrainingConfig | None = None, *, device: str | torch.device = "cpu", seed: int = 0,
                  scheduler=None, evaluators: Sequence[Evaluator] | None = None, sinks: Sequence[Sink] = (),
-                 progress: bool = False, checkpoint_path: str | None = None,
-                 checkpoint_meta: Callable[[], dict] = dict):
+                 progress: bool = False, progress_label: Callable[[], str] = str,
+                 checkpoint_path: str | None = None, checkpoint_meta: Callable[[], dict] = dict):
         # The loop's settings are the experiment file's `training:` section, validated there
         # (its optimizer and scheduler specs are built by the caller: `optimizer`, `scheduler`).
         settings = self.settings = settings if settings is not None else TrainingConfig()
@@ -83,6 +83,7 @@ class LifelongTrainer:
         self.strategies, self.seed = list(strategies), seed
         self.evaluators = list(evaluators) if evaluators is not None else None
         self.sinks, self.progress = list(sinks), progress
+        self.progress_label = progress_label  # where the invocation stands, before each experience's bar
         # Checkpoints inside an experience only where checkpoints are written at all.
         self.checkpoint_path, self.checkpoint_meta = checkpoint_path, checkpoint_meta
         self.checkpoint_every = settings.checkpoint_every if checkpoint_path else None
@@ -180,7 +181,7 @@ class LifelongTrainer:
             clock = TrainingClock(before=resume.elapsed)
         givers = [type(s).__name__ for s in self.hooks["training_data"]]
         bar = progress_bar(self.progress, stream, experience, data, self.ctx.steps_in_experience, givers,
-                           done=at.epoch * steps_per_epoch + at.batch)
+                           done=at.epoch * steps_per_epoch + at.batch, prefix=self.progress_label())
         for epoch in range(at.epoch, self.settings.epochs):
             skip = at.batch if epoch == at.epoch else 0
             at.epoch, at.batch = epoch, skip
