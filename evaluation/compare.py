@@ -17,10 +17,13 @@ from typing import Sequence
 import numpy as np
 
 # The columns shown by default, in this order, where the runs have them.
+# What a run cost (`cl.training.cost`), so methods are set side by side at equal compute and memory;
+# the other costs (params_total, params_trainable, eval_flops_per_sample, samples_per_s) by --metrics.
+COST_COLUMNS = ["train_flops_per_sample", "train_flops", "strategy_state_bytes", "peak_memory_bytes"]
 ACCURACY_COLUMNS = ["acc", "bwt", "fwt", "forgetting", "avg_incremental_acc", "anytime_acc", "min_acc", "wc_acc",
-                    "stability_gap", "train_time_s"]
+                    "stability_gap", "train_time_s", *COST_COLUMNS]
 LOSS_COLUMNS = ["loss", "loss_bwt", "loss_fwt", "loss_forgetting", "perplexity", "loss_wc", "loss_stability_gap",
-                "tokens_per_s", "train_time_s"]
+                "tokens_per_s", "train_time_s", *COST_COLUMNS]
 
 
 def default_columns(runs: Sequence[dict]) -> list[str]:
@@ -175,6 +178,8 @@ def ranking_note(rows: Sequence[dict], runs: Sequence[dict]) -> str:
 def _cell(mean: float, std: float) -> str:
     if not math.isfinite(mean):
         return "-"
+    if abs(mean) >= 1e5:  # FLOPs, bytes, parameters: four significant digits, not a row of them
+        return f"{mean:.4g}" + (f" ± {std:.2g}" if math.isfinite(std) else "")
     digits = 2 if abs(mean) >= 100 else 4
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if math.isfinite(std) else "")
 

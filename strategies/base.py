@@ -157,6 +157,24 @@ class Strategy:
         stiff for the learning rate says so, and what strength would be stable)."""
         return None
 
+    def state_bytes(self) -> int:
+        """Bytes of the tensors this strategy holds (memories, stored logits, importances,
+        prompts, class statistics): those of its `state_dict()`, which holds everything a
+        checkpoint needs to go on, less the generator's state (the base class's "rng").
+        A strategy holding more than it saves (a copy rebuilt at each experience) may say so."""
+        def tensors(tree):
+            if isinstance(tree, torch.Tensor):
+                yield tree
+            elif isinstance(tree, dict):
+                for v in tree.values():
+                    yield from tensors(v)
+            elif isinstance(tree, (list, tuple)):
+                for v in tree:
+                    yield from tensors(v)
+
+        state = {k: v for k, v in self.state_dict().items() if k != "rng"}
+        return sum(t.numel() * t.element_size() for t in tensors(state))
+
 
 #: Hooks of which a run may have one implementation only.
 SINGLE_OWNER_HOOKS = ("forward", "loss", "eval_model", "predict")

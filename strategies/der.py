@@ -55,7 +55,7 @@ class DER(Strategy):
         if self.memory == "reservoir":
             rows = batch.incoming
             self.buffer.add(batch.x_raw[rows], batch.y[rows], batch.t[rows], self.rng,
-                            logits=batch.logits[rows].detach())
+                            logits=batch.logits[rows].detach().float())  # float32 under mixed precision too
 
     def after_experience(self, ctx: Context, data: TensorData) -> None:
         if self.memory == "class_balanced":

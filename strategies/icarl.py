@@ -74,7 +74,8 @@ class ICaRL(Strategy):
         if self.old_model is not None:
             old = self._index(self.old_classes, batch.logits.device)
             with torch.no_grad():
-                targets[:, old] = torch.sigmoid(model_call(self.old_model, batch.x, batch.t)[:, old])
+                # The old model's logits are bfloat16/float16 under mixed precision; the targets stay float32.
+                targets[:, old] = torch.sigmoid(model_call(self.old_model, batch.x, batch.t)[:, old]).to(targets.dtype)
         bce = F.binary_cross_entropy_with_logits(batch.logits[:, seen], targets[:, seen], reduction="none")
         return bce.sum(1).mean()
 

@@ -66,7 +66,8 @@ class NearestMean(Strategy):
 
     def after_step(self, ctx: Context, batch: Batch) -> None:
         rows = batch.incoming
-        phi = F.normalize(batch.features[rows].detach(), dim=-1)
+        # Features are bfloat16/float16 under mixed precision: the class sums stay in their own dtype.
+        phi = F.normalize(batch.features[rows].detach().to(self.sums.dtype), dim=-1)
         self.sums.index_add_(0, batch.y[rows], phi)
         self.counts.index_add_(0, batch.y[rows], torch.ones_like(batch.y[rows], dtype=self.counts.dtype))
 

@@ -56,6 +56,20 @@ class StreamConfig(BaseModel):
                                      "training data out and evaluate on it instead of the test sets")
 
 
+class CompileConfig(BaseModel):
+    """`training.compile` as a mapping: torch.compile's own options."""
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    fullgraph: bool = Field(False, description="a graph break is an error (naming where) instead of eager code")
+    dynamic: bool | None = Field(None, description="compile for varying shapes at once (None: after the "
+                                                   "first change of shape)")
+    backend: str = Field("inductor", description="torch.compile's backend ('aot_eager' checks a model "
+                                                 "compiles without generating code)")
+
+    def options(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
 class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     epochs: int = Field(1, ge=1)
@@ -79,6 +93,20 @@ class TrainingConfig(BaseModel):
     nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN or infinite training loss: 'stop' fails the run naming the experience and "
                             "iteration; 'skip' drops that step and counts it (skipped_steps)")
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = Field(
+        "32", description="'bf16-mixed' / '16-mixed': the forward pass, the loss and evaluation under "
+                          "torch.autocast in bfloat16 / float16 (weights, gradients and strategies' state stay "
+                          "float32; float16 scales the loss with a GradScaler, and a step it skips for inf "
+                          "gradients counts as skipped, not trained)")
+    compile: bool | CompileConfig = Field(
+        False, description="compile the model with torch.compile: true, or {mode, fullgraph, dynamic, backend}; "
+                           "graph breaks are reported once")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_number(cls, v):
+        # YAML reads `precision: 32` as a number; Lightning's `16`/`bf16` mean the mixed ones.
+        return {32: "32", "32-true": "32", 16: "16-mixed", "16": "16-mixed", "bf16": "bf16-mixed"}.get(v, v)
 
     @model_validator(mode="after")
     def _steps_need_experience_scope(self):

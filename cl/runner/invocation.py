@@ -196,7 +196,8 @@ class Invocation:
             record, started = train_run(cfg, run, config, sinks=sinks, progress=self.progress,
                                         progress_label=self.where.label, checkpoint=checkpoint, state=state,
                                         checkpointed=lambda: logger and logger.checkpointed(sink))
-            result = {**run_result(label, cfg.seed, record, stream, run.cached, run.strategies), "fit_start_unix": started}
+            result = {**run_result(label, cfg.seed, record, stream, run.cached, run.strategies, run.cost),
+                      "fit_start_unix": started}
             kept = self.keep(run, result) if self.keep is not None else None
         except BaseException as err:
             if logger is not None:

@@ -21,6 +21,7 @@ from cl.config.components import build_model_from, build_optimizer, build_strate
 from cl.config.identity import config_hash
 from cl.config.schema import ComponentSpec, ExperimentConfig
 from cl.training.checkpoint import check_same_config, load_checkpoint
+from cl.training.cost import StepCost, counting_flops, run_cost, start_peak_memory
 from cl.training.devices import resolve_device
 from cl.training.feature_cache import FeatureCache, bypass_reason, cache_root, wants_frozen_features
 from cl.training.record import RunRecord
@@ -45,7 +46,8 @@ def run_config(cfg: ExperimentConfig, specs: list[ComponentSpec]) -> dict:
 class PreparedRun:
     """What one run trains: the model (`fit_model`, the head alone where cached features stand
     in for a frozen backbone), its optimizer and scheduler, the strategies, and the stream it
-    fits (`fit_stream`, features or data); `cached` says what the feature cache did."""
+    fits (`fit_stream`, features or data); `cached` says what the feature cache did, `cost`
+    what the run cost once trained (`cl.training.cost`)."""
 
     model: torch.nn.Module
     fit_model: torch.nn.Module
@@ -55,6 +57,7 @@ class PreparedRun:
     strategies: list
     device: torch.device
     cached: dict = field(default_factory=dict)
+    cost: dict = field(default_factory=dict)
 
 
 def prepare_run(cfg: ExperimentConfig, stream: Stream, label: str, specs: list[ComponentSpec],
@@ -115,7 +118,7 @@ def train_run(cfg: ExperimentConfig, run: PreparedRun, config: dict, *, sinks=()
     """Train `run` through its stream with the file's training settings; resume from `state`.
     `checkpointed()` is called as each checkpoint is written (before it counts as written);
     `progress_label()` prefixes each progress bar. Returns the record and when training
-    started (Unix time)."""
+    started (Unix time); what the run cost goes into `run.cost`."""
     def checkpoint_meta():
         checkpointed()
         return {"config": config, "config_hash": config_hash(config)}
@@ -130,18 +133,25 @@ def train_run(cfg: ExperimentConfig, run: PreparedRun, config: dict, *, sinks=()
     # them out of the cyclic garbage collector, whose full collections would otherwise walk
     # them again and again during training (tens of milliseconds each).
     gc.freeze()
+    start_peak_memory(run.device)
     started = time.time()  # when training starts (benchmarks/startup.py: the process's cost before it)
+    steps = StepCost(trainer) if counting_flops() else None  # one step per experience, counted
     try:
-        return trainer.fit(run.fit_stream), started
+        record = trainer.fit(run.fit_stream)
     finally:
         gc.unfreeze()  # what this run made may be collected again once it is over (the next run freezes anew)
+        if steps is not None:
+            steps.close()
+    run.cost = run_cost(trainer, run.fit_stream, run.model, steps)
+    return record, started
 
 
 def run_result(label: str, seed: int, record: RunRecord, stream: Stream, cached: dict | None = None,
-               strategies: list | None = None) -> dict:
+               strategies: list | None = None, cost: dict | None = None) -> dict:
     """The flat result of a finished run: its scalar metrics (`evaluation.summaries`; FWT left out
     where one of its `strategies` learned tasks ahead of their turn, as Joint), matrices, loss
-    terms, curves and costs; a frozen backbone's feature passes count as its training and
+    terms, curves and costs (times; with `cost`, `cl.training.cost`'s parameters, FLOPs,
+    memory and throughput); a frozen backbone's feature passes count as its training and
     evaluation forward passes."""
     ahead = any(getattr(s, "learned_ahead", False) for s in strategies or ())
     result = {"name": label, "seed": seed, "status": "FINISHED", **summarise(record, stream, ahead),
@@ -168,4 +178,5 @@ def run_result(label: str, seed: int, record: RunRecord, stream: Stream, cached:
         result["train_time_s"] += cached.get("feature_train_time_s", 0.0)
         result["eval_time_s"] += cached.get("feature_test_time_s", 0.0)
         result.update(cached)
+    result.update(cost or {})
     return result

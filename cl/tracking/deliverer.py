@@ -156,14 +156,24 @@ class Deliverer:
         acts (its disk full, read-only), as against answering slowly or with a lock held by
         another process (a busy SQLite store): an outage is retried with backoff and ends a
         run's wait for delivery after the timeout; contention is waited out (up to 10 times it)."""
-        return self.error is not None and (unanswered(self.error) or storage_problem(self.error) is not None)
+        return self.error is not None and (unanswered(self.error) or self._store_storage() is not None)
+
+    def _store_storage(self) -> str | None:
+        """The store's disk full or read-only (`storage_problem`), but not the journal's own: a
+        journal whose folder cannot be written is the run's error to report, not the store's."""
+        err = self.error
+        filename = getattr(err, "filename", None)
+        if filename and Path(filename).resolve().is_relative_to(self.journal.folder.resolve()):
+            return None
+        return storage_problem(err)
 
     def pending_notice(self) -> str:
         """What waits, where, and the command that delivers it to this store, in one line."""
         err = self.error
         if isinstance(err, ParentNotCreated) and self.parent_deliverer is not None and self.parent_deliverer.error:
             err = self.parent_deliverer.error  # the reason the parent is not there
-        full = storage_notice(self.tracking_uri, err, self.journal.pending, self.journal.folder)
+        full = storage_notice(self.tracking_uri, err, self.journal.pending, self.journal.folder) \
+            if self._store_storage() is not None else None
         if full is not None:
             return full
         target = f" --tracking-uri {self.tracking_uri}" if self.tracking_uri else ""

@@ -152,6 +152,26 @@ def check_same_config(path: str | os.PathLike, meta: dict, config: dict) -> None
                           f"or start afresh without --resume")
 
 
+#: What `torch.compile(model)` puts before every key of the wrapped model's state dict.
+COMPILED_PREFIX = "_orig_mod."
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a `torch.compile` wrapper holds (the model itself when it is not wrapped)."""
+    return getattr(model, "_orig_mod", model) if isinstance(model, torch.nn.Module) else model
+
+
+def model_state(source) -> dict:
+    """A model's state dict (from a module, or a state dict) with the keys of an uncompiled
+    model: checkpoints hold no `_orig_mod.` prefix, so a compiled run's loads into an eager
+    model and the other way round. (The trainer compiles in place, which adds no prefix; a
+    model the caller compiled with `torch.compile` does.)"""
+    state = unwrapped(source).state_dict() if isinstance(source, torch.nn.Module) else source
+    if not any(COMPILED_PREFIX in k for k in state):
+        return state
+    return type(state)((k.replace(COMPILED_PREFIX, ""), v) for k, v in state.items())
+
+
 def save_run_checkpoint(path: str | os.PathLike, state: dict, strategies, meta: dict) -> Path:
     """A trainer's state, once every strategy's state is checked plain (it must load with
     `weights_only=True`): the strategy whose state is not is named."""

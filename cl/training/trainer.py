@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from cl.config.schema import TrainingConfig
-from cl.training.checkpoint import save_run_checkpoint
+from cl.training.checkpoint import model_state, save_run_checkpoint, unwrapped
 from cl.training.devices import resolve_device
 from cl.training.scoring import TaskEvaluation, fits_on_device
 from cl.training.hooks import hook_table, lr_owner, single_owners
 from cl.training.nonfinite import LossCheck
+from cl.training.precision import GraphBreakReport, Precision, compile_model
 from cl.training.position import Position, TrainingClock, progress_bar
 from cl.training.record import DEFAULT_LOSS, RunRecord, Sink
 from cl.training.seeds import RunGenerators, strategy_seeds
@@ -78,6 +79,10 @@ class LifelongTrainer:
                              "(optimizer, steps) -> scheduler, not a scheduler")
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.model, self.optimizer = model.to(self.device), optimizer
+        # Decided once: at precision 32 the step runs exactly as it did without these settings.
+        self.precision = Precision(settings.precision, self.device)
+        compile_model(self.model, settings.compile)
+        self.graph_breaks = GraphBreakReport(bool(settings.compile))
         self.scheduler = scheduler if is_instance else None
         self._scheduler_factory: Callable | None = None if is_instance else scheduler
         self.strategies, self.seed = list(strategies), seed
@@ -105,6 +110,19 @@ class LifelongTrainer:
         self._pending_state: dict | None = None
         self._start_state: dict | None = None
 
+    def _after_backward(self, batch: Batch) -> None:
+        for s in self.hooks["after_backward"]:
+            s.after_backward(self.ctx, batch)
+
+    def _scaled_step(self, loss: torch.Tensor, batch: Batch) -> bool:
+        """float16's backward and step through the loss scaler; gradients are unscaled before
+        the `after_backward` hooks, so they see (and project) true gradients. False when
+        the scaler skipped the step."""
+        self.precision.backward(loss)
+        self.precision.unscale(self.optimizer)
+        self._after_backward(batch)
+        return self.precision.step(self.optimizer)
+
     # ------------------------------------------------------------------ run
     def fit(self, stream: Stream, stop_after: int | None = None) -> RunRecord:
         """Train through `stream` (from where a loaded checkpoint left off) and return the record.
@@ -119,7 +137,9 @@ class LifelongTrainer:
             resume = None
             weights, self.ctx.evaluation_weights = self.ctx.evaluation_weights, None  # `ctx.evaluate_with`
             if experience.index in rows:
-                self.tests.row(stream, rows[experience.index], experience.index, weights)
+                with self.precision.autocast():
+                    self.tests.row(stream, rows[experience.index], experience.index, weights)
+                self.graph_breaks.check()  # once training and evaluation have both been compiled
             if self.checkpoint_path:
                 self._save_checkpoint()
         return self.record
@@ -133,7 +153,8 @@ class LifelongTrainer:
             progress = state["in_progress"]
             self._load_state(progress["start"] if progress else state)
             return None if progress is None else Position.restored(progress, state, self.device)
-        self.tests.untrained(stream)
+        with self.precision.autocast():
+            self.tests.untrained(stream)
         return None
 
     def _setup(self, stream: Stream) -> None:
@@ -189,7 +210,9 @@ class LifelongTrainer:
             self.ctx.epoch, self.ctx.step = epoch, epoch * steps_per_epoch + skip
             for x, y, t in self._batches(data, skip):
                 self.ctx.iteration = self.record.iteration
-                at.count(self._train_batch(x, y, t), len(y), self.record, self.settings.nonfinite)
+                losses = self._train_batch(x, y, t)
+                # A float16 step the scaler skipped counts as skipped, whatever `nonfinite` says.
+                at.count(losses, len(y), self.record, "skip" if self.precision.skipped else self.settings.nonfinite)
                 self._after_iteration(stream, experience, at, clock, bar)
             self._step_scheduler("epoch")
         bar.close()
@@ -229,7 +252,7 @@ class LifelongTrainer:
         bar.update()
         it = self.record.iteration
         if self.settings.eval_every and it % self.settings.eval_every == 0:
-            with clock.paused():  # periodic evaluations are not training time
+            with clock.paused(), self.precision.autocast():  # periodic evaluations are not training time
                 self.tests.periodic(stream, experience.index)
         if self.checkpoint_every and it % self.checkpoint_every == 0 and self.ctx.step < self.ctx.steps_in_experience:
             self._save_checkpoint(at.saved(clock.elapsed()))
@@ -274,16 +297,19 @@ class LifelongTrainer:
         for s in hooks["adapt_batch"]:
             s.adapt_batch(ctx, batch)
         batch.prepare(self.device, ctx.transform, self.rng.aug, self.rng.aug_appended)
-        ctx.forward_batch(batch, self.needs_features)
-        loss = self._loss(batch)
+        with self.precision.autocast():  # nullcontext at precision 32
+            ctx.forward_batch(batch, self.needs_features)
+            loss = self._loss(batch)
         if not self.loss_check.step_is_finite(ctx.iteration, loss):
             return None
         if loss.requires_grad:  # a frozen model (nearest-mean on fixed features) has nothing to step
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for s in hooks["after_backward"]:
-                s.after_backward(ctx, batch)
-            self.optimizer.step()
+            if self.precision.scaler is None:
+                loss.backward()
+                self._after_backward(batch)
+                self.optimizer.step()
+            elif not self._scaled_step(loss, batch):
+                return None  # inf/NaN float16 gradients: no step, so no scheduler step nor after_step
         self._step_scheduler("step")
         for s in hooks["after_step"]:
             s.after_step(ctx, batch)
@@ -336,7 +362,7 @@ class LifelongTrainer:
                 ctx.anneal_step = a
                 self._train_batch(*batch)
             self.loss_check.flush()
-            weights = copy.deepcopy(self.model.state_dict())
+            weights = copy.deepcopy(model_state(self.model))
         finally:
             ctx.anneal_step = None
             self._load_state(saved)
@@ -347,7 +373,8 @@ class LifelongTrainer:
     # ------------------------------------------------------------ evaluate
     def evaluate(self, stream: Stream, tasks: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """Every evaluator's score on each task's test set (only `tasks`', the others NaN)."""
-        return self.tests.evaluate(stream, tasks)
+        with self.precision.autocast():
+            return self.tests.evaluate(stream, tasks)
 
     def _emit(self, metrics: dict[str, float], step: int, kind: str = "evaluation") -> None:
         for sink in self.sinks:
@@ -357,8 +384,9 @@ class LifelongTrainer:
     def state_dict(self) -> dict:
         """The run's state at an experience boundary (plain tensors, numbers, lists and dicts)."""
         return {
-            "model": self.model.state_dict(),
+            "model": model_state(self.model),
             "optimizer": self.optimizer.state_dict(),
+            "precision": self.precision.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "strategies": [s.state_dict() for s in self.strategies],
             "rng": self.rng.state_dict(),
@@ -375,8 +403,9 @@ class LifelongTrainer:
         self.record = None
 
     def _load_state(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        unwrapped(self.model).load_state_dict(model_state(state["model"]))
         self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.load_state_dict(state.get("precision"))
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.rng.load_state_dict(state["rng"])

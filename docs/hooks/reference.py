@@ -186,7 +186,7 @@ def _code(text: str) -> str:
 def strategy_hooks() -> list[str]:
     """The hooks a strategy may implement: the public methods of `Strategy` other than its
     state and naming methods."""
-    skip = {"state_dict", "load_state_dict", "describe"}
+    skip = {"state_dict", "load_state_dict", "state_bytes", "describe"}
     return [name for name, value in vars(source("strategy_base")).items()
             if callable(value) and not name.startswith("_") and name not in skip]
 
