@@ -56,6 +56,11 @@ def task_curves_png(R, title: str, score: str = "accuracy", errors=None) -> byte
                           ylim=ylim, integer_x=True)
 
 
+def _score(run: dict) -> str:
+    """A run's primary score: its first matrix (accuracy; validation loss for a language model)."""
+    return next(iter(run.get("matrices") or {"acc": None}))
+
+
 def results_table(runs: Sequence[dict], show_seed: bool = False) -> str:
     """One line per run: each task's final score, then the score's ACC/BWT/FWT/forgetting,
     for the run's primary score (accuracy; validation loss for a language model)."""
@@ -64,21 +69,23 @@ def results_table(runs: Sequence[dict], show_seed: bool = False) -> str:
     out = []
     seed_head = f"{'seed':>5}" if show_seed else ""
     failed = [run for run in runs if run.get("status") == "FAILED"]
-    for run in runs:
-        if run in failed:
-            continue
-        key = next(iter(run.get("matrices") or {"acc": None}))
+    finished = [run for run in runs if run not in failed]
+    # A metric no run reports (FWT in class-incremental learning) gets no column at all.
+    shown = [k for k in ("final", "bwt", "fwt", "forgetting")
+             if any(run.get(metric_names(_score(run))[k]) is not None for run in finished)] or ["final"]
+    heads = {"bwt": "BWT", "fwt": "FWT", "forgetting": "Forget"}
+    for run in finished:
+        key = _score(run)
         R = np.asarray(run["matrices"][key] if run.get("matrices") else run["accuracy_matrix"])
         names = metric_names(key)
         T = R.shape[1]
         if not out:
-            label = "ACC" if key == "acc" else key
+            heads["final"] = "ACC" if key == "acc" else key
             head = f"{'run':<14}{seed_head}" + "".join(f"{'task' + str(j):>8}" for j in range(T))
-            out.append(head + f"{label:>8}{'BWT':>8}{'FWT':>8}{'Forget':>8}{'train_s':>9}")
+            out.append(head + "".join(f"{heads[k]:>8}" for k in shown) + f"{'train_s':>9}")
         seed = f"{run.get('seed', ''):>5}" if show_seed else ""
         row = f"{run['name'][:14]:<14}{seed}" + "".join(f"{v:>8.3f}" for v in R[-1])
-        row += "".join(f"{run[names[k]]:>8.3f}" if run.get(names[k]) is not None else f"{'-':>8}"
-                       for k in ("final", "bwt", "fwt", "forgetting"))
+        row += "".join(f"{run[names[k]]:>8.3f}" if run.get(names[k]) is not None else f"{'-':>8}" for k in shown)
         row += f"{run['train_time_s']:>9.2f}"
         out.append(row)
     for run in failed:

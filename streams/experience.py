@@ -303,6 +303,8 @@ class Stream:
         """Some task brings classes that no earlier task had, and the experiences carry no task
         labels that would tell the model which task it faces (a single-head, class-incremental
         stream; domain-incremental streams repeat their classes, task-incremental ones label)."""
+        if self.is_sequence:  # next-token prediction: "classes" are the vocabulary, shared by every domain
+            return False
         seen: set[int] = set()
         new_classes = False
         for j, classes in enumerate(self.task_classes):
