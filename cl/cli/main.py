@@ -53,7 +53,11 @@ def entry() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.install()  # the lab logs what it has to say; the command prints it
-    if args.command == "run" and not args.no_track:
+    # Delivery starts where records are written: not in the process that only starts `--devices`
+    # processes, nor on a torchrun rank other than 0 (rank 0 alone tracks).
+    launcher = (getattr(args, "devices", None) or 1) > 1 and "WORLD_SIZE" not in os.environ
+    tracks_here = not launcher and os.environ.get("RANK", "0") == "0"
+    if args.command == "run" and not args.no_track and tracks_here:
         # Before torch is imported: the child that delivers to MLflow imports it and opens the
         # store meanwhile, on the other core (`cl.tracking.delivery`).
         from cl.tracking import delivery

@@ -50,6 +50,10 @@ def _add_run(sub) -> argparse.ArgumentParser:
                      help="also log each run's final model as an MLflow model (runs:/<run id>/model)")
     run.add_argument("--seeds", default=None, metavar="S[,S]",
                      help="run every run of the file once per seed, e.g. --seeds 0,1,2 (the file's 'seeds')")
+    run.add_argument("--devices", type=int, default=None, metavar="N",
+                     help="data-parallel on N processes of this machine (one per GPU, else CPU processes "
+                          "sharing the cores): the same run as on one, each process training on its share "
+                          "of every batch; under torchrun, its processes (naive and replay so far)")
     return run
 
 

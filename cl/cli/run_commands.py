@@ -10,14 +10,36 @@ from pathlib import Path
 
 def run_command(args) -> int:
     from cl.config.files import load_experiment
-    from cl.runner.invocation import run_experiment
-    from cl.tracking.store import default_tracking_uri
-    from evaluation.report import results_table
+    from cl.runner import distributed
 
     start = time.perf_counter()
     cfg = load_experiment(args.file, args.overrides)
     if args.resume and not args.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir")
+    world = distributed.launched_world()
+    if args.devices is not None and args.devices < 1:
+        raise ValueError(f"--devices {args.devices}: expected 1 or more processes")
+    if world > 1 and args.devices not in (None, world):
+        raise ValueError(f"--devices {args.devices} under torchrun, which started {world} processes: leave it out")
+    devices = world if world > 1 else (args.devices or 1)
+    if devices > 1:
+        distributed.check_data_parallel(cfg, args.only.split(",") if args.only else None, devices, args.resume)
+        if world == 1:  # `--devices N` here: torch starts N processes, each runs this command under WORLD_SIZE
+            return distributed.spawn(args, devices)
+        distributed.setup(args, cfg.device)
+        cfg = load_experiment(args.file, args.overrides)  # with this rank's device where setup named one
+        try:
+            return _run(args, cfg, start)
+        finally:
+            distributed.teardown()
+    return _run(args, cfg, start)
+
+
+def _run(args, cfg, start: float) -> int:
+    from cl.runner.invocation import run_experiment
+    from cl.tracking.store import default_tracking_uri
+    from evaluation.report import results_table
+
     seeds = _seeds(args.seeds) if args.seeds else cfg.run_seeds()
     runs = run_experiment(cfg, tracking_uri=args.tracking_uri or default_tracking_uri(), track=not args.no_track,
                           progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir, resume=args.resume,

@@ -38,6 +38,18 @@ from streams.experience import Stream, TensorData
 
 
 
+def data_parallel(model: torch.nn.Module, device: torch.device):
+    """(the model wrapped in DistributedDataParallel, rank, world size) where torch.distributed
+    joins several processes (`cl.runner.distributed`); (None, 0, 1) otherwise."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None, 0, 1
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids), dist.get_rank(), dist.get_world_size()
+
+
 def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over classes; for sequence outputs (N, L, V) over every position."""
     if logits.dim() > 2:
@@ -105,6 +117,9 @@ class LifelongTrainer:
         self.ctx = Context(self.model, optimizer, self.device, aux_generator=self.rng.aux, scheduler=self.scheduler,
                            forward_owner=self.owner["forward"], seeds=strategy_seeds(seed, self.strategies),
                            train_on_copy=self._train_on_copy)
+        # Data parallel (`cl.runner.distributed`): set only where the process group holds several
+        # processes, so one process steps exactly as before.
+        self.ddp, self.rank, self.world = data_parallel(self.model, self.device)
         self.tests: TaskEvaluation | None = None
         self.record: RunRecord | None = None
         self._pending_state: dict | None = None
@@ -297,6 +312,8 @@ class LifelongTrainer:
         for s in hooks["adapt_batch"]:
             s.adapt_batch(ctx, batch)
         batch.prepare(self.device, ctx.transform, self.rng.aug, self.rng.aug_appended)
+        if self.ddp is not None:
+            return self._train_share(batch)
         with self.precision.autocast():  # nullcontext at precision 32
             ctx.forward_batch(batch, self.needs_features)
             loss = self._loss(batch)
@@ -314,6 +331,54 @@ class LifelongTrainer:
         for s in hooks["after_step"]:
             s.after_step(ctx, batch)
         return batch.losses
+
+    def _train_share(self, batch: Batch) -> dict[str, torch.Tensor] | None:
+        """`_train_batch` on one of several processes: every rank holds the same global batch
+        (incoming and replayed rows, drawn by generators all ranks share, augmented alike) and
+        trains on its rows r::N through DistributedDataParallel. Each local loss, a mean over
+        its n_r rows, is weighted n_r * N / G (G the global rows) so that DDP's average of the
+        gradients is the gradient of the mean over all G rows, as one process takes it, also
+        where a last batch does not split evenly. The `after_step` hooks see the whole batch:
+        replay memories are updated from every incoming row, identically on every rank."""
+        ctx, rows = self.ctx, slice(self.rank, None, self.world)
+        n_global = len(batch.y)
+        local = Batch(batch.x_raw[rows], batch.y[rows], batch.t[rows], len(range(batch.n_incoming)[rows]),
+                      x=batch.x[rows])
+        n_local = len(local.y)
+        weight = n_local * self.world / n_global
+        model, ctx.model = ctx.model, self.ddp  # the training forward through DDP, which syncs the backward
+        try:
+            with self.precision.autocast():
+                ctx.forward_batch(local, self.needs_features)
+                if n_local:
+                    loss = self._loss(local)
+                else:  # more ranks than rows: nothing to learn here, but DDP still needs this rank's zeros
+                    loss = local.logits.sum() * 0.0
+                    local.losses = {self.record.main_loss: loss}
+        finally:
+            ctx.model = model
+        # The step's terms as one process has them (sum over ranks of weight * local mean, / N):
+        # every rank sees the same values, so all skip a non-finite step together.
+        names = list(local.losses)
+        terms = torch.stack([local.losses[k].detach().float() * weight for k in names])
+        torch.distributed.all_reduce(terms)
+        terms /= self.world
+        losses = dict(zip(names, terms.unbind()))
+        if not self.loss_check.step_is_finite(ctx.iteration, terms.sum()):
+            return None
+        if loss.requires_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.precision.scaler is None:
+                (loss * weight).backward()
+                self._after_backward(local)
+                self.optimizer.step()
+            elif not self._scaled_step(loss * weight, local):
+                return None
+        self._step_scheduler("step")
+        batch.losses = losses
+        for s in self.hooks["after_step"]:
+            s.after_step(ctx, batch)
+        return losses
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         """The main term (the loss owner's, else cross-entropy) and every strategy's named
