@@ -25,7 +25,7 @@ def run_command(args) -> int:
     if devices > 1:
         distributed.check_data_parallel(cfg, args.only.split(",") if args.only else None, devices, args.resume)
         if world == 1:  # `--devices N` here: torch starts N processes, each runs this command under WORLD_SIZE
-            return distributed.spawn(args, devices)
+            return distributed.spawn(args, devices, run_command)
         distributed.setup(args, cfg.device)
         cfg = load_experiment(args.file, args.overrides)  # with this rank's device where setup named one
         try:

@@ -54,14 +54,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(args, devices: int) -> int:
-    """Run `cl run` (`args`) on `devices` processes started by torch's multiprocessing and
-    return the command's exit code (rank 0's, or the first failing rank's)."""
+def spawn(args, devices: int, command) -> int:
+    """Run `command(args)` (the `cl run` command, handed down by the CLI, which this layer may
+    not import) on `devices` processes started by torch's multiprocessing, and return the
+    command's exit code (rank 0's, or the first failing rank's)."""
     import torch.multiprocessing as mp
 
     port = free_port()
     try:
-        mp.start_processes(_worker, args=(devices, port, args), nprocs=devices, join=True, start_method="spawn")
+        mp.start_processes(_worker, args=(devices, port, args, command), nprocs=devices, join=True,
+                           start_method="spawn")
     except mp.ProcessExitedException as err:
         return err.exit_code if err.exit_code and err.exit_code > 0 else 1
     except mp.ProcessRaisedException as err:
@@ -70,14 +72,15 @@ def spawn(args, devices: int) -> int:
     return 0
 
 
-def _worker(local_rank: int, world: int, port: int, args) -> None:
+def _worker(local_rank: int, world: int, port: int, args, command) -> None:
     """One process of `spawn`: the variables torchrun would set, then the command itself."""
     os.environ.update({"RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     _share_cores(local_rank, world)
-    from cl.cli.main import _dispatch
+    from cl import console
 
-    code = _dispatch(args)
+    console.install()  # a spawned process starts bare: the lab's lines are printed as `cl run` prints them
+    code = command(args)
     sys.stdout.flush()
     if code:
         raise SystemExit(code)
