@@ -213,25 +213,33 @@ def _journal_holds(folder: Path, op: str) -> bool:
     return any(f'"op": "{op}"' in p.read_text() for p in folder.rglob("records.jsonl"))
 
 
+def interrupted_twice(options: list[str], path, journals, record: str, pause: float, timeout: float):
+    """`cl run path` in its own process group, sent Ctrl-C twice, `pause` seconds apart, once a
+    journal under `journals` holds a `record` record; its (stdout, stderr, process)."""
+    proc = subprocess.Popen([sys.executable, "-m", "cl", "run", str(path), "--no-progress", *options],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "CL_JOURNAL_DIR": str(journals)})
+    try:
+        _wait_for(lambda: _journal_holds(journals, record), proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(pause)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return out, err, proc
+
+
 def test_interrupted_twice_while_delivery_waits_says_which_journal_waits_and_how_to_deliver_it(tmp_path):
     """The run has finished and waits for a store that does not answer; a first Ctrl-C keeps
     waiting for delivery, a second stops the wait: one line names the journals and the `cl sync`
     that delivers them, exit 130. That command then delivers every run, none left RUNNING."""
     path = tiny_experiment(tmp_path, "exp.yaml", name="twice", n_experiences=2)
     journals = tmp_path / "journals"
-    proc = subprocess.Popen([sys.executable, "-m", "cl", "run", str(path), "--no-progress", "--tracking-uri",
-                             "http://127.0.0.1:9", "--tracking-timeout", "60"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "CL_JOURNAL_DIR": str(journals)})
-    try:
-        _wait_for(lambda: _journal_holds(journals, "end"), proc)  # the child run's end, waiting for delivery
-        os.killpg(proc.pid, signal.SIGINT)
-        time.sleep(0.3)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    # Interrupted twice once the child run's end is journaled and waits for delivery.
+    out, err, proc = interrupted_twice(["--tracking-uri", "http://127.0.0.1:9", "--tracking-timeout", "60"], path,
+                                       journals, "end", pause=0.3, timeout=30)
     assert proc.returncode == 130, err
     assert "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
@@ -249,18 +257,7 @@ def test_two_quick_interrupts_while_training_close_every_run(tmp_path):
     store (delivered, or delivered by the `cl sync` the line names), never RUNNING."""
     path = tiny_experiment(tmp_path, "exp.yaml", name="quick", n_experiences=5, epochs=30, hidden=(256,))
     uri, journals = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "journals"
-    proc = subprocess.Popen([sys.executable, "-m", "cl", "run", str(path), "--no-progress", "--tracking-uri", uri],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "CL_JOURNAL_DIR": str(journals)})
-    try:
-        _wait_for(lambda: _journal_holds(journals, "metrics"), proc)  # training
-        os.killpg(proc.pid, signal.SIGINT)
-        time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    out, err, proc = interrupted_twice(["--tracking-uri", uri], path, journals, "metrics", pause=0.2, timeout=60)
     assert proc.returncode == 130, err
     line = one_line(subprocess.CompletedProcess([], 130, out, err))
     waits = re.fullmatch(r"cl: interrupted; \d+ record\(s\) wait undelivered in (\S+): deliver them with "

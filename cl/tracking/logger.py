@@ -230,9 +230,10 @@ class ExperimentLogger:
         if kept is not None:
             sink.log_file(kept, "model")
         # At step 0: MLflow draws a metric no run has past step 0 as a number (a bar in the
-        # charts), not as a line of one dot. A resumed run's summary is written again and wins
-        # (MLflow shows the point with the latest timestamp at the highest step).
-        sink.log_metrics(scalar_metrics(result), 0, "summary", again=True)
+        # charts), not as a line of one dot. A run resumed after its summary was journaled keeps
+        # that summary: its metrics are the same, and its measurements (peak memory, samples/s)
+        # are as true as a second process's; each point is logged once.
+        sink.log_metrics(scalar_metrics(result), 0, "summary")
         sink.log_artifact("config.yaml", yaml.safe_dump(run_config, sort_keys=False))
         self._log_matrices(sink, record, title)
         for key in record.matrices:  # one chart point per boundary

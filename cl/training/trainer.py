@@ -319,18 +319,24 @@ class LifelongTrainer:
             loss = self._loss(batch)
         if not self.loss_check.step_is_finite(ctx.iteration, loss):
             return None
+        return batch.losses if self._step(loss, batch, batch) else None
+
+    def _step(self, loss: torch.Tensor, trained: Batch, batch: Batch) -> bool:
+        """Backward, the `after_backward` hooks (on the rows `trained`), the optimizer's and the
+        scheduler's step, then `after_step` (on the whole `batch`). False where float16's loss
+        scaler skipped the step (inf/NaN gradients): no scheduler step, no `after_step`."""
         if loss.requires_grad:  # a frozen model (nearest-mean on fixed features) has nothing to step
             self.optimizer.zero_grad(set_to_none=True)
             if self.precision.scaler is None:
                 loss.backward()
-                self._after_backward(batch)
+                self._after_backward(trained)
                 self.optimizer.step()
-            elif not self._scaled_step(loss, batch):
-                return None  # inf/NaN float16 gradients: no step, so no scheduler step nor after_step
+            elif not self._scaled_step(loss, trained):
+                return False
         self._step_scheduler("step")
-        for s in hooks["after_step"]:
-            s.after_step(ctx, batch)
-        return batch.losses
+        for s in self.hooks["after_step"]:
+            s.after_step(self.ctx, batch)
+        return True
 
     def _train_share(self, batch: Batch) -> dict[str, torch.Tensor] | None:
         """`_train_batch` on one of several processes: every rank holds the same global batch
@@ -366,19 +372,8 @@ class LifelongTrainer:
         losses = dict(zip(names, terms.unbind()))
         if not self.loss_check.step_is_finite(ctx.iteration, terms.sum()):
             return None
-        if loss.requires_grad:
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.precision.scaler is None:
-                (loss * weight).backward()
-                self._after_backward(local)
-                self.optimizer.step()
-            elif not self._scaled_step(loss * weight, local):
-                return None
-        self._step_scheduler("step")
         batch.losses = losses
-        for s in self.hooks["after_step"]:
-            s.after_step(ctx, batch)
-        return losses
+        return losses if self._step(loss * weight, local, batch) else None
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         """The main term (the loss owner's, else cross-entropy) and every strategy's named
