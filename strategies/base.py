@@ -71,6 +71,9 @@ class Strategy:
     learned_ahead: bool = False
     #: When this strategy owns `loss`: the name its term is logged under (default "ce" otherwise).
     loss_name: str | None = None
+    #: Reads `batch.logits` (or `batch.features`) in `after_step`: on several processes the
+    #: trainer then gathers every process's rows of them into the whole batch's.
+    reads_step_outputs: bool = False
 
     # ------------------------------------------------------------- once per run
     def setup(self, ctx: Context) -> None:

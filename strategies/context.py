@@ -68,6 +68,13 @@ class Context:
     Services beyond the helpers below: `train_on_copy(steps)` trains a copy of the
     whole run and returns its weights, and `evaluate_with(weights)` has the coming
     boundary evaluation score them (an "infinite" LR schedule's annealed model).
+
+    Data parallel (`cl run --devices N`, torchrun): `rank` and `world` say which of how
+    many processes this is (0 and 1 alone). Every process holds the same strategy state
+    and the same global batch (`batch`); the trainer trains each on its share of the rows.
+    A strategy keeps the run the one-process computation, split, with `shard` (its share of
+    rows it computes a statistic over), `all_reduce` (the sum over processes) and
+    `share_mean` (a loss term averaged over rows every process holds a share of).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -93,6 +100,38 @@ class Context:
         self.evaluation_weights: dict | None = None  # what `evaluate_with` asked the next evaluation to score
         self._seeds = dict(seeds or {})
         self._train_on_copy = train_on_copy
+        self.rank, self.world = 0, 1  # this process among `world` training the run together
+        self.loss_weight = 1.0  # what the trainer multiplies this process's loss by this step
+        self.batch: Batch | None = None  # the step's whole batch, every process's rows
+
+    # -------------------------------------------------------- data parallel
+    def shard(self, rows):
+        """This process's share of `rows` (a count, a range or a tensor of rows): every
+        `world`-th from `rank`, as the trainer splits a batch. All of them on one process."""
+        if isinstance(rows, int):
+            rows = range(rows)
+        return rows if self.world == 1 else rows[self.rank::self.world]
+
+    def all_reduce(self, *tensors: torch.Tensor) -> None:
+        """Sum each tensor over the processes, in place (nothing on one process). Every
+        process must call it, with tensors of the same shapes, at the same point."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.all_reduce(t)
+
+    def share_mean(self, values: torch.Tensor, total: int) -> torch.Tensor:
+        """A loss term averaged over `total` elements of which this process holds `values`
+        (its share, e.g. of replayed rows taken with `shard`): on one process `values.sum() /
+        total`, the mean; on several, scaled so that the step's averaged gradient is the
+        gradient of that mean over every process's elements, however unevenly they split."""
+        if not total:
+            return values.sum() * 0.0
+        if self.world == 1:
+            return values.sum() / total
+        return values.sum() * (self.world / (total * self.loss_weight)) if self.loss_weight else values.sum() * 0.0
 
     # -------------------------------------------------------------- helpers
     def prepare(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:

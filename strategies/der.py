@@ -26,7 +26,13 @@ class DER(Strategy):
     `memory: class_balanced` is avalanche-lib's variant, not the paper's: at the end of
     each experience an equal share per class is sampled from the experience's data, stored
     with the logits the model gives it then (in eval mode, without augmentation), instead
-    of reservoir sampling with the logits of the step that stored a sample."""
+    of reservoir sampling with the logits of the step that stored a sample.
+
+    On several processes each takes its share of the replayed rows (`ctx.shard`) and the
+    terms stay means over all of them (`ctx.share_mean`); the memory is the same on every
+    process, filled from the whole batch's logits, which the trainer gathers."""
+
+    reads_step_outputs = True
 
     def __init__(self, memory_size: int = 500, replay_batch_size: int = 32, alpha: float = 0.3,
                  beta: float = 0.0, memory: str = "reservoir"):
@@ -45,10 +51,23 @@ class DER(Strategy):
         if not len(self.buffer):
             return None
         x, t, z = self.buffer.sample(self.replay_batch_size, self.rng, fields=("x", "t", "logits"))
-        terms = {"der_mse": self.alpha * F.mse_loss(ctx.forward(ctx.prepare(x, augment=True), t), z)}
+        # Drawn and augmented whole on every process (the same generators, so the same draws as
+        # one process makes); each forwards its share of the rows.
+        x = ctx.prepare(x, augment=True)
+        if ctx.world == 1:
+            terms = {"der_mse": self.alpha * F.mse_loss(ctx.forward(x, t), z)}
+        else:
+            out = ctx.forward(ctx.shard(x), ctx.shard(t))
+            terms = {"der_mse": self.alpha * ctx.share_mean((out - ctx.shard(z)) ** 2, z.numel())}
         if self.beta:
             x, y, t = self.buffer.sample(self.replay_batch_size, self.rng)
-            terms["der_ce"] = self.beta * F.cross_entropy(ctx.forward(ctx.prepare(x, augment=True), t), y)
+            x = ctx.prepare(x, augment=True)
+            if ctx.world == 1:
+                terms["der_ce"] = self.beta * F.cross_entropy(ctx.forward(x, t), y)
+            else:
+                out = ctx.forward(ctx.shard(x), ctx.shard(t))
+                terms["der_ce"] = self.beta * ctx.share_mean(F.cross_entropy(out, ctx.shard(y), reduction="none"),
+                                                             len(y))
         return terms
 
     def after_step(self, ctx: Context, batch: Batch) -> None:

@@ -26,8 +26,9 @@ def cl_run(file: Path, devices: int, checkpoints: Path | None = None) -> subproc
 
 # batch 50 with 15 replayed rows: 65 rows a step, which 2 ranks share 33/32, and a last
 # incoming batch smaller than the rest: the unequal shares must be weighted exactly.
-@pytest.mark.parametrize("strategy", ["naive", {"name": "replay", "memory_size": 60, "replay_batch_size": 15}],
-                         ids=["naive", "replay"])
+@pytest.mark.parametrize("strategy", ["naive", {"name": "replay", "memory_size": 60, "replay_batch_size": 15},
+                                      {"name": "derpp", "memory_size": 60, "replay_batch_size": 15}],
+                         ids=["naive", "replay", "derpp"])
 def test_two_processes_end_as_one(tmp_path, strategy):
     file = tiny_experiment(tmp_path, n_experiences=2, batch_size=50, strategies=[strategy])
     label = strategy if isinstance(strategy, str) else strategy["name"]

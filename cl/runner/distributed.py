@@ -23,7 +23,7 @@ import socket
 import sys
 
 #: Strategies whose data-parallel run is the one-process computation, split (registry names).
-DATA_PARALLEL = ("naive", "replay")
+DATA_PARALLEL = ("naive", "replay", "der", "derpp")
 
 
 def launched_world() -> int:

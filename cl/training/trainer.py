@@ -38,16 +38,46 @@ from streams.experience import Stream, TensorData
 
 
 
-def data_parallel(model: torch.nn.Module, device: torch.device):
-    """(the model wrapped in DistributedDataParallel, rank, world size) where torch.distributed
-    joins several processes (`cl.runner.distributed`); (None, 0, 1) otherwise."""
+def process_group() -> tuple[int, int]:
+    """(rank, world size) where torch.distributed joins several processes
+    (`cl.runner.distributed`); (0, 1) otherwise."""
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return None, 0, 1
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device):
+    """The model wrapped in DistributedDataParallel over the process group. Built at every
+    experience, after the strategies' `before_experience`: DDP reduces the gradients of the
+    parameters that train then (a prompt method freezes its backbone; SLCA changes rates)."""
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids), dist.get_rank(), dist.get_world_size()
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def _shares(parts: dict, rank: int, world: int) -> dict:
+    """The appended row groups of a batch (`Batch.parts`) as they fall in the rows rank::world."""
+    out = {}
+    for key, part in parts.items():
+        first = -(-(part.start - rank) // world)  # the first local row at or after part.start
+        out[key] = slice(first, -(-(part.stop - rank) // world))
+    return out
+
+
+def gather_rows(local: torch.Tensor, n: int, rank: int, world: int) -> torch.Tensor:
+    """Every process's rows r::world of an n-row tensor, put back in order (padded to the
+    longest share for all_gather, which needs equal sizes)."""
+    longest = -(-n // world)
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    for r, part in enumerate(parts):
+        out[r::world] = part[:len(range(r, n, world))]
+    return out
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -119,7 +149,12 @@ class LifelongTrainer:
                            train_on_copy=self._train_on_copy)
         # Data parallel (`cl.runner.distributed`): set only where the process group holds several
         # processes, so one process steps exactly as before.
-        self.ddp, self.rank, self.world = data_parallel(self.model, self.device)
+        self.rank, self.world = process_group()
+        self.ddp = None  # DistributedDataParallel over the model, built at each experience
+        self.ctx.rank, self.ctx.world = self.rank, self.world
+        # Strategies that read the step's logits or features after it (`after_step`) get them
+        # for the whole batch, gathered from every process.
+        self._gather_outputs = self.world > 1 and any(s.reads_step_outputs for s in self.hooks["after_step"])
         self.tests: TaskEvaluation | None = None
         self.record: RunRecord | None = None
         self._pending_state: dict | None = None
@@ -252,6 +287,8 @@ class LifelongTrainer:
         self.model.train()
         for s in self.hooks["before_experience"]:
             s.before_experience(ctx)
+        if self.world > 1 and any(p.requires_grad for p in self.model.parameters()):
+            self.ddp = data_parallel(self.model, self.device)
         self._restart_scheduler()
         return data
 
@@ -312,7 +349,8 @@ class LifelongTrainer:
         for s in hooks["adapt_batch"]:
             s.adapt_batch(ctx, batch)
         batch.prepare(self.device, ctx.transform, self.rng.aug, self.rng.aug_appended)
-        if self.ddp is not None:
+        ctx.batch = batch
+        if self.world > 1:
             return self._train_share(batch)
         with self.precision.autocast():  # nullcontext at precision 32
             ctx.forward_batch(batch, self.needs_features)
@@ -344,25 +382,26 @@ class LifelongTrainer:
         trains on its rows r::N through DistributedDataParallel. Each local loss, a mean over
         its n_r rows, is weighted n_r * N / G (G the global rows) so that DDP's average of the
         gradients is the gradient of the mean over all G rows, as one process takes it, also
-        where a last batch does not split evenly. The `after_step` hooks see the whole batch:
-        replay memories are updated from every incoming row, identically on every rank."""
+        where a last batch does not split evenly (a term over rows of its own scales itself
+        with `ctx.share_mean`). The `after_step` hooks see the whole batch: replay memories are
+        updated from every incoming row, identically on every rank."""
         ctx, rows = self.ctx, slice(self.rank, None, self.world)
         n_global = len(batch.y)
         local = Batch(batch.x_raw[rows], batch.y[rows], batch.t[rows], len(range(batch.n_incoming)[rows]),
-                      x=batch.x[rows])
+                      x=batch.x[rows], parts=_shares(batch.parts, self.rank, self.world),
+                      fields={k: {n: v[rows] for n, v in f.items()} for k, f in batch.fields.items()})
         n_local = len(local.y)
-        weight = n_local * self.world / n_global
-        model, ctx.model = ctx.model, self.ddp  # the training forward through DDP, which syncs the backward
-        try:
+        weight = ctx.loss_weight = n_local * self.world / n_global
+        model, ctx.model = ctx.model, self.ddp if self.ddp is not None else ctx.model
+        try:  # the training forward through DDP, which syncs the backward
             with self.precision.autocast():
                 ctx.forward_batch(local, self.needs_features)
-                if n_local:
-                    loss = self._loss(local)
-                else:  # more ranks than rows: nothing to learn here, but DDP still needs this rank's zeros
+                loss = self._loss(local)
+                if not n_local:  # more ranks than rows: nothing to learn here, but DDP needs this rank's zeros
                     loss = local.logits.sum() * 0.0
-                    local.losses = {self.record.main_loss: loss}
+                    local.losses = {k: torch.zeros((), device=loss.device) for k in local.losses}
         finally:
-            ctx.model = model
+            ctx.model, ctx.loss_weight = model, 1.0
         # The step's terms as one process has them (sum over ranks of weight * local mean, / N):
         # every rank sees the same values, so all skip a non-finite step together.
         names = list(local.losses)
@@ -373,6 +412,10 @@ class LifelongTrainer:
         if not self.loss_check.step_is_finite(ctx.iteration, terms.sum()):
             return None
         batch.losses = losses
+        if self._gather_outputs:
+            batch.logits = gather_rows(local.logits.detach(), n_global, self.rank, self.world)
+            if local.features is not None:
+                batch.features = gather_rows(local.features.detach(), n_global, self.rank, self.world)
         return losses if self._step(loss * weight, local, batch) else None
 
     def _loss(self, batch: Batch) -> torch.Tensor:
