@@ -71,6 +71,10 @@ class Strategy:
     learned_ahead: bool = False
     #: When this strategy owns `loss`: the name its term is logged under (default "ce" otherwise).
     loss_name: str | None = None
+    #: Keeps a run on several processes the one-process computation, split (its statistics
+    #: reduced over the processes, `Context.shard`/`all_reduce`/`share_mean`): `--devices N`
+    #: and torchrun accept it. A plugin strategy says so here.
+    data_parallel: bool = False
     #: Reads `batch.logits` (or `batch.features`) in `after_step`: on several processes the
     #: trainer then gathers every process's rows of them into the whole batch's.
     reads_step_outputs: bool = False

@@ -53,17 +53,18 @@ class TensorData:
         return torch.unique(self.y).tolist()
 
     def batches(self, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
-                start_batch: int = 0):
+                start_batch: int = 0, part: tuple[int, int] = (0, 1)):
         """(x, y, t) batches by indexing, in an order drawn from `generator` or as stored.
 
         `start_batch` skips that many batches of the same order (a run resumed
         mid-epoch); the order is drawn all the same, so the generator ends in
-        the state it would have."""
+        the state it would have. `part=(r, n)` yields only the batches r, r+n, r+2n, ...
+        (one process's share of an evaluation pass)."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else None
         if order is not None and order.device != self.x.device:
             order = order.to(self.x.device)
-        for b in range(start_batch * batch_size, n, batch_size):
+        for b in range((start_batch + part[0]) * batch_size, n, batch_size * part[1]):
             if order is None:
                 yield self.x[b:b + batch_size], self.y[b:b + batch_size], self.t[b:b + batch_size]
             else:  # index_select: a fifth of advanced indexing's cost on batch-sized gathers

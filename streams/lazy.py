@@ -73,12 +73,14 @@ class LazyData:
         return self
 
     def batches(self, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
-                start_batch: int = 0):
+                start_batch: int = 0, part: tuple[int, int] = (0, 1)):
         """(x, y, t) batches in shuffled (by `generator`) or stored order. The permutation is
         drawn here, as the tensor path draws it, so both paths see the same batches;
-        `start_batch` skips batches without reading them (a run resumed mid-epoch)."""
+        `start_batch` skips batches without reading them (a run resumed mid-epoch), and
+        `part=(r, n)` reads only the batches r, r+n, ... (one process's share)."""
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
-        sampler = list(torch.utils.data.BatchSampler(order.tolist(), batch_size, drop_last=False))[start_batch:]
+        sampler = list(torch.utils.data.BatchSampler(order.tolist(), batch_size, drop_last=False))
+        sampler = sampler[start_batch + part[0]::part[1]]
         # A DataLoader draws its workers' base seed from the global RNG unless given a
         # generator: a private one keeps evaluation and training from moving the run's RNG.
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,

@@ -14,45 +14,106 @@ from conftest import tiny_experiment
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cl_run(file: Path, devices: int, checkpoints: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def cl_run(file: Path, devices: int, checkpoints: Path | None = None, *more: str,
+           tracking_uri: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CL_DIST_TIMEOUT": "60"}
     env.pop("WORLD_SIZE", None)
-    command = [sys.executable, "-m", "cl", "run", str(file), "--devices", str(devices), "--no-track",
-               "--no-progress", "--json"]
+    track = ["--tracking-uri", tracking_uri] if tracking_uri else ["--no-track"]
+    command = [sys.executable, "-m", "cl", "run", str(file), "--devices", str(devices), *track,
+               "--no-progress", "--json", *more]
     if checkpoints is not None:
         command += ["--checkpoint-dir", str(checkpoints)]
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=file.parent, timeout=120)
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=file.parent, timeout=180)
 
 
 # batch 50 with 15 replayed rows: 65 rows a step, which 2 ranks share 33/32, and a last
 # incoming batch smaller than the rest: the unequal shares must be weighted exactly.
-@pytest.mark.parametrize("strategy", ["naive", {"name": "replay", "memory_size": 60, "replay_batch_size": 15},
-                                      {"name": "derpp", "memory_size": 60, "replay_batch_size": 15}],
-                         ids=["naive", "replay", "derpp"])
-def test_two_processes_end_as_one(tmp_path, strategy):
-    file = tiny_experiment(tmp_path, n_experiences=2, batch_size=50, strategies=[strategy])
-    label = strategy if isinstance(strategy, str) else strategy["name"]
-    results, states = {}, {}
+RUNS = {"naive": ["naive"], "replay": [{"name": "replay", "memory_size": 60, "replay_batch_size": 15}],
+        "derpp": [{"name": "derpp", "memory_size": 60, "replay_batch_size": 15}]}
+
+
+def test_two_processes_end_as_one(tmp_path):
+    file = tiny_experiment(tmp_path, n_experiences=2, batch_size=50, strategies=None, runs=RUNS)
+    results = {}
     for devices in (1, 2):
         done = cl_run(file, devices, tmp_path / f"ckpt{devices}")
         assert done.returncode == 0, done.stderr
-        results[devices] = json.loads(done.stdout.strip().splitlines()[-1])
-        saved = torch.load(tmp_path / f"ckpt{devices}" / f"{label}.pt", weights_only=True)
-        states[devices] = saved["state"]["model"]
-    assert states[1].keys() == states[2].keys()
-    for name, one in states[1].items():
-        two = states[2][name]
-        assert torch.linalg.vector_norm(one - two) <= 1e-4 * torch.linalg.vector_norm(one), name
-    one, two = torch.tensor(results[1]["accuracy_matrix"]), torch.tensor(results[2]["accuracy_matrix"])
-    assert torch.allclose(one, two, atol=0.005, equal_nan=True), (one, two)
-    assert results[1]["iterations"] == results[2]["iterations"]
-    assert results[2]["train_loss"] == pytest.approx(results[1]["train_loss"], rel=1e-4)
+        results[devices] = {r["name"]: r for r in json.loads(done.stdout.strip().splitlines()[-1])["runs"]}
+    for label in RUNS:
+        states = [torch.load(tmp_path / f"ckpt{d}" / f"{label}.pt", weights_only=True)["state"]["model"]
+                  for d in (1, 2)]
+        assert states[0].keys() == states[1].keys()
+        for name, one in states[0].items():
+            two = states[1][name]
+            assert torch.linalg.vector_norm(one - two) <= 1e-4 * torch.linalg.vector_norm(one), (label, name)
+        one, two = (torch.tensor(results[d][label]["accuracy_matrix"]) for d in (1, 2))
+        assert torch.allclose(one, two, atol=0.005, equal_nan=True), (label, one, two)
+        assert results[1][label]["iterations"] == results[2][label]["iterations"]
+        assert results[2][label]["train_loss"] == pytest.approx(results[1][label]["train_loss"], rel=1e-4)
 
 
-def test_strategy_not_yet_data_parallel_is_refused(tmp_path):
-    file = tiny_experiment(tmp_path, n_experiences=2, strategies=["ewc"])
+def test_strategy_not_data_parallel_is_refused(tmp_path):
+    (tmp_path / "mine.py").write_text(
+        "from strategies.base import Strategy\n\nclass Counts(Strategy):\n    pass\n")
+    file = tiny_experiment(tmp_path, n_experiences=2, strategies=["naive", "mine:Counts"])
     done = cl_run(file, 2)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "ewc" in lines[0] and "not yet data-parallel" in lines[0], done.stderr
+    assert len(lines) == 1 and "mine:Counts" in lines[0] and "not yet data-parallel" in lines[0], done.stderr
     assert not (tmp_path / "cl-journal").exists() or not any((tmp_path / "cl-journal").iterdir())
+
+
+# A plugin beside the experiment that kills rank 1 (SIGKILL, as the OOM killer would) once,
+# in the middle of the first experience, two steps after a checkpoint; a second attempt
+# finds its marker and lets the run go on.
+DIES_ONCE = """
+import os, signal
+from pathlib import Path
+from strategies.base import Strategy
+
+class DiesOnce(Strategy):
+    data_parallel = True
+
+    def after_step(self, ctx, batch):
+        marker = Path(__file__).with_name("died")
+        if ctx.rank == 1 and ctx.iteration == 6 and not marker.exists():
+            marker.write_text("rank 1")
+            os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_rank_ends_the_job_in_one_line_and_the_run_resumes(tmp_path, tracking_uri):
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "dies.py").write_text(DIES_ONCE)
+    strategies = [{"name": "replay", "memory_size": 60, "replay_batch_size": 15}, "dies:DiesOnce"]
+    file = tiny_experiment(tmp_path, n_experiences=2, batch_size=50, checkpoint_every=4, strategies=strategies)
+    killed = cl_run(file, 2, tmp_path / "ckpt", tracking_uri=tracking_uri)
+    assert killed.returncode == 1 and (tmp_path / "died").exists()
+    lines = killed.stderr.strip().splitlines()
+    assert len(lines) == 1, killed.stderr
+    assert "rank 1 of 2 was killed (SIGKILL)" in lines[0] and "--resume" in lines[0] and "ckpt" in lines[0]
+    (checkpoint,) = (tmp_path / "ckpt").glob("*.pt")
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["state"]["in_progress"] is not None  # a checkpoint inside the experience to go on from
+
+    resumed = cl_run(file, 2, tmp_path / "ckpt", "--resume", tracking_uri=tracking_uri)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = cl_run(file, 2, tmp_path / "whole")  # the same run, never interrupted (the marker is there)
+    assert whole.returncode == 0, whole.stderr
+    after, uninterrupted = (json.loads(d.stdout.strip().splitlines()[-1]) for d in (resumed, whole))
+    assert after["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
+    assert after["iterations"] == uninterrupted["iterations"]
+    one = torch.load(checkpoint, weights_only=True)["state"]["model"]
+    two = torch.load(tmp_path / "whole" / checkpoint.name, weights_only=True)["state"]["model"]
+    for name in one:
+        assert torch.equal(one[name], two[name]), name
+
+    # One MLflow child run for the (run, seed), failed by the kill and finished by the resume.
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    children = [r for r in runs if r.data.tags.get("cl.role") != "parent"]
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert after["mlflow_run_id"] == children[0].info.run_id
+    history = client.get_metric_history(children[0].info.run_id, "acc_seen")
+    assert sorted(m.step for m in history) == [1, 2]

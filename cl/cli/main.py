@@ -88,6 +88,32 @@ def main(argv: list[str] | None = None) -> int:
 _PROCESS_ENDS = False
 
 
+def rank_main(args, rank: int, world: int, peer_failed: int) -> int:
+    """`cl run` in one of the processes `--devices N` started (`cl.runner.distributed.spawn`):
+    the command as `main` runs it (interrupts end the runs KILLED, bad input is one line from
+    rank 0), and an exit code the launcher reads. A collective that broke because another
+    rank failed is `peer_failed`, silently; any other failure is one line naming this rank."""
+    from cl.runner.distributed import collective_broke, resume_hint
+    from cl.tracking import sink
+
+    sink.interrupts.clear()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _interrupt)
+    if rank != 0:  # the same bad input fails every rank alike: rank 0 says it
+        sys.stderr = open(os.devnull, "w")
+    try:
+        return _dispatch(args)
+    except BaseException as err:
+        if collective_broke(err):
+            return peer_failed
+        if args.debug:
+            raise
+        sys.stderr = sys.__stderr__
+        print(f"cl: error: rank {rank} of {world} failed: {type(err).__name__}: {err}; {resume_hint(args)}",
+              file=sys.stderr)
+        return 1
+
+
 def _interrupt(signum, frame):
     """The first Ctrl-C (or SIGTERM) interrupts the run: KILLED in MLflow, checkpoint kept, its
     records delivered before the command ends. A later one raises nothing, so the runs' ends

@@ -23,9 +23,11 @@ def run_command(args) -> int:
         raise ValueError(f"--devices {args.devices} under torchrun, which started {world} processes: leave it out")
     devices = world if world > 1 else (args.devices or 1)
     if devices > 1:
-        distributed.check_data_parallel(cfg, args.only.split(",") if args.only else None, devices, args.resume)
+        distributed.check_data_parallel(cfg, args.only.split(",") if args.only else None, devices)
         if world == 1:  # `--devices N` here: torch starts N processes, each runs this command under WORLD_SIZE
-            return distributed.spawn(args, devices, run_command)
+            from cl.cli.main import rank_main  # loaded already: `main` imported this module
+
+            return distributed.spawn(args, devices, rank_main)
         distributed.setup(args, cfg.device)
         cfg = load_experiment(args.file, args.overrides)  # with this rank's device where setup named one
         try:

@@ -101,6 +101,10 @@ class TrainingConfig(BaseModel):
     compile: bool | CompileConfig = Field(
         False, description="compile the model with torch.compile: true, or {mode, fullgraph, dynamic, backend}; "
                            "graph breaks are reported once")
+    sync_batchnorm: bool = Field(
+        False, description="on several processes (--devices N, torchrun), BatchNorm normalises with the "
+                           "whole batch's statistics, as one process does (torch's SyncBatchNorm on GPUs, an "
+                           "all-reduce over gloo on the CPU); without it each process uses its own share's")
 
     @field_validator("precision", mode="before")
     @classmethod

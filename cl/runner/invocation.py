@@ -29,6 +29,7 @@ from cl.tracking.logger import ExperimentLogger, TrackingOptions, check_journal
 from cl.tracking.provenance import dataset_inputs, source_tags
 from cl.tracking.sink import ConsoleSink, interrupts
 from cl.tracking.store import DEFAULT_TIMEOUT_S
+from cl.runner.distributed import agree
 from cl.training.checkpoint import check_replaceable
 from cl.training.devices import usable_cores
 from cl.training.feature_cache import FeatureCache
@@ -181,6 +182,7 @@ class Invocation:
         wall_start, logger = time.perf_counter(), self.logger
         name, config = self._run_name(label, cfg.seed), run_config(cfg, specs)
         finished = logger.finished_before(name, config) if logger is not None and self.resume else None
+        finished = agree(finished)  # on several processes rank 0's journal decides for all
         if finished is not None:
             return finished
         run = prepare_run(cfg, stream, label, specs, self.features)

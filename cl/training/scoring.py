@@ -1,5 +1,6 @@
 """Scoring a model on every task's test set: every evaluator's per-sample values, summed per
-task on the device and read back once per pass."""
+task on the device and read back once per pass. On several processes each scores its share
+of the batches and the sums are added over the processes."""
 from __future__ import annotations
 
 import copy
@@ -115,15 +116,17 @@ class TaskEvaluation:
 
     def _sums(self, data, task_ids: torch.Tensor, n_tasks: int) -> np.ndarray:
         """Each evaluator's per-sample values summed per task over `data`, read back once."""
-        ctx, predictor, offset, device = self.ctx, self.predict_owner, 0, self.ctx.device
+        ctx, predictor, device = self.ctx, self.predict_owner, self.ctx.device
         sums = torch.zeros(len(self.evaluators), n_tasks, device=device)
-        for x, y, t in data.batches(self.batch_size, shuffle=False):
+        # On several processes each scores every world-th batch (the k-th starts at k * batch_size).
+        for k, (x, y, t) in enumerate(data.batches(self.batch_size, shuffle=False, part=(ctx.rank, ctx.world))):
+            offset = (ctx.rank + k * ctx.world) * self.batch_size
             ids = task_ids[offset:offset + len(y)]
-            offset += len(y)
             x, y, t = ctx.transform(x.to(device)), y.to(device), t.to(device)
             scores = predictor.predict(ctx, x, t) if predictor is not None else ctx.forward(x, t)
             for i, evaluator in enumerate(self.evaluators):
                 sums[i].index_add_(0, ids, evaluator.per_sample(scores, y, ids).to(sums.dtype))
+        ctx.all_reduce(sums)  # the processes' sums add up to the whole pass's
         return np.array(sums.tolist())  # the one host sync of the pass
 
     def _test_data(self, stream: Stream, tasks: Sequence[int] | None = None) -> tuple:

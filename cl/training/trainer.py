@@ -14,6 +14,7 @@ One experience, as `fit` runs it::
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from typing import Callable, Sequence
 
@@ -31,11 +32,13 @@ from cl.training.precision import GraphBreakReport, Precision, compile_model
 from cl.training.position import Position, TrainingClock, progress_bar
 from cl.training.record import DEFAULT_LOSS, RunRecord, Sink
 from cl.training.seeds import RunGenerators, strategy_seeds
+from cl.training.sync_batchnorm import convert_sync_batchnorm, has_batchnorm
 from evaluation.evaluators import Evaluator, default_evaluators
 from strategies.base import Strategy
 from strategies.context import Batch, Context
 from streams.experience import Stream, TensorData
 
+log = logging.getLogger(__name__)
 
 
 def process_group() -> tuple[int, int]:
@@ -45,6 +48,18 @@ def process_group() -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def batchnorm_for_processes(model: torch.nn.Module, sync: bool, device: torch.device) -> torch.nn.Module:
+    """With `sync_batchnorm`, the model's BatchNorms synchronised over the processes; without,
+    a warning where the model has BatchNorm (each process then normalises its own share)."""
+    if sync:
+        return convert_sync_batchnorm(model, device)[0]
+    if has_batchnorm(model):
+        log.warning("the model has BatchNorm and several processes train it: each normalises with its own share "
+                    "of the batch, which one process would not; set training.sync_batchnorm: true for the "
+                    "whole batch's statistics")
+    return model
 
 
 def data_parallel(model: torch.nn.Module, device: torch.device):
@@ -120,7 +135,11 @@ class LifelongTrainer:
             raise ValueError("scheduler_scope='experience' rebuilds the scheduler: give a factory "
                              "(optimizer, steps) -> scheduler, not a scheduler")
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.model, self.optimizer = model.to(self.device), optimizer
+        self.rank, self.world = process_group()
+        model = model.to(self.device)
+        if self.world > 1:
+            model = batchnorm_for_processes(model, settings.sync_batchnorm, self.device)
+        self.model, self.optimizer = model, optimizer
         # Decided once: at precision 32 the step runs exactly as it did without these settings.
         self.precision = Precision(settings.precision, self.device)
         compile_model(self.model, settings.compile)
@@ -149,7 +168,6 @@ class LifelongTrainer:
                            train_on_copy=self._train_on_copy)
         # Data parallel (`cl.runner.distributed`): set only where the process group holds several
         # processes, so one process steps exactly as before.
-        self.rank, self.world = process_group()
         self.ddp = None  # DistributedDataParallel over the model, built at each experience
         self.ctx.rank, self.ctx.world = self.rank, self.world
         # Strategies that read the step's logits or features after it (`after_step`) get them
@@ -518,6 +536,8 @@ class LifelongTrainer:
             self.record.load_state_dict(state["record"])
 
     def _save_checkpoint(self, in_progress: dict | None = None) -> None:
+        if self.rank != 0:  # every rank holds the same state: rank 0 writes it, every rank reads it on resume
+            return
         state = self.state_dict()
         if in_progress is not None:
             state["in_progress"] = {**in_progress, "start": self._start_state}
