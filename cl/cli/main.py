@@ -31,8 +31,8 @@ from cl.cli.run_commands import pretrain_command, run_command
 from cl.cli.sweep_command import sweep_command
 
 #: Every command by name; `strategies`, `models`, `datasets` and `scenarios` list their registry.
-COMMANDS = {"run": run_command, "describe": describe_command, "schedules": schedules_command,
-            "compare": compare_command, "ui": ui_command, "sync": sync_command, "sweep": sweep_command,
+COMMANDS = {"run": lambda args: run_command(args, rank_main), "describe": describe_command,
+            "schedules": schedules_command, "compare": compare_command, "ui": ui_command, "sync": sync_command, "sweep": sweep_command,
             "pretrain": pretrain_command, "streams": streams_command}
 
 

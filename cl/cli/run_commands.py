@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 
-def run_command(args) -> int:
+def run_command(args, rank_main=None) -> int:
+    """`cl run`; with `--devices N` (N > 1, not under torchrun) it starts N processes that each
+    call `rank_main` (handed down by `cl.cli.main`, which this module must not import)."""
     from cl.config.files import load_experiment
     from cl.runner import distributed
 
@@ -25,8 +27,8 @@ def run_command(args) -> int:
     if devices > 1:
         distributed.check_data_parallel(cfg, args.only.split(",") if args.only else None, devices)
         if world == 1:  # `--devices N` here: torch starts N processes, each runs this command under WORLD_SIZE
-            from cl.cli.main import rank_main  # loaded already: `main` imported this module
-
+            if rank_main is None:
+                raise ValueError(f"--devices {devices}: start the processes with the `cl` command or torchrun")
             return distributed.spawn(args, devices, rank_main)
         distributed.setup(args, cfg.device)
         cfg = load_experiment(args.file, args.overrides)  # with this rank's device where setup named one
