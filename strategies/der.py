@@ -33,6 +33,7 @@ class DER(Strategy):
     process, filled from the whole batch's logits, which the trainer gathers."""
 
     reads_step_outputs = True
+    data_parallel = True
 
     def __init__(self, memory_size: int = 500, replay_batch_size: int = 32, alpha: float = 0.3,
                  beta: float = 0.0, memory: str = "reservoir"):

@@ -20,7 +20,13 @@ class GDumb(Strategy):
     is re-initialised and trained from scratch on the memory alone, never on the stream
     itself. The paper trains for many epochs with an SGDR schedule and cutmix; here the
     experiment's `training` block sets epochs and schedule. The optimizer's state
-    (momentum) is reset with the model."""
+    (momentum) is reset with the model.
+
+    On several processes every one fills the same memory (its generator is shared) and
+    re-initialises alike; the data-parallel wrapper then starts each experience from rank 0's
+    weights."""
+
+    data_parallel = True
 
     def __init__(self, memory_size: int = 500):
         self.buffer = GreedyBalancedBuffer(memory_size)

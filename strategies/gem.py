@@ -13,7 +13,14 @@ from streams.experience import TensorData
 
 class _EpisodicMemory(Strategy):
     """`patterns_per_experience` samples drawn at random from each experience, kept per
-    experience; both GEM and A-GEM take gradients on them."""
+    experience; both GEM and A-GEM take gradients on them.
+
+    On several processes the memory (drawn from generators every process shares) is the same
+    on each; each takes the gradient of its share of a memory's rows, and the gradients are
+    added over the processes (`_gradient`), so every process projects the step's gradient
+    (already averaged over them) onto the same constraints as one process does."""
+
+    data_parallel = True
 
     def __init__(self, patterns_per_experience: int):
         if patterns_per_experience < 1:
@@ -28,10 +35,19 @@ class _EpisodicMemory(Strategy):
                               "t": sample.t.to(ctx.device)})
 
     def _gradient(self, ctx: Context, x, y, t) -> torch.Tensor:
-        """The flat gradient of the cross-entropy on (raw) memory samples."""
+        """The flat gradient of the cross-entropy on (raw) memory samples (the mean over them)."""
         ctx.model.zero_grad(set_to_none=True)
-        F.cross_entropy(ctx.forward(ctx.prepare(x), t), y).backward()
-        return _flat_grad(self._params)
+        if ctx.world == 1:
+            F.cross_entropy(ctx.forward(ctx.prepare(x), t), y).backward()
+            return _flat_grad(self._params)
+        # This process's rows' part of the mean, then the sum over the processes.
+        mine = ctx.shard(torch.arange(len(y), device=y.device))
+        if len(mine):
+            out = ctx.forward(ctx.prepare(x[mine]), t[mine])
+            (F.cross_entropy(out, y[mine], reduction="sum") / len(y)).backward()
+        flat = _flat_grad(self._params)
+        ctx.all_reduce(flat)
+        return flat
 
     def before_experience(self, ctx: Context) -> None:
         self._params = [p for p in ctx.model.parameters() if p.requires_grad]

@@ -28,9 +28,14 @@ class ICaRL(Strategy):
     - Classification: nearest mean of exemplars, y* = argmin_y || phi(x) - mu_y || with phi
       the L2-normalised features and mu_y the normalised mean of class y's exemplars,
       recomputed after each experience. Before the first experience ends, the head decides.
+
+    On several processes the loss is a mean over rows, which the trainer splits; exemplars and
+    class means are computed whole by every process from the same model and data (herding is
+    a sequence of argmax choices, which a split into rounded partial sums could flip).
     """
 
     loss_name = "icarl_bce"
+    data_parallel = True
 
     def __init__(self, memory_size: int = 2000):
         self.buffer = HerdingBuffer(memory_size)

@@ -24,7 +24,13 @@ class LwF(Strategy):
     paper). L_old is written as the KL divergence: the paper's cross-entropy minus the
     entropy of the fixed targets, so the same gradient, and zero when nothing changed. In a single-head stream the old outputs are the logits of the classes seen in
     earlier experiences (all classes in a domain-incremental stream), the usual reading of
-    LwF outside the multi-head setting of the paper."""
+    LwF outside the multi-head setting of the paper.
+
+    On several processes each distils its share of the incoming rows; the term stays the mean
+    over all of the step's incoming rows (`ctx.share_mean`), the old model a copy made alike
+    on every process."""
+
+    data_parallel = True
 
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0):
         if alpha < 0 or temperature <= 0:
@@ -51,8 +57,10 @@ class LwF(Strategy):
             old = model_call(self.old_model, batch.x[rows], batch.t[rows])[..., self.old_classes]
         new = batch.logits[rows][..., self.old_classes]
         target = F.log_softmax(old / T, -1)
-        kd = (target.exp() * (target - F.log_softmax(new / T, -1))).sum(-1).mean()
-        return {"lwf": self.alpha * kd}
+        kd = (target.exp() * (target - F.log_softmax(new / T, -1))).sum(-1)
+        if ctx.world > 1:  # this process's rows of the mean over every incoming row of the step
+            return {"lwf": self.alpha * ctx.share_mean(kd, ctx.batch.n_incoming)}
+        return {"lwf": self.alpha * kd.mean()}
 
     def after_experience(self, ctx: Context, data) -> None:
         self.old_model = None

@@ -24,7 +24,12 @@ class MixedReplay(Strategy):
 
     The memory holds `memory_size` rows (for a token stream a row is one sequence of
     `block_size` tokens) split equally between the experiences seen, each share a uniform
-    random sample of its experience's training data, on the training device."""
+    random sample of its experience's training data, on the training device.
+
+    On several processes nothing is split here: the rows are drawn from generators every
+    process shares, so each holds the same batch, and the loss over it is the trainer's."""
+
+    data_parallel = True
 
     def __init__(self, fraction: float = 0.05, memory_size: int = 2000):
         if not 0.0 <= fraction < 1.0:

@@ -20,7 +20,10 @@ class MomentumWeights(Strategy):
 
     and evaluation uses the slow weights (`eval_model`), so a composed nearest-mean
     predictor reads slow features too. Floating-point buffers (BatchNorm statistics) are
-    interpolated alike; integer buffers are copied. Task-free: it never needs a boundary."""
+    interpolated alike; integer buffers are copied. Task-free: it never needs a boundary.
+    On several processes every one follows the same trained weights, so holds the same slow ones."""
+
+    data_parallel = True
 
     task_free = True
 

@@ -12,11 +12,15 @@ class Naive(Strategy):
     """Plain fine-tuning on each experience in turn, with no defence against
     catastrophic forgetting (McCloskey and Cohen 1989): the lower bound."""
 
+    data_parallel = True  # nothing beyond the trainer's loss, which it splits
+
 
 @register_strategy("cumulative")
 class Cumulative(Strategy):
     """Retrain on the union of every experience seen so far at each experience:
     an upper bound that ignores the memory constraint."""
+
+    data_parallel = True  # only the training data changes, which the trainer splits
 
     def training_data(self, ctx: Context, data: TensorData) -> TensorData:
         return concat_data([e.train for e in ctx.stream.experiences[: ctx.experience.index]] + [data])
@@ -29,6 +33,7 @@ class Joint(Strategy):
     add nothing, so the last row of the accuracy matrix is the joint model."""
 
     learned_ahead = True
+    data_parallel = True  # only the training data changes, which the trainer splits
 
     def training_data(self, ctx: Context, data: TensorData) -> TensorData:
         if ctx.experience.index == 0:

@@ -28,10 +28,16 @@ class NearestMean(Strategy):
 
     With a frozen backbone the strategy says so (`frozen_features`): a runner may then
     compute every sample's features once, keep them, and hand this strategy a model whose
-    inputs are those features, making the whole run one forward pass over the data."""
+    inputs are those features, making the whole run one forward pass over the data.
+
+    On several processes the class sums are taken from the whole batch's features, which the
+    trainer gathers from every process's rows (`reads_step_outputs`): every process holds
+    the means one process would."""
 
     task_free = True
     needs_features = True
+    reads_step_outputs = True
+    data_parallel = True
 
     def __init__(self, freeze_backbone: bool = True):
         self.freeze_backbone = freeze_backbone

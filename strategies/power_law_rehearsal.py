@@ -46,7 +46,12 @@ class PowerLawRehearsal(Strategy):
       uniformly over the same (experience, task) pairs. Needs one experience per task.
 
     The paper's exact schedule constants are not in what we could read: they are arguments.
-    `amounts` records, per experience, how many samples of each task were rehearsed."""
+    `amounts` records, per experience, how many samples of each task were rehearsed.
+
+    On several processes each draws the same rehearsal (a shared generator): only the
+    training data changes, which the trainer splits."""
+
+    data_parallel = True
 
     def __init__(self, budget: int = 1000, alpha: float = 1.0,
                  schedule: Literal["power_law", "uniform", "exponential"] = "power_law", decay: float = 0.5,

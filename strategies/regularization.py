@@ -34,12 +34,17 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def per_sample_importance(ctx: Context, data: TensorData, score, batch_size: int = 64,
-                          max_samples: int | None = None, generator: torch.Generator | None = None
-                          ) -> dict[str, torch.Tensor]:
+                          max_samples: int | None = None, generator: torch.Generator | None = None,
+                          relabel=None) -> dict[str, torch.Tensor]:
     """The mean over `data`'s samples of a per-sample importance. `score(params, buffers, x, t, y)`
     returns, for a batch of prepared inputs, {parameter name: one importance tensor per sample}
-    (from per-sample gradients, torch.func). Computed in eval mode, so train-mode noise
-    (dropout) stays out of the estimate."""
+    (from per-sample gradients, torch.func). `relabel(x, t, y)`, if given, replaces each batch's
+    labels first, on the whole batch (labels drawn from the model's prediction). Computed in
+    eval mode, so train-mode noise (dropout) stays out of the estimate.
+
+    On several processes each scores its share of every batch's rows (`ctx.shard`); the sums
+    are added over the processes (`ctx.all_reduce`) and divided by the global count, so every
+    process holds the mean one process computes, at 1/N of the per-sample gradients each."""
     model = ctx.model
     params = {n: p.detach() for n, p in _trainable(model).items()}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
@@ -49,12 +54,25 @@ def per_sample_importance(ctx: Context, data: TensorData, score, batch_size: int
     with eval_mode(model):
         for start in range(0, len(index), batch_size):
             rows = index[start:start + batch_size]
+            if relabel is None and ctx.world > 1:  # prepare only this process's rows
+                rows = ctx.shard(rows)
+                if not len(rows):
+                    continue
             x = ctx.prepare(data.x[rows])
             t, y = data.t[rows].to(ctx.device), data.y[rows].to(ctx.device)
+            if relabel is not None:
+                y = relabel(x, t, y)  # on the whole batch, the same draws as one process makes
+                if ctx.world > 1:
+                    x, t, y = ctx.shard(x), ctx.shard(t), ctx.shard(y)
+                    if not len(y):
+                        continue
             per_sample = score(params, buffers, x, t, y)
             for n in total:
                 total[n] += per_sample[n].sum(0)
             scored += len(next(iter(per_sample.values())))
+    if ctx.world > 1:
+        ctx.all_reduce(*total.values())
+        scored = len(index)
     return {n: v / max(scored, 1) for n, v in total.items()}
 
 
@@ -93,14 +111,16 @@ def fisher_diagonal(ctx: Context, data: TensorData, labels: FisherKind = "empiri
 
     squared_grads = vmap(grad(log_likelihood), in_dims=(None, None, 0, 0, 0))
 
+    def draw(x, t, y):  # `sample`: one label per row from the model's prediction, on the whole batch
+        with torch.no_grad():
+            probs = ctx.forward(x, t).softmax(-1)
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(x.device)
+
     def score(params, buffers, x, t, y):
-        if labels == "empirical":
+        if labels in ("empirical", "sample"):  # `sample`: y was drawn by `draw`
             return {n: v ** 2 for n, v in squared_grads(params, buffers, x, t, y).items()}
         with torch.no_grad():
             probs = ctx.forward(x, t).softmax(-1)
-        if labels == "sample":
-            drawn = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(x.device)
-            return {n: v ** 2 for n, v in squared_grads(params, buffers, x, t, drawn).items()}
         out = None  # exact: every class, weighted by its predicted probability
         for c in range(probs.shape[-1]):
             w = probs[:, c]
@@ -111,7 +131,8 @@ def fisher_diagonal(ctx: Context, data: TensorData, labels: FisherKind = "empiri
 
     if labels not in ("empirical", "sample", "exact"):
         raise ValueError(f"fisher must be 'empirical', 'sample', 'exact' or 'batched', got '{labels}'")
-    return per_sample_importance(ctx, data, score, max_samples=max_samples, generator=generator)
+    return per_sample_importance(ctx, data, score, max_samples=max_samples, generator=generator,
+                                 relabel=draw if labels == "sample" else None)
 
 
 def _subset_index(n: int, max_samples: int | None, generator) -> torch.Tensor:
@@ -129,7 +150,12 @@ def _grouped_gradients(ctx: Context, data: TensorData, index: torch.Tensor, grou
                        reduce: Literal["square", "abs"]) -> dict[str, torch.Tensor]:
     """The mean over groups of `group` rows of the squared or absolute gradient of
     loss(logits, y): one ordinary backward pass per group, in eval mode (no dropout noise in
-    the estimate), accumulated by foreach kernels (squares fused into one addcmul)."""
+    the estimate), accumulated by foreach kernels (squares fused into one addcmul).
+
+    On several processes each takes its share of a group's rows and the gradient of its
+    part of the group's mean (the local mean times n_local / n_group); those gradients are
+    added over the processes before the square or absolute value, so that each is of the
+    whole group's gradient, as on one process."""
     params = _trainable(ctx.model)
     names, plist = list(params), list(params.values())
     total = [torch.zeros_like(p) for p in plist]
@@ -139,10 +165,15 @@ def _grouped_gradients(ctx: Context, data: TensorData, index: torch.Tensor, grou
             for start in range(0, len(index), group):
                 rows = index[start:start + group]
                 ctx.model.zero_grad(set_to_none=True)
-                logits = ctx.forward(ctx.prepare(data.x[rows]), data.t[rows].to(ctx.device))
-                loss(logits, data.y[rows].to(ctx.device)).backward()
-                have = [i for i, p in enumerate(plist) if p.grad is not None]
-                acc, grads = [total[i] for i in have], [plist[i].grad.detach() for i in have]
+                if ctx.world > 1:
+                    grads = _group_gradient(ctx, data, rows, loss, plist)
+                    have = range(len(plist))
+                else:
+                    logits = ctx.forward(ctx.prepare(data.x[rows]), data.t[rows].to(ctx.device))
+                    loss(logits, data.y[rows].to(ctx.device)).backward()
+                    have = [i for i, p in enumerate(plist) if p.grad is not None]
+                    grads = [plist[i].grad.detach() for i in have]
+                acc = [total[i] for i in have]
                 if reduce == "square":
                     torch._foreach_addcmul_(acc, grads, grads)
                 else:
@@ -151,6 +182,21 @@ def _grouped_gradients(ctx: Context, data: TensorData, index: torch.Tensor, grou
         finally:
             ctx.model.zero_grad(set_to_none=True)
     return {n: v / max(n_groups, 1) for n, v in zip(names, total)}
+
+
+def _group_gradient(ctx: Context, data: TensorData, rows: torch.Tensor, loss,
+                    plist: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The gradient of loss(logits, y) (a mean) over the group `rows`, from this process's
+    share of them: the local mean's gradient times n_local / n_group, summed over the
+    processes in one all-reduce (a process without rows adds zeros)."""
+    mine = ctx.shard(rows)
+    if len(mine):
+        logits = ctx.forward(ctx.prepare(data.x[mine]), data.t[mine].to(ctx.device))
+        (loss(logits, data.y[mine].to(ctx.device)) * (len(mine) / len(rows))).backward()
+    flat = torch.cat([(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in plist])
+    ctx.all_reduce(flat)
+    return [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in plist]), plist)]
 
 
 class _QuadraticForm(torch.autograd.Function):
@@ -194,6 +240,9 @@ class _QuadraticPenalty(Strategy):
 
     term = "penalty"
     scale = 1.0  # multiplies lambda: 1/2 where the paper has it
+    # The penalty is the same on every process (it does not depend on the rows) and the
+    # importances are reduced over the processes (`per_sample_importance`, `_grouped_gradients`).
+    data_parallel = True
 
     def __init__(self, strength: float):
         if strength < 0:
@@ -407,7 +456,11 @@ class SI(_QuadraticPenalty):
     Delta^nu_k the weight's total change over task nu and theta~ the weights at the end of
     the previous task. As in the authors' code, Omega is clamped at zero (a step that raised
     the loss must not make a weight cheap to move). Defaults: the paper's Permuted-MNIST
-    values c = 0.1, xi = 0.1 (Split MNIST: c = 1, xi = 1e-3)."""
+    values c = 0.1, xi = 0.1 (Split MNIST: c = 1, xi = 1e-3).
+
+    On several processes nothing is split: the gradient `after_backward` reads is the step's,
+    already averaged over the processes (the one-process gradient, the same on each), and
+    the step and the penalty are the same on each, so every process sums the same path."""
 
     term = "si"
 

@@ -28,6 +28,8 @@ class Replay(Strategy):
         experience.
     """
 
+    data_parallel = True  # memories updated alike on every process from the whole batch; the rows split
+
     def __init__(self, memory_size: int = 500, replay_batch_size: int = 32,
                  policy: Literal["reservoir", "class_balanced", "herding"] = "reservoir"):
         if replay_batch_size < 1:

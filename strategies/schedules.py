@@ -52,9 +52,11 @@ def warmup_steps_of(warmup_steps: int | None, warmup_fraction: float, total: int
 
 class LRSchedule(Strategy):
     """Base class: `lr_at(step, total)` is the LR at `step` of a horizon of `total` steps
-    (the run's or the experience's, per `scope`); it is set before every step."""
+    (the run's or the experience's, per `scope`); it is set before every step. On several
+    processes every one counts the same steps, so sets the same LR."""
 
     owns_lr = True
+    data_parallel = True
 
     def __init__(self, scope: str = "run"):
         if scope not in ("run", "experience"):

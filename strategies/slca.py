@@ -74,10 +74,17 @@ class SLCA(Strategy):
       (1 - s) + s (k + 1)/(t + 1)). To reproduce the published numbers, set
       `logit_norm: task_mean` and `old_mean_shrink: 0.1`.
     - `cov_jitter` (1e-4, the code's): added to the diagonal when sampling (the stored
-      covariance is the plain sample covariance); if a covariance is still not positive
-      definite in float64 its jitter grows tenfold until it is. A class with one sample has a
-      zero covariance.
+    covariance is the plain sample covariance); if a covariance is still not positive
+    definite in float64 its jitter grows tenfold until it is. A class with one sample has a
+    zero covariance.
+
+    On several processes each embeds its share of the experience's rows; the class sums, then
+    the scatter about the means they give, are added over the processes, so every process
+    holds the statistics (and so draws the features and aligns the classifier) as one does.
+    The masked loss stays a mean over the whole step's rows of the classes trained on.
     """
+
+    data_parallel = True
 
     def __init__(self, lr_ratio: float = 0.01, samples_per_class: int = 256, align_epochs: int = 5,
                  temperature: float | None = 0.1, align_lr: float = 0.01, align_momentum: float = 0.9,
@@ -179,6 +186,9 @@ class SLCA(Strategy):
         """Cross-entropy among the classes trained on (the experience's, with `mask_old_classes`);
         rows of other classes are ignored."""
         target = self._target[batch.y]
+        if ctx.world > 1:  # this process's rows of the mean over the whole step's rows trained on
+            ce = F.cross_entropy(batch.logits[:, self._cols], target, ignore_index=-100, reduction="none")
+            return ctx.share_mean(ce, int((self._target[ctx.batch.y] >= 0).sum()))
         total = F.cross_entropy(batch.logits[:, self._cols], target, ignore_index=-100, reduction="sum")
         return total / (target >= 0).sum().clamp_min(1)  # no host sync, and 0 for a batch without such rows
 
@@ -192,6 +202,8 @@ class SLCA(Strategy):
     @torch.no_grad()
     def store_statistics(self, ctx: Context, data: TensorData, classes: list[int], experience: int) -> None:
         """Mean and covariance of the features of `data`'s rows of each of `classes`."""
+        if ctx.world > 1:
+            return self._store_split(ctx, data, classes, experience)
         phi = ctx.embed(data.x, data.t).double()
         y = data.y.to(phi.device)
         for c in classes:
@@ -201,6 +213,30 @@ class SLCA(Strategy):
             mu = r.mean(0)
             self.means[c] = mu.to(self.means)
             self.covs[c] = torch.cov(r.T).to(self.covs) if len(r) > 1 else 0.0
+            self.stat_experience[c] = experience
+
+    def _store_split(self, ctx: Context, data: TensorData, classes: list[int], experience: int) -> None:
+        """`store_statistics` from this process's share of the rows: per-class counts and sums,
+        added over the processes, give the means; the scatter about them, added likewise, the
+        covariances (the two passes torch.cov makes, split)."""
+        x, t, y = ctx.shard(data.x), ctx.shard(data.t), ctx.shard(data.y)
+        d = self.means.shape[-1]
+        phi = (ctx.embed(x, t).double() if len(y)
+               else torch.zeros(0, d, dtype=torch.float64, device=self.means.device))
+        y = y.to(phi.device)
+        mine = [phi[y == c] for c in classes]
+        counts = torch.tensor([float(len(r)) for r in mine], dtype=torch.float64, device=phi.device)
+        sums = torch.stack([r.sum(0) for r in mine])
+        ctx.all_reduce(counts, sums)
+        mu = sums / counts.clamp_min(1).unsqueeze(1)
+        scatter = torch.stack([(r - m).T @ (r - m) for r, m in zip(mine, mu)])
+        ctx.all_reduce(scatter)
+        for i, c in enumerate(classes):
+            n = int(counts[i])
+            if not n:
+                continue
+            self.means[c] = mu[i].to(self.means)
+            self.covs[c] = (scatter[i] / (n - 1)).to(self.covs) if n > 1 else 0.0
             self.stat_experience[c] = experience
 
     def _cholesky(self, classes: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,11 @@ class TensorData:
     def to(self, device: torch.device | str) -> "TensorData":
         return TensorData(self.x.to(device), self.y.to(device), self.t.to(device))
 
+    def pinned(self) -> "TensorData":
+        """A copy in pinned (page-locked) host memory, for data kept off a GPU: its batches are
+        then copied to the device without blocking the host (`non_blocking=True`)."""
+        return TensorData(self.x.pin_memory(), self.y.pin_memory(), self.t.pin_memory())
+
     @property
     def classes(self) -> list[int]:
         return torch.unique(self.y).tolist()

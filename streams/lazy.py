@@ -45,6 +45,7 @@ class LazyData:
         self.y = y.long()
         self.t = torch.zeros(len(y), dtype=torch.long) if t is None else t
         self.num_workers = num_workers
+        self.pin_memory = False  # `pinned`: batches in page-locked memory, for a GPU
         self.x = LazyInputs(dataset) if len(dataset) else None
 
     def __len__(self) -> int:
@@ -72,6 +73,13 @@ class LazyData:
         """Inputs stay where the dataset reads them; batches move to the device as they come."""
         return self
 
+    def pinned(self) -> "LazyData":
+        """The same data, its batches read into pinned (page-locked) memory, so that their copy
+        to a GPU runs without blocking the host (`non_blocking=True`)."""
+        copy = LazyData(self.dataset, self.y, self.t, self.num_workers)
+        copy.pin_memory = True
+        return copy
+
     def batches(self, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
                 start_batch: int = 0, part: tuple[int, int] = (0, 1)):
         """(x, y, t) batches in shuffled (by `generator`) or stored order. The permutation is
@@ -83,7 +91,7 @@ class LazyData:
         sampler = sampler[start_batch + part[0]::part[1]]
         # A DataLoader draws its workers' base seed from the global RNG unless given a
         # generator: a private one keeps evaluation and training from moving the run's RNG.
-        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             persistent_workers=False, generator=torch.Generator().manual_seed(0))
         for batch_index, batch in zip(sampler, loader):
             index = torch.tensor(batch_index)

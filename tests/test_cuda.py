@@ -61,3 +61,23 @@ def test_language_model_trains_on_the_gpu(two_texts):
                          optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3), device="cuda").fit(stream)
     assert replay.buffer.device.type == "cuda"
     assert record.matrices["loss"][-1].max() < record.matrices["loss"][0].min()
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_data_on_device_decides_where_the_batches_are_gathered(on_device):
+    """`training.data_on_device`: true holds the experience on the GPU (x_raw arrives there);
+    false leaves it in pinned host memory, each batch copied without blocking."""
+    from cl.training.scoring import place_data
+
+    stream = class_incremental(digits(), n_experiences=2)
+    placed = place_data(stream.experiences[0].train, torch.device("cuda"), on_device)
+    assert placed.x.is_cuda == on_device and (on_device or placed.x.is_pinned())
+
+    class RawWhere(Strategy):
+        def after_step(self, ctx, batch):
+            self.raw, self.ready = batch.x_raw.device.type, batch.x.device.type
+
+    probe = RawWhere()
+    model = MLP(stream.input_shape, stream.n_classes, hidden=(32,))
+    trainer_for(stream, [probe], batch_size=16, model=model, device="cuda", data_on_device=on_device).fit(stream)
+    assert probe.ready == "cuda" and probe.raw == ("cuda" if on_device else "cpu")

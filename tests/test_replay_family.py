@@ -7,7 +7,7 @@ import torch
 
 from strategies import AGEM, DER, ERACE, GEM, GDumb, PowerLawRehearsal, Replay, Strategy
 from strategies.buffers import GreedyBalancedBuffer, HerdingBuffer, herding_order
-from strategies.context import Batch
+from strategies.context import Batch, Context
 from strategies.power_law_rehearsal import apportion
 from conftest import trainer_for
 
@@ -125,7 +125,8 @@ def test_er_ace_gives_no_gradient_to_absent_classes_from_incoming_samples():
     batch = Batch(torch.zeros(4, 1), torch.tensor([2, 3, 2, 3]), torch.zeros(4, dtype=torch.long), 4)
     batch.append(ace, torch.zeros(2, 1), torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long))
     batch.logits = logits
-    ace.loss(None, batch).backward()
+    model = torch.nn.Linear(1, 10)
+    ace.loss(Context(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu")), batch).backward()
     incoming, replayed = logits.grad[:4], logits.grad[4:]
     absent = [c for c in range(10) if c not in (2, 3)]
     assert torch.all(incoming[:, absent] == 0)  # old (and future) classes untouched by new samples

@@ -176,3 +176,21 @@ def test_bad_loop_settings_are_refused_naming_the_setting(field, value):
     """The trainer takes its loop settings validated: a TrainingConfig refuses a bad one."""
     with pytest.raises(ValueError, match=field):
         TrainingConfig(**{field: value})
+
+
+def test_data_stays_on_the_host_for_a_cpu_run_and_off_an_accelerator_when_told():
+    """`training.data_on_device` (the GPU half is tests/test_cuda.py): on the CPU nothing moves
+    nor is pinned; `false` keeps data off an accelerator; `true` moves it whole; `auto` moves it
+    only where the device says it fits (a CUDA device's free memory)."""
+    from cl.training.scoring import place_data
+    from streams.experience import TensorData
+
+    data = TensorData(torch.zeros(4, 3), torch.arange(4))
+    for setting in ("auto", True, False):
+        assert place_data(data, torch.device("cpu"), setting) is data
+    meta = torch.device("meta")  # an accelerator without a free-memory query
+    assert place_data(data, meta, False) is data and place_data(data, meta, "auto") is data
+    assert place_data(data, meta, True).x.device.type == "meta"
+    assert TrainingConfig(data_on_device=False).data_on_device is False
+    with pytest.raises(ValueError, match="data_on_device"):
+        TrainingConfig(data_on_device="sometimes")

@@ -101,6 +101,11 @@ class TrainingConfig(BaseModel):
     compile: bool | CompileConfig = Field(
         False, description="compile the model with torch.compile: true, or {mode, fullgraph, dynamic, backend}; "
                            "graph breaks are reported once")
+    data_on_device: Literal["auto"] | bool = Field(
+        "auto", description="on a GPU, hold the experience's training and test data there, moved once, so "
+                            "batches are gathered on the device: 'auto' where they fit (a quarter of its free "
+                            "memory), true always, false never; data left on the host (and lazily read data) "
+                            "is pinned and copied without blocking")
     sync_batchnorm: bool = Field(
         False, description="on several processes (--devices N, torchrun), BatchNorm normalises with the "
                            "whole batch's statistics, as one process does (torch's SyncBatchNorm on GPUs, an "

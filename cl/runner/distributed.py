@@ -29,10 +29,6 @@ import signal
 import socket
 import sys
 
-#: Built-in strategies whose data-parallel run is the one-process computation, split
-#: (registry names); a plugin says so with `data_parallel = True` on its class.
-DATA_PARALLEL = ("naive", "replay", "der", "derpp")
-
 #: Seconds a collective waits for the other ranks before it fails (a hung rank), unless
 #: CL_DIST_TIMEOUT says otherwise.
 DEFAULT_TIMEOUT_S = 600
@@ -55,10 +51,10 @@ def check_data_parallel(cfg, only: list[str] | None, devices: int) -> None:
     with plugins_from(cfg.source_dir):
         for label in only or list(runs):
             for spec in runs.get(label, ()):
-                if spec.name not in DATA_PARALLEL and not getattr(STRATEGIES.get(spec.name), "data_parallel", False):
-                    raise ValueError(f"strategy {spec.name} (run {label}) is not yet data-parallel: --devices "
-                                     f"{devices} needs strategies whose statistics are reduced over the processes "
-                                     f"(`cl strategies` marks them); run it with --devices 1")
+                if not getattr(STRATEGIES.get(spec.name), "data_parallel", False):
+                    raise ValueError(f"strategy {spec.name} (run {label}) is not data-parallel: --devices {devices} "
+                                     f"needs strategies whose statistics are reduced over the processes, which say "
+                                     f"so with `data_parallel = True` (docs/guide/context.md); run it with --devices 1")
 
 
 def agree(value):

@@ -18,12 +18,22 @@ from strategies.context import Context, eval_mode
 from streams.experience import Stream, TensorData
 
 
-def fits_on_device(data, device: torch.device) -> bool:
-    """Whether `data` may be moved to a CUDA device whole (a quarter of its free memory)."""
-    if device.type != "cuda" or not isinstance(data, TensorData):
-        return False
-    free, _ = torch.cuda.mem_get_info(device)
-    return sum(v.numel() * v.element_size() for v in (data.x, data.y, data.t)) < free // 4
+def place_data(data, device: torch.device, on_device: bool | str = "auto"):
+    """`data` where the training step reads it (`training.data_on_device`): moved whole to an
+    accelerator, once, where `on_device` is true, or "auto" and it fits (a quarter of a CUDA
+    device's free memory), so that batches are gathered there; otherwise, for a GPU, in
+    pinned host memory, copied batch by batch without blocking the host. On the CPU, as it is."""
+    if device.type == "cpu" or on_device is False:
+        return data.pinned() if device.type == "cuda" else data
+    if not isinstance(data, TensorData):  # read lazily: never whole on the device
+        return data.pinned() if device.type == "cuda" else data
+    if on_device == "auto" and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if sum(v.numel() * v.element_size() for v in (data.x, data.y, data.t)) >= free // 4:
+            return data.pinned()
+    elif on_device == "auto":  # another accelerator: no free-memory query; keep it on the host
+        return data
+    return data.to(device)
 
 
 class TaskEvaluation:
@@ -35,6 +45,7 @@ class TaskEvaluation:
     def __init__(self, ctx: Context, evaluators: Sequence[Evaluator], settings: TrainingConfig, record: RunRecord,
                  emit: Callable, eval_model_owner: Strategy | None, predict_owner: Strategy | None):
         self.ctx, self.evaluators, self.batch_size = ctx, list(evaluators), settings.eval_batch_size
+        self.on_device = settings.data_on_device
         self.curve_tasks, self.record, self.emit = settings.curve_tasks, record, emit
         self.eval_model_owner, self.predict_owner = eval_model_owner, predict_owner
         self._subset = None  # the test rows of the tasks a periodic evaluation covers, kept all experience
@@ -145,5 +156,5 @@ class TaskEvaluation:
         if device.type == "cpu":
             return data, ids
         if self._on_device is None or self._on_device[0] != id(stream):
-            self._on_device = (id(stream), data.to(device) if fits_on_device(data, device) else data)
+            self._on_device = (id(stream), place_data(data, device, self.on_device))
         return self._on_device[1], ids.to(device)

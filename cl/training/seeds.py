@@ -40,23 +40,57 @@ class RunGenerators:
     """The run's random generators, one per use: data order, augmentation of the incoming
     rows, of appended (replayed) rows, and of strategies' own `ctx.prepare(augment=True)`;
     adding a strategy that samples or appends never changes what the others draw. Their
-    state, with torch's global ones, is part of every checkpoint."""
+    state, with torch's global ones, is part of every checkpoint.
 
-    def __init__(self, seed: int):
+    On several processes these are the same on every one (each holds the whole batch, drawn
+    alike), but torch's global generators, which dropout draws its masks from, are each
+    process's own once training starts (`split_global`): with one stream for all, the rows
+    r and r + 1 that two processes hold would get the same masks. Process 0 keeps the run's
+    own stream, so what it draws for every process (a model re-initialised, as GDumb does,
+    which DistributedDataParallel then copies from it) is what one process draws. A
+    checkpoint keeps every process's; resumed on another number of processes, the others
+    are seeded afresh."""
+
+    def __init__(self, seed: int, rank: int = 0, world: int = 1):
+        self.seed, self.rank, self.world = seed, rank, world
         self.data = torch.Generator().manual_seed(seed)
         self.aug = torch.Generator().manual_seed(seed + 1)
         self.aug_appended = torch.Generator().manual_seed(derive_seed(seed, "augment appended rows"))
         self.aux = torch.Generator().manual_seed(derive_seed(seed, "strategy augmentation"))
 
-    def state_dict(self) -> dict:
-        return {"data": self.data.get_state(), "aug": self.aug.get_state(),
-                "aug_appended": self.aug_appended.get_state(), "aux": self.aux.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    def split_global(self, iteration: int = 0) -> None:
+        """Seed torch's global generators for this process alone (nothing on one process, nor
+        on process 0, which goes on with the run's)."""
+        if self.rank > 0:
+            torch.manual_seed(derive_seed(self.seed, f"process {self.rank} of {self.world} at {iteration}"))
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_dict(self) -> dict:
+        """On several processes every one must call it, at the same point (it gathers their
+        global generators' states)."""
+        own = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        if self.world > 1:
+            import torch.distributed as dist
+
+            every = [None] * self.world
+            dist.all_gather_object(every, own)
+            own = {"torch": [s["torch"] for s in every], "cuda": [s["cuda"] for s in every]}
+        return {"data": self.data.get_state(), "aug": self.aug.get_state(),
+                "aug_appended": self.aug_appended.get_state(), "aux": self.aux.get_state(), **own}
+
+    def load_state_dict(self, state: dict, iteration: int = 0) -> None:
         for name in ("data", "aug", "aug_appended", "aux"):
             getattr(self, name).set_state(state[name])
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        saved, cuda = state["torch"], state["cuda"]
+        if isinstance(saved, list):  # saved by several processes: this one's, if as many
+            index = self.rank if len(saved) == self.world else 0
+            saved, cuda = saved[index], cuda[index]
+            if index != self.rank:
+                torch.set_rng_state(saved)
+                self.split_global(iteration)
+                return
+        torch.set_rng_state(saved)
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        if self.world > 1 and not isinstance(state["torch"], list):  # saved by one process
+            self.split_global(iteration)

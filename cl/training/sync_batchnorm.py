@@ -13,14 +13,34 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """The sum of a tensor over the process group; its gradient is the sum of the gradients
+    (each process's loss depends on every process's contribution)."""
+
+    @staticmethod
+    def forward(fctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(fctx, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.contiguous().clone()
+        dist.all_reduce(out)
+        return out
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    return _SumOverProcesses.apply(x)
 
 
 class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm (Ioffe & Szegedy 2015) whose training statistics are the whole batch's,
     summed over the process group: the mean first, then the biased variance around it (two
-    all-reduces, as accurate as one process's). The all-reduces are autograd's
-    (`torch.distributed.nn`), so each rank's gradient also carries what its rows did to the
+    all-reduces, as accurate as one process's). The all-reduces are differentiable
+    (`_SumOverProcesses`), so each rank's gradient also carries what its rows did to the
     other ranks' normalisation, and the DDP-averaged gradient is one process's. Running
     statistics are updated with the unbiased variance of the whole batch, as BatchNorm does.
     In eval mode, or on one process, it is BatchNorm."""

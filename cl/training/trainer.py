@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from cl.config.schema import TrainingConfig
 from cl.training.checkpoint import model_state, save_run_checkpoint, unwrapped
 from cl.training.devices import resolve_device
-from cl.training.scoring import TaskEvaluation, fits_on_device
+from cl.training.scoring import TaskEvaluation, place_data
 from cl.training.hooks import hook_table, lr_owner, single_owners
 from cl.training.nonfinite import LossCheck
 from cl.training.precision import GraphBreakReport, Precision, compile_model
@@ -62,14 +62,34 @@ def batchnorm_for_processes(model: torch.nn.Module, sync: bool, device: torch.de
     return model
 
 
-def data_parallel(model: torch.nn.Module, device: torch.device):
-    """The model wrapped in DistributedDataParallel over the process group. Built at every
-    experience, after the strategies' `before_experience`: DDP reduces the gradients of the
-    parameters that train then (a prompt method freezes its backbone; SLCA changes rates)."""
+class TrainingStep(torch.nn.Module):
+    """What DistributedDataParallel wraps on several processes: the model and the parameters
+    strategies train beside it (prompts, keys, generators: the optimizer's groups), so that
+    every gradient is averaged; its forward runs the trainer's whole forward pass (a forward
+    owner's, the features a strategy needs) on the plain model, handed in as `run`."""
+
+    def __init__(self, model: torch.nn.Module, extra: list[torch.nn.Parameter]):
+        super().__init__()
+        self.model = model
+        self.extra = torch.nn.ParameterList(extra)
+
+    def forward(self, run):
+        return run()
+
+
+def data_parallel(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+    """DistributedDataParallel over the process group, of the model and the optimizer's
+    other trainable parameters, or None where nothing trains. Built at every experience,
+    after the strategies' `before_experience`: DDP reduces the gradients of the parameters
+    that train then (a prompt method freezes its backbone; SLCA changes rates)."""
     from torch.nn.parallel import DistributedDataParallel
 
+    own = {id(p) for p in model.parameters()}
+    extra = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad and id(p) not in own]
+    if not extra and not any(p.requires_grad for p in model.parameters()):
+        return None
     ids = [device] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(TrainingStep(model, extra), device_ids=ids)
 
 
 def _shares(parts: dict, rank: int, world: int) -> dict:
@@ -157,7 +177,7 @@ class LifelongTrainer:
                                     settings.nonfinite == "stop", self._where,
                                     lambda: [n for s in self.strategies if (n := s.diagnose(self.ctx))])
 
-        self.rng = RunGenerators(seed)
+        self.rng = RunGenerators(seed, self.rank, self.world)
 
         self.hooks, self.owner = hook_table(self.strategies), single_owners(self.strategies)
         self.lr_owner = lr_owner(self.strategies, scheduler)
@@ -223,6 +243,7 @@ class LifelongTrainer:
             return None if progress is None else Position.restored(progress, state, self.device)
         with self.precision.autocast():
             self.tests.untrained(stream)
+        self.rng.split_global()  # everything built alike on every process; dropout's masks from here on are its own
         return None
 
     def _setup(self, stream: Stream) -> None:
@@ -297,16 +318,15 @@ class LifelongTrainer:
         for s in self.hooks["training_data"]:
             replaced = s.training_data(ctx, data)
             data = data if replaced is None else replaced
-        if fits_on_device(data, self.device):
-            data = data.to(self.device)
+        data = place_data(data, self.device, self.settings.data_on_device)
         self._trained_on = data
         ctx.step, ctx.epoch = 0, 0
         ctx.steps_in_experience = -(-len(data) // self.settings.batch_size) * self.settings.epochs
         self.model.train()
         for s in self.hooks["before_experience"]:
             s.before_experience(ctx)
-        if self.world > 1 and any(p.requires_grad for p in self.model.parameters()):
-            self.ddp = data_parallel(self.model, self.device)
+        if self.world > 1:
+            self.ddp = data_parallel(self.model, self.optimizer, self.device)
         self._restart_scheduler()
         return data
 
@@ -409,17 +429,20 @@ class LifelongTrainer:
                       x=batch.x[rows], parts=_shares(batch.parts, self.rank, self.world),
                       fields={k: {n: v[rows] for n, v in f.items()} for k, f in batch.fields.items()})
         n_local = len(local.y)
-        weight = ctx.loss_weight = n_local * self.world / n_global
-        model, ctx.model = ctx.model, self.ddp if self.ddp is not None else ctx.model
+        weight = n_local * self.world / n_global
+        ctx.loss_weight = weight
         try:  # the training forward through DDP, which syncs the backward
             with self.precision.autocast():
-                ctx.forward_batch(local, self.needs_features)
+                if self.ddp is None:
+                    ctx.forward_batch(local, self.needs_features)
+                else:
+                    self.ddp(lambda: ctx.forward_batch(local, self.needs_features))
                 loss = self._loss(local)
                 if not n_local:  # more ranks than rows: nothing to learn here, but DDP needs this rank's zeros
                     loss = local.logits.sum() * 0.0
                     local.losses = {k: torch.zeros((), device=loss.device) for k in local.losses}
         finally:
-            ctx.model, ctx.loss_weight = model, 1.0
+            ctx.loss_weight = 1.0
         # The step's terms as one process has them (sum over ranks of weight * local mean, / N):
         # every rank sees the same values, so all skip a non-finite step together.
         names = list(local.losses)
@@ -529,16 +552,16 @@ class LifelongTrainer:
         self.precision.load_state_dict(state.get("precision"))
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.rng.load_state_dict(state["rng"])
         for s, s_state in zip(self.strategies, state["strategies"]):
             s.load_state_dict(s_state)
         if state["record"] is not None:
             self.record.load_state_dict(state["record"])
+        self.rng.load_state_dict(state["rng"], self.record.iteration)
 
     def _save_checkpoint(self, in_progress: dict | None = None) -> None:
-        if self.rank != 0:  # every rank holds the same state: rank 0 writes it, every rank reads it on resume
+        state = self.state_dict()  # on every process: it gathers their generators
+        if self.rank != 0:  # every rank holds the same state otherwise: rank 0 writes it, every rank reads it on resume
             return
-        state = self.state_dict()
         if in_progress is not None:
             state["in_progress"] = {**in_progress, "start": self._start_state}
         save_run_checkpoint(self.checkpoint_path, state, self.strategies, self.checkpoint_meta())

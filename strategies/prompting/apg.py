@@ -288,8 +288,7 @@ class APG(PromptStrategy):
             target = position[batch.y].view(B, 1, 1).expand(B, H, L)
             batch.losses["apg_attn"] = self.attn_weight * F.cross_entropy(logits.reshape(-1, K), target.reshape(-1))
         if self.norm_weight:
-            size = prompt.abs().sum(-1).mean() - self.norm_scale * h.abs().sum(-1).mean()
-            batch.losses["apg_norm"] = self.norm_weight * F.relu(size)
+            batch.losses["apg_norm"] = self.norm_weight * self._norm_excess(ctx, prompt, h)
         have = self.library_classes()
         if not len(have) or not self.samples_per_step or not (self.prompt_weight or self.replay_weight):
             return
@@ -302,6 +301,19 @@ class APG(PromptStrategy):
         if self.replay_weight:
             out = ctx.model.head(f.to(dtype)).masked_fill(~self._trained, float("-inf"))
             batch.losses["apg_replay"] = self.replay_weight * F.cross_entropy(out, classes)
+
+    def _norm_excess(self, ctx: Context, prompt: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """ReLU(mean |prompt|_1 - norm_scale * mean |h|_1), the means over the step's rows. On
+        several processes the ReLU is of the whole step's difference (its sign all-reduced), of
+        which this process holds its rows' share (`ctx.share_mean`)."""
+        if ctx.world == 1:
+            return F.relu(prompt.abs().sum(-1).mean() - self.norm_scale * h.abs().sum(-1).mean())
+        rows = len(ctx.batch.y)
+        share = (ctx.share_mean(prompt.abs().sum(-1).mean(-1), rows)
+                 - self.norm_scale * ctx.share_mean(h.abs().sum(-1).mean(-1), rows))
+        whole = (share * ctx.loss_weight / ctx.world).detach().reshape(1)  # this process's part of the mean
+        ctx.all_reduce(whole)
+        return share * (whole > 0).to(share.dtype).squeeze(0)
 
     def loss(self, ctx: Context, batch: Batch) -> torch.Tensor:
         """Cross-entropy over every class trained so far (the reference's growing head), or

@@ -38,11 +38,19 @@ class PromptStrategy(Strategy):
     rows are untrained, and with training masked they would otherwise win whenever the
     trained logits are negative. Neither uses anything from the test data.
 
+    On several processes the strategy's parameters train beside the model's (the trainer's
+    data-parallel wrapper averages their gradients too); its terms are means over the rows,
+    which the trainer weights, and what it computes at an experience's end (APG's class
+    library, OVOR's regularised epochs) every process computes whole, from the same data
+    and generators, so each holds the same.
+
     Each experience starts with fresh optimizer state for the prompts and the classifier,
     as the authors' code builds a new optimizer per task: with Adam, the moments of an
     earlier task would otherwise keep moving prompts and head rows that no longer get
     gradient (an earlier task's E-prompt, CODA's frozen components).
     """
+
+    data_parallel = True
 
     def __init__(self, mask_other_classes: bool = True):
         self.mask_other_classes = mask_other_classes
