@@ -17,6 +17,8 @@ and five ways to run each, alternating inside every round (each round starts one
   1x1       one process pinned to one core, one thread: the baseline
   2x1       `cl run FILE --devices 2`: two processes of one thread each (the lab gives each rank its own
             core), the same global batch split between them
+  torchrun1 `torchrun --nproc-per-node 1 -m cl run FILE`: what a user gets asking for data parallel
+            on one process (the lab then builds no DDP: one process steps as it always does)
   ddp1      one pinned process whose trainer takes its data-parallel step over a process group of one
             (DistributedDataParallel, the row shares, the all-reduced loss terms): what DDP costs where
             it buys nothing. The trainer skips DDP on one process, so `--ddp-of-one` (below) joins a
@@ -55,7 +57,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("1x1", "2x1", "ddp1", "bf16", "compiled")
+VARIANTS = ("1x1", "2x1", "torchrun1", "ddp1", "bf16", "compiled")
 WORKLOADS = ("mlp", "resnet", "gpt")
 CIFAR10_MEAN, CIFAR10_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]  # streams.sources' own
 
@@ -138,6 +140,7 @@ def describe(name: str, args, sync_bn: bool) -> str:
 def command(variant: str, file: Path) -> list[str]:
     lab = [sys.executable, "-m", "cl", "run", str(file), "--json", "--no-track", "--no-progress"]
     return {"1x1": lab, "2x1": lab + ["--devices", "2"],
+            "torchrun1": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", *lab[2:]],
             "ddp1": [sys.executable, str(Path(__file__).resolve()), "--ddp-of-one", str(file)],
             "bf16": lab + ["--set", "training.precision=bf16-mixed"],
             "compiled": lab + ["--set", "training.compile=true"]}[variant]
@@ -227,7 +230,7 @@ def ratios(stats: dict) -> dict:
             for v, s in stats.items() if v != "1x1"}
 
 
-TARGETS = {"ddp1": "  (issue: at most 1.03)"}
+TARGETS = {"ddp1": "  (issue: at most 1.03)", "torchrun1": "  (issue: at most 1.03)"}
 
 
 def table(name: str, about: str, stats: dict, rel: dict, cold: float | None) -> str:
