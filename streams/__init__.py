@@ -12,10 +12,11 @@ from streams.online import blur, online
 from streams.power_law import power_law, power_law_schedule, recurrence_rates
 from streams.scenarios import class_incremental
 from streams.text import TokenTransform, token_stream
-from streams.sources import DatasetNotFoundError, cifar10, data_root, digits, mnist
+from streams.sources import DatasetNotFoundError, cifar10, cifar100, data_root, digits, mnist
+from streams.tiny_imagenet import tiny_imagenet
 
 DATASETS = {
-    "digits": digits, "mnist": mnist, "cifar10": cifar10,
+    "digits": digits, "mnist": mnist, "cifar10": cifar10, "cifar100": cifar100, "tiny_imagenet": tiny_imagenet,
     "numpy": numpy_arrays, "image_folder": image_folder, "torch_dataset": torch_dataset,
 }
 SCENARIOS = {
@@ -25,7 +26,7 @@ SCENARIOS = {
 
 __all__ = [
     "BatchTransform", "DATASETS", "Dataset", "DatasetNotFoundError", "Experience", "SCENARIOS", "Stream",
-    "TensorData", "TokenTransform", "avalanche", "blur", "cifar10", "class_incremental", "data_root", "digits",
+    "TensorData", "TokenTransform", "avalanche", "blur", "cifar10", "cifar100", "class_incremental", "data_root", "digits",
     "from_avalanche", "image_folder", "mnist", "multi_dataset", "numpy_arrays", "online", "permuted", "power_law",
-    "power_law_schedule", "recurrence_rates", "rotated", "token_stream", "torch_dataset",
+    "power_law_schedule", "recurrence_rates", "rotated", "tiny_imagenet", "token_stream", "torch_dataset",
 ]

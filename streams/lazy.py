@@ -14,14 +14,27 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 
+def _declared_item(dataset) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """The shape and dtype of every item where the dataset (under any Subset or ConcatDataset)
+    declares them (`item_shape`, `item_dtype`: images decoded to a fixed size), so that
+    building a stream decodes no image."""
+    while isinstance(dataset, (Subset, ConcatDataset)):
+        dataset = dataset.dataset if isinstance(dataset, Subset) else dataset.datasets[0]
+    shape = getattr(dataset, "item_shape", None)
+    return None if shape is None else (tuple(shape), getattr(dataset, "item_dtype", torch.uint8))
+
+
 class LazyInputs:
     """The inputs of a lazy dataset: indexable by a tensor of positions, read on demand."""
 
     def __init__(self, dataset):
         self.dataset = dataset
-        first = torch.as_tensor(dataset[0][0])
-        self.shape = (len(dataset),) + tuple(first.shape)
-        self.dtype = first.dtype
+        declared = _declared_item(dataset)
+        if declared is None:  # read the first item for its shape
+            first = torch.as_tensor(dataset[0][0])
+            declared = tuple(first.shape), first.dtype
+        self.shape = (len(dataset),) + declared[0]
+        self.dtype = declared[1]
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -58,7 +58,7 @@ def power_law_schedule(n_tasks: int, n_phases: int, exponent: float, p0: float, 
 def power_law(data: Dataset, n_tasks: int = 5, n_phases: int = 50, exponent: float = 1.0, p0: float = 0.5,
               phase_size: int = 512, recurrence_size: int = 64,
               control: Literal["power_law", "uniform"] = "power_law",
-              class_order: list[int] | None = None, shuffle_classes: bool = False, seed: int = 0) -> Stream:
+              class_order: list[int] | str | None = None, shuffle_classes: bool = False, seed: int = 0) -> Stream:
     """A power-law environment over the class-incremental tasks of `data` (see the module
     docstring); `control: uniform` gives the same budget of recurrences spread uniformly.
     Every phase is an experience, evaluated on every task's test set."""

@@ -6,7 +6,31 @@ import torch
 from streams.experience import Dataset, Experience, Stream
 
 
-def _class_order(n_classes: int, class_order: list[int] | None, shuffle_classes: bool, seed: int) -> list[int]:
+#: Published class orders by name: the permutation a codebase draws, so a run's experiences
+#: hold the classes the paper's did. PyCIL (Zhou et al. 2023) shuffles with numpy's legacy
+#: generator seeded 1993 for every dataset (its configs' `seed: [1993]`, `shuffle: true`).
+PRESET_ORDERS = {"pycil": 1993}
+
+
+def named_order(n_classes: int, name: str) -> list[int]:
+    """`natural` (0..K-1), `seed:N` (numpy's legacy generator seeded N, as PyCIL and the
+    iCaRL family draw it) or a preset of `PRESET_ORDERS`."""
+    import numpy as np
+
+    if name == "natural":
+        return list(range(n_classes))
+    if name in PRESET_ORDERS:
+        return np.random.RandomState(PRESET_ORDERS[name]).permutation(n_classes).tolist()
+    kind, _, value = name.partition(":")
+    if kind == "seed" and value.strip().isdigit():
+        return np.random.RandomState(int(value)).permutation(n_classes).tolist()
+    raise ValueError(f"class_order {name!r}: expected a list of classes, 'natural', 'seed:N' or one of "
+                     f"{sorted(PRESET_ORDERS)}")
+
+
+def _class_order(n_classes: int, class_order: list[int] | str | None, shuffle_classes: bool, seed: int) -> list[int]:
+    if isinstance(class_order, str):
+        return named_order(n_classes, class_order)
     if class_order is not None:
         if sorted(class_order) != list(range(n_classes)):
             raise ValueError(f"class_order must be a permutation of 0..{n_classes - 1}, got {class_order}")
@@ -37,10 +61,11 @@ def _split_sizes(n_classes: int, n_experiences: int | None, classes_per_experien
 
 def class_incremental(data: Dataset, n_experiences: int | None = None,
                       classes_per_experience: int | list[int] | None = None,
-                      class_order: list[int] | None = None, shuffle_classes: bool = False,
+                      class_order: list[int] | str | None = None, shuffle_classes: bool = False,
                       task_labels: bool = False, seed: int = 0) -> Stream:
     """Split a dataset's classes into disjoint experiences (class-incremental learning,
-    van de Ven and Tolias 2019). The class order is given, or shuffled by `seed`.
+    van de Ven and Tolias 2019). The class order is given (a list, `natural`, `seed:N` or a
+    published preset such as `pycil`: see `named_order`), or shuffled by `seed`.
 
     With `task_labels`, experience i carries task label i (task-incremental);
     otherwise every experience has task label 0.

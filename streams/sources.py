@@ -5,6 +5,7 @@
 - `mnist`: torchvision's MNIST; reads an existing root, downloads when online.
 - `cifar10`: torchvision's CIFAR-10 when its files are under the data root,
   else the offline JPEG pack (`cifar10-jpeg/cifar10_jpeg.npz`), else a download.
+- `cifar100`: CIFAR-100's pickles (`cifar-100-python/`, as torchvision downloads them).
 
 The data root comes from the experiment file (`data_dir`), else the
 `CL_DATA_DIR` environment variable, else `~/.cache/cl-lab/data`.
@@ -15,6 +16,7 @@ import contextlib
 import contextvars
 import io
 import os
+import pickle
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -233,3 +235,62 @@ def cifar10(data_dir: str | None = None, download: bool = True, augment: bool = 
     train, test = _cifar10_tensors(str(data_root(data_dir)), _may_download(download))
     transform = BatchTransform(CIFAR10_MEAN, CIFAR10_STD, crop_padding=4 if augment else 0, flip=augment)
     return Dataset("cifar10", train, test, transform, class_names=list(CIFAR10_CLASSES))
+
+
+#: CIFAR-100's training-set per-channel statistics.
+CIFAR100_MEAN, CIFAR100_STD = [0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761]
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR's pickles hold dicts, lists, strings and numpy arrays; any other global a file
+    names (code to run) is refused, so a corrupt or planted file cannot reach past its place."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a dataset file")
+        return super().find_class(module, name)
+
+
+def _cifar_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _ArraysOnly(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise DataError(f"CIFAR file {path} is corrupt or not CIFAR's pickle ({type(err).__name__}: {err})") from err
+
+
+def _cifar100_split(folder: Path, split: str) -> TensorData:
+    batch = _cifar_pickle(folder / split)
+    if not isinstance(batch, dict) or "data" not in batch or "fine_labels" not in batch:
+        raise DataError(f"CIFAR-100 file {folder / split} has no `data` and `fine_labels`")
+    x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return TensorData(torch.from_numpy(x.copy()), torch.tensor(list(batch["fine_labels"]), dtype=torch.long))
+
+
+def cifar100(data_dir: str | None = None, download: bool = True, augment: bool = False) -> Dataset:
+    """CIFAR-100 (Krizhevsky 2009), 50,000 train and 10,000 test images of 100 classes (the
+    fine labels), 32x32 RGB, from `cifar-100-python/` under the data root (train, test and
+    meta, CIFAR's pickles as torchvision downloads them; downloaded when online). `augment`
+    adds the usual random crop (padding 4) and horizontal flip to training batches."""
+    root = data_root(data_dir)
+    folder = root / "cifar-100-python"
+    if not (folder / "train").is_file():
+        if not _may_download(download):
+            raise _not_found("cifar100", [folder], _why_not_downloaded())
+        try:
+            import torchvision
+
+            torchvision.datasets.CIFAR100(str(root), train=True, download=True)
+        except Exception as err:
+            raise _not_found("cifar100", [folder], "torchvision could not download it either.", err) from err
+    train, test = _cifar100_split(folder, "train"), _cifar100_split(folder, "test")
+    meta = _cifar_pickle(folder / "meta") if (folder / "meta").is_file() else {}
+    names = list(meta.get("fine_label_names", [])) if isinstance(meta, dict) else []
+    transform = BatchTransform(CIFAR100_MEAN, CIFAR100_STD, crop_padding=4 if augment else 0, flip=augment)
+    return Dataset("cifar100", train, test, transform, class_names=names)
