@@ -14,9 +14,12 @@ from streams.scenarios import class_incremental
 from streams.text import TokenTransform, token_stream
 from streams.sources import DatasetNotFoundError, cifar10, cifar100, data_root, digits, mnist
 from streams.tiny_imagenet import tiny_imagenet
+from streams.cub200 import cub200
+from streams.imagenet_subset import imagenet_subset
 
 DATASETS = {
     "digits": digits, "mnist": mnist, "cifar10": cifar10, "cifar100": cifar100, "tiny_imagenet": tiny_imagenet,
+    "cub200": cub200, "imagenet_subset": imagenet_subset,
     "numpy": numpy_arrays, "image_folder": image_folder, "torch_dataset": torch_dataset,
 }
 SCENARIOS = {
@@ -26,7 +29,7 @@ SCENARIOS = {
 
 __all__ = [
     "BatchTransform", "DATASETS", "Dataset", "DatasetNotFoundError", "Experience", "SCENARIOS", "Stream",
-    "TensorData", "TokenTransform", "avalanche", "blur", "cifar10", "cifar100", "class_incremental", "data_root", "digits",
-    "from_avalanche", "image_folder", "mnist", "multi_dataset", "numpy_arrays", "online", "permuted", "power_law",
+    "TensorData", "TokenTransform", "avalanche", "blur", "cifar10", "cifar100", "class_incremental", "cub200", "data_root", "digits",
+    "from_avalanche", "image_folder", "imagenet_subset", "mnist", "multi_dataset", "numpy_arrays", "online", "permuted", "power_law",
     "power_law_schedule", "recurrence_rates", "rotated", "tiny_imagenet", "token_stream", "torch_dataset",
 ]

@@ -92,11 +92,17 @@ def write_tiny_imagenet(root, wnids=("n01443537", "n01629819", "n01641577", "n01
     return base
 
 
-def test_tiny_imagenet_labels_come_from_the_index_without_decoding_an_image(tmp_path, monkeypatch):
-    write_tiny_imagenet(tmp_path)
-    decoded = []
+@pytest.fixture
+def decoded(monkeypatch) -> list:
+    """Every image file decoded from here on, in order."""
+    files = []
     real = streams.image_files.decode_image
-    monkeypatch.setattr(streams.image_files, "decode_image", lambda *a: decoded.append(a[0]) or real(*a))
+    monkeypatch.setattr(streams.image_files, "decode_image", lambda *a: files.append(a[0]) or real(*a))
+    return files
+
+
+def test_tiny_imagenet_labels_come_from_the_index_without_decoding_an_image(tmp_path, decoded):
+    write_tiny_imagenet(tmp_path)
     data = tiny_imagenet(data_dir=str(tmp_path), num_workers=0)
     stream = class_incremental(data, n_experiences=2)
     assert not decoded  # dataset, labels, class split: no image read
@@ -132,3 +138,70 @@ def test_a_run_trains_on_tiny_imagenet_read_lazily(tmp_path):
     matrix = np.asarray(result["accuracy_matrix"], dtype=float)
     assert matrix.shape == (3, 2) and np.isfinite(matrix).all()  # the untrained model, then each experience
     assert matrix[1, 0] == 1.0 and matrix[2, 1] == 1.0  # colour-coded classes: each experience is learned
+
+
+def jpeg(path, colour, size=(40, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), colour, dtype=np.uint8)).save(path, "JPEG")
+
+
+def write_cub(root, classes=3, per_class=4):
+    """CUB's index files and images; the first half of each class's images train."""
+    base = root / "CUB_200_2011"
+    images, labels, split, names = [], [], [], []
+    k = 0
+    for c in range(1, classes + 1):
+        folder = f"{c:03d}.Bird_{c}"
+        names.append(f"{c} {folder}")
+        for i in range(per_class):
+            k += 1
+            relative = f"{folder}/Bird_{c}_{i}.jpg"
+            jpeg(base / "images" / relative, 70 * c, size=(40 + 7 * i, 30 + 3 * c))  # every size differs
+            images.append(f"{k} {relative}")
+            labels.append(f"{k} {c}")
+            split.append(f"{k} {1 if i < per_class // 2 else 0}")
+    for name, lines in (("images", images), ("image_class_labels", labels), ("train_test_split", split),
+                        ("classes", names)):
+        (base / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    return base
+
+
+def test_cub200_takes_its_split_and_classes_from_the_index_files(tmp_path, decoded):
+    from streams import cub200
+
+    write_cub(tmp_path)
+    data = cub200(data_dir=str(tmp_path), size=16, num_workers=0)
+    stream = class_incremental(data, n_experiences=3)
+    assert not decoded and data.input_shape == (3, 16, 16)
+    assert torch.bincount(data.train.y).tolist() == [2, 2, 2] and torch.bincount(data.test.y).tolist() == [2, 2, 2]
+    assert data.class_names == ["Bird 1", "Bird 2", "Bird 3"]
+    x, y, _ = next(stream.experiences[2].train.batches(8, shuffle=False))
+    assert x.shape == (2, 3, 16, 16) and y.tolist() == [2, 2] and len(decoded) == 2  # resized from 54x39
+    assert (x.float().mean() - 210).abs() < 3  # class 3's colour: the file its label names
+
+
+def test_cub200_refuses_an_index_that_points_outside_its_images(tmp_path):
+    from streams import cub200
+
+    base = write_cub(tmp_path)
+    text = (base / "images.txt").read_text().replace("001.Bird_1/Bird_1_0.jpg", "../../secret.jpg")
+    (base / "images.txt").write_text(text)
+    with pytest.raises(DataError, match="outside"):
+        cub200(data_dir=str(tmp_path))
+
+
+def test_an_imagenet_subset_reads_the_listed_classes_in_the_list_order(tmp_path):
+    from streams import imagenet_subset
+
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    for split, n in (("train", 3), ("val", 1)):
+        for i, w in enumerate(wnids):
+            for k in range(n):
+                jpeg(tmp_path / "imagenet" / split / w / f"{w}_{k}.JPEG", 80 * i)
+    (tmp_path / "subset.txt").write_text(f"{wnids[2]}\n{wnids[0]}\n")
+    data = imagenet_subset("subset.txt", data_dir=str(tmp_path), size=8, num_workers=0)
+    assert data.class_names == [wnids[2], wnids[0]] and len(data.train) == 6 and len(data.test) == 2
+    x, y, _ = next(data.test.batches(2, shuffle=False))
+    assert y.tolist() == [0, 1] and x[0].float().mean() > x[1].float().mean()  # class 0 is the list's first
+    with pytest.raises(DataError, match="not WordNet ids"):
+        imagenet_subset(["../n01440764"], data_dir=str(tmp_path))
