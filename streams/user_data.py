@@ -111,12 +111,14 @@ def _lazy_folder(folder: Path, size: int | None, channels: int, num_workers: int
 
 def image_folder(root: str, data_dir: str | None = None, size: int | None = None, channels: int = 3,
                  in_memory: bool = True, num_workers: int = 2,
-                 mean: list[float] | None = None, std: list[float] | None = None) -> Dataset:
+                 mean: list[float] | None = None, std: list[float] | None = None, augment: bool = False) -> Dataset:
     """A folder of images per class, as torchvision's ImageFolder: `root/train/<class>/*.png`
     and `root/test/<class>/*.png`; class labels follow the sorted folder names of train/.
     Images are resized to `size` x `size` when given. A relative `root` is taken under the data root.
     With `in_memory: false` images are decoded batch by batch during training by a DataLoader
-    with `num_workers` workers (for folders too big for memory; give `mean` and `std`)."""
+    with `num_workers` workers (for folders too big for memory; give `mean` and `std`).
+    `augment` adds a random crop (padding an eighth of the side) and a horizontal flip to
+    training batches, on the batch's tensors (not per image in the workers)."""
     from streams.sources import data_root
 
     base = Path(root) if Path(root).is_absolute() else data_root(data_dir) / root
@@ -127,10 +129,14 @@ def image_folder(root: str, data_dir: str | None = None, size: int | None = None
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not in_memory:
         train, test = (_lazy_folder(d, size, channels, num_workers) for d in (train_dir, test_dir))
-        return Dataset(base.name, train, test, BatchTransform(mean, std), class_names=classes)
-    train = _read_folder(train_dir, classes, size, channels)
-    test = _read_folder(test_dir, classes, size, channels)
-    return Dataset(base.name, train, test, _transform_for(train.x, mean, std), class_names=classes)
+        transform = BatchTransform(mean, std)
+    else:
+        train = _read_folder(train_dir, classes, size, channels)
+        test = _read_folder(test_dir, classes, size, channels)
+        transform = _transform_for(train.x, mean, std)
+    if augment:
+        transform.crop_padding, transform.flip = max(1, train.x.shape[-1] // 8), True
+    return Dataset(base.name, train, test, transform, class_names=classes)
 
 
 def _labels(dataset, num_workers: int) -> torch.Tensor:
