@@ -205,3 +205,20 @@ def test_an_imagenet_subset_reads_the_listed_classes_in_the_list_order(tmp_path)
     assert y.tolist() == [0, 1] and x[0].float().mean() > x[1].float().mean()  # class 0 is the list's first
     with pytest.raises(DataError, match="not WordNet ids"):
         imagenet_subset(["../n01440764"], data_dir=str(tmp_path))
+
+
+def test_the_feature_cache_works_on_lazily_read_images(tmp_path, decoded):
+    """Nearest-mean on a frozen backbone passes each image through it once, read lazily, over
+    two epochs and every evaluation (lazy inputs are not hashed to a file on disk: that would
+    read them all, which is what the cache saves; see `cl.training.feature_cache`)."""
+    from cl.api import run
+
+    write_tiny_imagenet(tmp_path, train=6)
+    result, = run({"name": "tiny", "seed": 0, "device": "cpu", "data_dir": str(tmp_path),
+                   "stream": {"dataset": {"name": "tiny_imagenet", "size": 16, "num_workers": 0},
+                              "scenario": {"name": "class_incremental", "n_experiences": 2}},
+                   "model": {"name": "mlp", "hidden": [16]},
+                   "training": {"epochs": 2, "batch_size": 4, "optimizer": {"name": "sgd", "lr": 0.05}},
+                   "strategies": [{"name": "nearest_mean", "freeze_backbone": True}]})
+    assert result["status"] == "FINISHED"
+    assert sorted(map(str, decoded)) == sorted(set(map(str, decoded))) and len(decoded) == 32  # 24 + 8, once each
