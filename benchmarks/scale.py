@@ -36,9 +36,8 @@ on the medians and on each variant's fastest round.
                                [--variants 1x1,2x1,ddp1,bf16,compiled] [--out scale.json] [--cpu N]
 
 `--quick` shrinks every workload to a few steps (a check that the script works, not a measurement).
-With sync BatchNorm in the lab (`training.sync_batchnorm`), the ResNet's runs set it, so two processes
-normalise over the whole batch as one does; without it, each process normalises its own half (said
-in the output). Needs MNIST, CIFAR-10 and the text corpora under CL_DATA_DIR (default ../shared/data),
+The ResNet's runs set `training.sync_batchnorm`, so two processes normalise over the whole batch as
+one does. Needs MNIST, CIFAR-10 and the text corpora under CL_DATA_DIR (default ../shared/data),
 and at least two cores for 2x1.
 """
 from __future__ import annotations
@@ -63,14 +62,6 @@ CIFAR10_MEAN, CIFAR10_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]  
 
 
 # ------------------------------------------------------------------ the workloads
-def has_sync_batchnorm() -> bool:
-    """Whether this checkout's `training:` section takes `sync_batchnorm` (added with the scale issue)."""
-    sys.path.insert(0, str(ROOT))
-    from cl.config.schema import TrainingConfig
-
-    return "sync_batchnorm" in TrainingConfig.model_fields
-
-
 def mlp_experiment(quick: bool) -> dict:
     cfg = yaml.safe_load((ROOT / "experiments" / "split_mnist" / "naive.yaml").read_text())
     cfg.update(name="scale-mlp", device="cpu")
@@ -98,7 +89,7 @@ def cifar_subset(path: Path, data_dir: str, per_class: int, test_per_class: int)
     np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
 
 
-def resnet_experiment(npz: Path, sync_bn: bool) -> dict:
+def resnet_experiment(npz: Path) -> dict:
     cfg = {"name": "scale-resnet", "seed": 0, "device": "cpu",
            "stream": {"dataset": {"name": "numpy", "path": str(npz), "mean": CIFAR10_MEAN, "std": CIFAR10_STD},
                       "scenario": {"name": "class_incremental", "n_experiences": 5,
@@ -107,8 +98,7 @@ def resnet_experiment(npz: Path, sync_bn: bool) -> dict:
            "training": {"epochs": 1, "batch_size": 32, "eval_batch_size": 256,
                         "optimizer": {"name": "sgd", "lr": 0.03}},
            "strategies": ["naive"]}
-    if sync_bn:
-        cfg["training"]["sync_batchnorm"] = True  # one process: plain BatchNorm; several: the whole batch's
+    cfg["training"]["sync_batchnorm"] = True  # one process: plain BatchNorm; several: the whole batch's
     return cfg
 
 
@@ -124,14 +114,13 @@ def gpt_experiment(train_bytes: int, quick: bool) -> dict:
     return cfg
 
 
-def describe(name: str, args, sync_bn: bool) -> str:
+def describe(name: str, args) -> str:
     if name == "mlp":
         return ("Split-MNIST MLP 784-400-400-10, " + ("first experience" if args.quick else "5 experiences")
                 + ", batch 32, SGD")
     if name == "resnet":
-        bn = "sync BatchNorm set" if sync_bn else "NO sync BatchNorm in this checkout: 2x1 normalises per half-batch"
         return (f"reduced ResNet-18 (nf 20), CIFAR-10 subset {args.cifar_per_class}/class train, "
-                f"{args.cifar_test_per_class}/class test, 5 experiences, batch 32, SGD; {bn}")
+                f"{args.cifar_test_per_class}/class test, 5 experiences, batch 32, SGD; sync BatchNorm")
     return (f"byte-level GPT ({'1 layer' if args.quick else '4 layers'}, width 128), 2 domains x {args.gpt_bytes} "
             f"bytes, one pass, batch 32 x 128, AdamW")
 
@@ -284,7 +273,6 @@ def main() -> None:
         notes.append(f"2x1 left out: this process may use {len(cores)} core")
     core = args.cpu if args.cpu is not None else cores[0]
     data = os.environ.get("CL_DATA_DIR", str(ROOT.parent / "shared" / "data"))
-    sync_bn = has_sync_batchnorm()
 
     with tempfile.TemporaryDirectory(prefix="cl-scale-") as tmp:
         tmp = Path(tmp)
@@ -299,7 +287,7 @@ def main() -> None:
             elif w == "resnet":
                 npz = tmp / "cifar10_subset.npz"
                 cifar_subset(npz, data, args.cifar_per_class, args.cifar_test_per_class)
-                cfg = resnet_experiment(npz, sync_bn)
+                cfg = resnet_experiment(npz)
             else:
                 cfg = gpt_experiment(args.gpt_bytes, args.quick)
             files[w] = tmp / f"scale_{w}.yaml"
@@ -325,14 +313,14 @@ def main() -> None:
     out = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "rounds": args.rounds, "quick": args.quick,
            "machine": {"cores": len(cores), "single_process_core": core, "python": platform.python_version(),
                        "processor": platform.processor() or platform.machine()},
-           "sync_batchnorm": sync_bn, "notes": notes, "workloads": {}}
+           "notes": notes, "workloads": {}}
     print(f"\n{args.rounds} round(s); training seconds as the lab records them (train_time_s); process s: the "
           f"whole process, start-up included; ratio: variant / 1x1 (above 1 is slower); single processes on core "
           f"{core}, one thread" + ("".join(f"\nnote: {n}" for n in notes)))
     for w in workloads:
         stats = {v: summary(runs[w][v]) for v in variants}
         rel = ratios(stats)
-        about = describe(w, args, sync_bn)
+        about = describe(w, args)
         print(table(w, about, stats, rel, cold.get(w)))
         out["workloads"][w] = {"about": about, "variants": stats, "ratios_to_1x1": rel,
                                "compiled_cold_cache_train_s": cold.get(w)}

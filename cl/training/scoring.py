@@ -23,17 +23,20 @@ def place_data(data, device: torch.device, on_device: bool | str = "auto"):
     accelerator, once, where `on_device` is true, or "auto" and it fits (a quarter of a CUDA
     device's free memory), so that batches are gathered there; otherwise, for a GPU, in
     pinned host memory, copied batch by batch without blocking the host. On the CPU, as it is."""
-    if device.type == "cpu" or on_device is False:
-        return data.pinned() if device.type == "cuda" else data
-    if not isinstance(data, TensorData):  # read lazily: never whole on the device
-        return data.pinned() if device.type == "cuda" else data
-    if on_device == "auto" and device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if sum(v.numel() * v.element_size() for v in (data.x, data.y, data.t)) >= free // 4:
-            return data.pinned()
-    elif on_device == "auto":  # another accelerator: no free-memory query; keep it on the host
+    if device.type == "cpu":
         return data
-    return data.to(device)
+    # Data read lazily is never whole on the device; `auto` asks a CUDA device what is free
+    # (another accelerator has no such query, and keeps it on the host).
+    if isinstance(data, TensorData) and (on_device is True or on_device == "auto" and _fits(data, device)):
+        return data.to(device)
+    return data.pinned() if device.type == "cuda" else data
+
+
+def _fits(data: TensorData, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(v.numel() * v.element_size() for v in (data.x, data.y, data.t)) < free // 4
 
 
 class TaskEvaluation:

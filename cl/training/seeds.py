@@ -82,15 +82,11 @@ class RunGenerators:
         for name in ("data", "aug", "aug_appended", "aux"):
             getattr(self, name).set_state(state[name])
         saved, cuda = state["torch"], state["cuda"]
-        if isinstance(saved, list):  # saved by several processes: this one's, if as many
-            index = self.rank if len(saved) == self.world else 0
-            saved, cuda = saved[index], cuda[index]
-            if index != self.rank:
-                torch.set_rng_state(saved)
-                self.split_global(iteration)
-                return
+        own = isinstance(saved, list) and len(saved) == self.world  # saved by as many processes: each its own
+        if isinstance(saved, list):
+            saved, cuda = saved[self.rank if own else 0], cuda[self.rank if own else 0]
         torch.set_rng_state(saved)
         if cuda and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda)
-        if self.world > 1 and not isinstance(state["torch"], list):  # saved by one process
+        if not own:  # saved by one process, or by another number: the others are seeded afresh
             self.split_global(iteration)
