@@ -100,17 +100,23 @@ class BatchTransform:
     """Raw batch -> model input, applied to a whole batch at once on its device.
 
     Casts uint8 images to float in [0, 1], optionally augments (random crop
-    with zero padding and horizontal flip, as is standard for CIFAR), then
-    normalises per channel. Augmentation runs only when `train=True`.
+    with zero padding and horizontal flip, as is standard for CIFAR), resizes to
+    `size` x `size` when given (the input a pre-trained backbone expects: CIFAR's
+    32 x 32 images read by a ViT at 224), then normalises per channel (grey images
+    repeated over the channels when `mean` has three).
+    Augmentation runs only when `train=True`.
     """
 
     def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 scale: float = 255.0, crop_padding: int = 0, flip: bool = False):
+                 scale: float = 255.0, crop_padding: int = 0, flip: bool = False, size: int | None = None,
+                 interpolation: str = "bilinear"):
         self.scale = scale
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32)
         self.crop_padding = crop_padding
         self.flip = flip
+        self.size = size
+        self.interpolation = interpolation
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -134,6 +140,14 @@ class BatchTransform:
         if train and (self.crop_padding or self.flip):
             x = self._augment(x.float().div_(self.scale) if raw else x.float(), generator)
             raw = False
+        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
+            # On the batch, on its device: one call, not a per-image PIL resize in a worker.
+            x = torch.nn.functional.interpolate(x.float().div_(self.scale) if raw else x.float(),
+                                                size=(self.size, self.size), mode=self.interpolation,
+                                                align_corners=False, antialias=True)
+            raw = False
+        if self.mean is not None and x.dim() == 4 and x.shape[1] == 1 and len(self.mean) == 3:
+            x = x.expand(-1, 3, -1, -1)  # a grey image read by a colour backbone
         a, b = self._affine(x, raw)
         return x.float().mul_(a).sub_(b) if raw else x.float() * a - b
 
@@ -161,6 +175,7 @@ class BatchTransform:
             "std": None if self.std is None else self.std.tolist(),
             "crop_padding": self.crop_padding,
             "flip": self.flip,
+            "size": self.size,
         }
 
 
@@ -356,6 +371,7 @@ class Stream:
             ],
             "eval_after": self.eval_after,
             "schedule": self.schedule,
+            "preprocessing": self.transform.describe() if hasattr(self.transform, "describe") else {},
         }
 
 

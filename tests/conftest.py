@@ -184,6 +184,17 @@ def tiny_experiment(folder: Path, file: str = "exp.yaml", **settings) -> Path:
 
 
 @pytest.fixture
+def decoded(monkeypatch) -> list:
+    """Every image file decoded from here on, in order (a dataset reader's laziness, counted)."""
+    import streams.image_files
+
+    files = []
+    real = streams.image_files.decode_image
+    monkeypatch.setattr(streams.image_files, "decode_image", lambda *a: files.append(a[0]) or real(*a))
+    return files
+
+
+@pytest.fixture
 def mnist_root() -> Path:
     return need_real_data("MNIST/raw/train-images-idx3-ubyte")
 

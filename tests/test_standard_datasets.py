@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-import streams.image_files
 from streams import cifar100, class_incremental, tiny_imagenet
 from streams.scenarios import named_order
 from streams.sources import DatasetNotFoundError
@@ -90,15 +89,6 @@ def write_tiny_imagenet(root, wnids=("n01443537", "n01629819", "n01641577", "n01
             annotations.append(f"{name}\t{w}\t0\t0\t63\t63")
     (base / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
     return base
-
-
-@pytest.fixture
-def decoded(monkeypatch) -> list:
-    """Every image file decoded from here on, in order."""
-    files = []
-    real = streams.image_files.decode_image
-    monkeypatch.setattr(streams.image_files, "decode_image", lambda *a: files.append(a[0]) or real(*a))
-    return files
 
 
 def test_tiny_imagenet_labels_come_from_the_index_without_decoding_an_image(tmp_path, decoded):

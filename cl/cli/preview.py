@@ -22,6 +22,12 @@ def describe_command(args) -> int:
     print(f"{info['name']}: {info['n_experiences']} experiences, {info['n_tasks']} test sets, "
           f"{info['n_classes']} classes, input {tuple(info['input_shape'])}")
     print(f"class order: {info['class_order']}")
+    prep = info.get("preprocessing") or {}
+    if prep.get("mean") is not None:
+        print(f"preprocessing: mean {prep['mean']}, std {prep['std']}"
+              + (f", resized to {prep['size']}" if prep.get("size") else "")
+              + (f", crop padding {prep['crop_padding']}" if prep.get("crop_padding") else "")
+              + (", flip" if prep.get("flip") else ""))
     # Experiences are numbered from 1 wherever a person reads them (progress lines, MLflow steps).
     print(f"evaluated after experiences: {_ranges([i + 1 for i in info['eval_after']])}")
     print(f"{'exp':>5} {'task_label':>10} {'tasks':>7} {'n_train':>8}  classes")

@@ -14,19 +14,25 @@ from cl.config.errors import ConfigError
 from cl.config.arguments import SCENARIO_INJECTED, coerce_arguments
 from cl.config.schema import ComponentSpec, ExperimentConfig
 from cl.models import MultiHeadClassifier
-from cl.config.models import build_model
+from cl.config.models import build_model, pretrained_data_config
 from cl.config.registry import (DATASETS, SCENARIOS, STRATEGIES, optimizer_class, plugins_from, scenario_takes_data,
                          scheduler_class)
 from strategies.base import Strategy
-from streams.experience import Dataset, Stream
+from streams.experience import BatchTransform, Dataset, Stream
 from streams.holdout import first_experiences, validation_split
 from streams.online import blur, online
 
 
-def build_dataset(spec: ComponentSpec | dict, data_dir: str | None, source: str = "experiment") -> Dataset:
+def build_dataset(spec: ComponentSpec | dict, data_dir: str | None, source: str = "experiment",
+                  size: int | None = None) -> Dataset:
+    """The dataset `spec` names; `size`, where given, is the image size to decode at, for a
+    dataset that takes one and whose spec does not name it (`stream.preprocessing: model`)."""
     spec = spec if isinstance(spec, ComponentSpec) else ComponentSpec.model_validate(spec)
     make = DATASETS.get(spec.name)
-    return make(data_dir=data_dir, **coerce_arguments(make, spec.args, "stream.dataset", source, {"data_dir"}))
+    args = coerce_arguments(make, spec.args, "stream.dataset", source, {"data_dir"})
+    if size is not None and "size" in inspect.signature(make).parameters:
+        args.setdefault("size", size)
+    return make(data_dir=data_dir, **args)
 
 
 def build_stream(cfg: ExperimentConfig, source: str = "experiment") -> Stream:
@@ -39,12 +45,23 @@ def _build_stream(cfg: ExperimentConfig, source: str) -> Stream:
     scenario = SCENARIOS.get(cfg.stream.scenario.name)
     args = coerce_arguments(scenario, cfg.stream.scenario.args, "stream.scenario", source, SCENARIO_INJECTED)
     seed = cfg.stream_seed
+    expects = None
+    if cfg.stream.preprocessing == "model":
+        try:
+            expects = pretrained_data_config(cfg.model.name, cfg.model.args)
+        except ValueError as err:
+            raise ConfigError(f"{cfg.source_file or source}: {err}") from None
     if scenario_takes_data(scenario):
-        stream = scenario(build_dataset(cfg.stream.dataset, cfg.data_dir, source), seed=seed, **args)
-    else:  # a scenario that builds its own datasets (multi_dataset, token_stream, avalanche)
+        data = build_dataset(cfg.stream.dataset, cfg.data_dir, source, expects and expects["size"])
+        stream = scenario(data, seed=seed, **args)
+    else:  # a scenario that builds its own datasets (multi_dataset, token_stream, avalanche, core50, ...)
         if "load_dataset" in inspect.signature(scenario).parameters:
             args["load_dataset"] = lambda spec: build_dataset(spec, cfg.data_dir, source)
+        if expects and "size" in inspect.signature(scenario).parameters:
+            args.setdefault("size", expects["size"])
         stream = scenario(data_dir=cfg.data_dir, seed=seed, **args)
+    if expects:
+        stream = as_the_model_expects(stream, expects)
     if cfg.stream.first_experiences is not None:
         stream = first_experiences(stream, cfg.stream.first_experiences)
     if cfg.stream.validation is not None:
@@ -54,6 +71,23 @@ def _build_stream(cfg: ExperimentConfig, source: str) -> Stream:
     if cfg.stream.online is not None:
         stream = online(stream, cfg.stream.online.experience_size, seed=seed)
     return stream
+
+
+def as_the_model_expects(stream: Stream, expects: dict) -> Stream:
+    """The stream with the normalisation of the model's pretrained config, its images brought
+    to the model's size on the batch where the dataset did not decode them at that size
+    (tensors held in memory, such as CIFAR's 32 x 32: resizing them all up front would hold
+    every image at 224 x 224). Augmentation (crop, flip) runs before the resize."""
+    import dataclasses
+
+    if len(stream.input_shape) != 3:
+        raise ConfigError(f"stream.preprocessing: model applies to images; stream {stream.name} has inputs of "
+                          f"shape {list(stream.input_shape)}")
+    old = stream.transform
+    size = expects["size"]
+    transform = BatchTransform(expects["mean"], expects["std"], scale=old.scale, crop_padding=old.crop_padding,
+                               flip=old.flip, size=size, interpolation=expects["interpolation"])
+    return dataclasses.replace(stream, transform=transform, input_shape=(len(expects["mean"]), size, size))
 
 
 def build_strategies(specs: list[ComponentSpec], source: str = "experiment") -> list[Strategy]:

@@ -37,6 +37,24 @@ def create_timm_model(name: str, n_classes: int, input_shape: Sequence[int], pre
     return model
 
 
+def pretrained_data_config(name: str, model_args: dict) -> dict:
+    """The input a pre-trained timm model expects, from its pretrained config (timm's
+    `pretrained_cfg` for `name`, tag included, e.g. `vit_base_patch16_224.augreg_in21k`):
+    `size` (the model's `img_size` argument where the experiment gives one), `mean`, `std`
+    and `interpolation`. Read without building the model or fetching its weights."""
+    from timm.models import get_pretrained_cfg
+
+    config = get_pretrained_cfg(name) if name not in MODELS and ":" not in name else None
+    if config is None or not config.mean or not config.input_size:
+        raise ValueError(f"stream.preprocessing: model needs a timm model with a pretrained config; '{name}' has "
+                         f"none (give the dataset's size and normalisation instead)")
+    size = model_args.get("img_size") or config.input_size[-1]
+    if not isinstance(size, int):
+        raise ValueError(f"stream.preprocessing: model: img_size {size!r} is not one square size")
+    interpolation = config.interpolation if config.interpolation in ("bilinear", "bicubic") else "bilinear"
+    return {"size": size, "mean": list(config.mean), "std": list(config.std), "interpolation": interpolation}
+
+
 def build_model(name: str, input_shape: Sequence[int], n_classes: int, **kwargs) -> nn.Module:
     """A lab model by registry name, a `module:Class` path, or a timm model name.
 

@@ -54,6 +54,9 @@ class StreamConfig(BaseModel):
                                                                   "(tuning without the tasks to come)")
     validation: float | None = Field(None, gt=0.0, lt=1.0, description="hold this share of each experience's "
                                      "training data out and evaluate on it instead of the test sets")
+    preprocessing: Literal["dataset", "model"] = Field(
+        "dataset", description="image size and normalisation: the dataset's own, or those of the model's "
+                               "timm pretrained config (what a pre-trained backbone was trained on)")
 
 
 class CompileConfig(BaseModel):
