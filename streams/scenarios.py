@@ -8,24 +8,31 @@ from streams.experience import Dataset, Experience, Stream
 
 #: Published class orders by name: the permutation a codebase draws, so a run's experiences
 #: hold the classes the paper's did. PyCIL (Zhou et al. 2023) shuffles with numpy's legacy
-#: generator seeded 1993 for every dataset (its configs' `seed: [1993]`, `shuffle: true`).
+#: generator seeded 1993 for every dataset (its configs' `seed: [1993]`, `shuffle: true`)
+#: and takes the permutation as the sequence of classes. Mammoth (Boschini et al. 2022)
+#: keeps the natural order unless `--permute_classes 1` (its default is 0).
 PRESET_ORDERS = {"pycil": 1993}
 
 
 def named_order(n_classes: int, name: str) -> list[int]:
-    """`natural` (0..K-1), `seed:N` (numpy's legacy generator seeded N, as PyCIL and the
-    iCaRL family draw it) or a preset of `PRESET_ORDERS`."""
+    """The sequence of classes a name gives: `natural` (0..K-1); `seed:N` (numpy's legacy
+    generator seeded N, its permutation taken as the sequence, as PyCIL and the iCaRL family
+    draw it); `pycil` (that with PyCIL's seed 1993); `mammoth` (Mammoth's default: natural);
+    `mammoth:N` (Mammoth with `--permute_classes 1 --seed N`: it draws the same permutation
+    but uses it as a relabelling, class c becoming label perm[c], so its sequence of classes
+    is the inverse permutation)."""
     import numpy as np
 
-    if name == "natural":
+    if name in ("natural", "mammoth"):
         return list(range(n_classes))
     if name in PRESET_ORDERS:
         return np.random.RandomState(PRESET_ORDERS[name]).permutation(n_classes).tolist()
     kind, _, value = name.partition(":")
-    if kind == "seed" and value.strip().isdigit():
-        return np.random.RandomState(int(value)).permutation(n_classes).tolist()
-    raise ValueError(f"class_order {name!r}: expected a list of classes, 'natural', 'seed:N' or one of "
-                     f"{sorted(PRESET_ORDERS)}")
+    if kind in ("seed", "mammoth") and value.strip().isdigit():
+        perm = np.random.RandomState(int(value)).permutation(n_classes)
+        return (np.argsort(perm) if kind == "mammoth" else perm).tolist()
+    raise ValueError(f"class_order {name!r}: expected a list of classes, 'natural', 'seed:N', 'mammoth:N' or one of "
+                     f"{sorted(PRESET_ORDERS) + ['mammoth']}")
 
 
 def _class_order(n_classes: int, class_order: list[int] | str | None, shuffle_classes: bool, seed: int) -> list[int]:

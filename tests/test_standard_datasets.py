@@ -47,6 +47,16 @@ def test_cifar100_reads_the_pickles_and_takes_the_published_class_order(tmp_path
         named_order(5, "mammoth-ish")
 
 
+def test_mammoth_s_orders_relabel_where_pycil_s_sequence():
+    # numpy's RandomState(0).permutation(10) is [2, 8, 4, 9, 1, 6, 7, 3, 0, 5]. PyCIL trains those
+    # classes in that sequence; Mammoth (--permute_classes 1 --seed 0) gives class c the label
+    # perm[c] and trains labels 0, 1, ... in turn, so its first task holds classes 8 (perm[8] = 0)
+    # and 4 (perm[4] = 1).
+    assert named_order(10, "seed:0") == [2, 8, 4, 9, 1, 6, 7, 3, 0, 5]
+    assert named_order(10, "mammoth:0") == [8, 4, 0, 7, 2, 9, 5, 6, 1, 3]
+    assert named_order(10, "mammoth") == list(range(10))  # its default, --permute_classes 0
+
+
 def test_cifar100_refuses_a_pickle_that_would_run_code(tmp_path):
     folder = write_cifar100(tmp_path)
 
