@@ -16,6 +16,7 @@ from streams.sources import DatasetNotFoundError, cifar10, cifar100, data_root, 
 from streams.tiny_imagenet import tiny_imagenet
 from streams.cub200 import cub200
 from streams.imagenet_subset import imagenet_subset
+from streams.core50 import core50
 
 DATASETS = {
     "digits": digits, "mnist": mnist, "cifar10": cifar10, "cifar100": cifar100, "tiny_imagenet": tiny_imagenet,
@@ -24,12 +25,12 @@ DATASETS = {
 }
 SCENARIOS = {
     "class_incremental": class_incremental, "permuted": permuted, "rotated": rotated, "power_law": power_law,
-    "multi_dataset": multi_dataset, "token_stream": token_stream, "avalanche": avalanche,
+    "multi_dataset": multi_dataset, "token_stream": token_stream, "avalanche": avalanche, "core50": core50,
 }
 
 __all__ = [
     "BatchTransform", "DATASETS", "Dataset", "DatasetNotFoundError", "Experience", "SCENARIOS", "Stream",
-    "TensorData", "TokenTransform", "avalanche", "blur", "cifar10", "cifar100", "class_incremental", "cub200", "data_root", "digits",
+    "TensorData", "TokenTransform", "avalanche", "blur", "cifar10", "cifar100", "class_incremental", "core50", "cub200", "data_root", "digits",
     "from_avalanche", "image_folder", "imagenet_subset", "mnist", "multi_dataset", "numpy_arrays", "online", "permuted", "power_law",
     "power_law_schedule", "recurrence_rates", "rotated", "tiny_imagenet", "token_stream", "torch_dataset",
 ]
