@@ -17,6 +17,7 @@ from streams.tiny_imagenet import tiny_imagenet
 from streams.cub200 import cub200
 from streams.imagenet_subset import imagenet_subset
 from streams.core50 import core50
+from streams.clear import clear
 
 DATASETS = {
     "digits": digits, "mnist": mnist, "cifar10": cifar10, "cifar100": cifar100, "tiny_imagenet": tiny_imagenet,
@@ -26,11 +27,12 @@ DATASETS = {
 SCENARIOS = {
     "class_incremental": class_incremental, "permuted": permuted, "rotated": rotated, "power_law": power_law,
     "multi_dataset": multi_dataset, "token_stream": token_stream, "avalanche": avalanche, "core50": core50,
+    "clear": clear,
 }
 
 __all__ = [
     "BatchTransform", "DATASETS", "Dataset", "DatasetNotFoundError", "Experience", "SCENARIOS", "Stream",
-    "TensorData", "TokenTransform", "avalanche", "blur", "cifar10", "cifar100", "class_incremental", "core50", "cub200", "data_root", "digits",
+    "TensorData", "TokenTransform", "avalanche", "blur", "cifar10", "cifar100", "class_incremental", "clear", "core50", "cub200", "data_root", "digits",
     "from_avalanche", "image_folder", "imagenet_subset", "mnist", "multi_dataset", "numpy_arrays", "online", "permuted", "power_law",
     "power_law_schedule", "recurrence_rates", "rotated", "tiny_imagenet", "token_stream", "torch_dataset",
 ]
