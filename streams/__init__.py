@@ -18,21 +18,24 @@ from streams.cub200 import cub200
 from streams.imagenet_subset import imagenet_subset
 from streams.core50 import core50
 from streams.clear import clear
+from streams.imagenet_r import imagenet_a, imagenet_r
+from streams.domainnet import domainnet, domainnet_domains
 
 DATASETS = {
     "digits": digits, "mnist": mnist, "cifar10": cifar10, "cifar100": cifar100, "tiny_imagenet": tiny_imagenet,
-    "cub200": cub200, "imagenet_subset": imagenet_subset,
+    "cub200": cub200, "imagenet_subset": imagenet_subset, "imagenet_r": imagenet_r, "imagenet_a": imagenet_a,
+    "domainnet": domainnet,
     "numpy": numpy_arrays, "image_folder": image_folder, "torch_dataset": torch_dataset,
 }
 SCENARIOS = {
     "class_incremental": class_incremental, "permuted": permuted, "rotated": rotated, "power_law": power_law,
     "multi_dataset": multi_dataset, "token_stream": token_stream, "avalanche": avalanche, "core50": core50,
-    "clear": clear,
+    "clear": clear, "domainnet_domains": domainnet_domains,
 }
 
 __all__ = [
     "BatchTransform", "DATASETS", "Dataset", "DatasetNotFoundError", "Experience", "SCENARIOS", "Stream",
-    "TensorData", "TokenTransform", "avalanche", "blur", "cifar10", "cifar100", "class_incremental", "clear", "core50", "cub200", "data_root", "digits",
-    "from_avalanche", "image_folder", "imagenet_subset", "mnist", "multi_dataset", "numpy_arrays", "online", "permuted", "power_law",
+    "TensorData", "TokenTransform", "avalanche", "blur", "cifar10", "cifar100", "class_incremental", "clear", "core50", "cub200", "domainnet", "domainnet_domains", "data_root", "digits",
+    "from_avalanche", "image_folder", "imagenet_a", "imagenet_r", "imagenet_subset", "mnist", "multi_dataset", "numpy_arrays", "online", "permuted", "power_law",
     "power_law_schedule", "recurrence_rates", "rotated", "tiny_imagenet", "token_stream", "torch_dataset",
 ]
