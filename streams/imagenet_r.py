@@ -14,7 +14,8 @@ chooses which (classes are numbered in the sorted order of their wnids throughou
 also DualPrompt's numbering: its label map sends ImageNet-1k's sorted indices to 0..199 in
 order):
 
-* `"folders"`: `imagenet-r/train/<wnid>/*` and `imagenet-r/test/<wnid>/*` as they are. This
+* `"folders"`: `imagenet-r/train/<wnid>/*` and `imagenet-r/test/<wnid>/*` (or `val/`, as SLCA
+  names it) as they are. This
   is the layout of the pre-split copies that ADAM/APER (Zhou et al. 2023, repo
   zhoudw-zdw/RevisitingCIL), RanPAC (McDonnell et al. 2023), SLCA and the PyCIL-family code
   (LAMDA-PILOT) read with torchvision's ImageFolder, for ImageNet-R and ImageNet-A alike; it
@@ -149,13 +150,15 @@ def _class_folders(name: str, root: Path, where: Path) -> tuple[list[str], list[
 
 
 def _folders(name: str, root: Path):
-    if not ((root / "train").is_dir() and (root / "test").is_dir()):
-        raise DataError(f"{name}: `split: folders` needs {root}/train/<wnid>/ and {root}/test/<wnid>/ "
-                        f"(the pre-split copy of ADAM/RanPAC/SLCA); {root} has no train/ and test/ folders")
+    # ADAM/RanPAC/PILOT name the held-out folder test/, SLCA names it val/.
+    held_out = root / "test" if (root / "test").is_dir() else root / "val"
+    if not ((root / "train").is_dir() and held_out.is_dir()):
+        raise DataError(f"{name}: `split: folders` needs {root}/train/<wnid>/ and {root}/test/<wnid>/ (or val/: "
+                        f"the pre-split copies of ADAM/RanPAC/SLCA); {root} has no train/ and test/ folders")
     wnids, *train = _class_folders(name, root, root / "train")
-    test_wnids, *test = _class_folders(name, root, root / "test")
+    test_wnids, *test = _class_folders(name, root, held_out)
     if wnids != test_wnids:  # ImageFolder numbers each folder's classes on its own: they must agree
-        raise DataError(f"{name}: {root}/train and {root}/test hold different classes "
+        raise DataError(f"{name}: {root}/train and {held_out} hold different classes "
                         f"({sorted(set(wnids) ^ set(test_wnids))[:5]}...)")
     return wnids, tuple(train), tuple(test)
 

@@ -99,7 +99,10 @@ def test_folder_split_is_followed_exactly(tmp_path, decoded):
     assert len(decoded) == 2 and y.tolist() == [0, 1] and x[0].float().mean() < x[1].float().mean()
     with pytest.raises(DataError, match="split: folders"):  # pre-split copy read as a flat one
         imagenet_a(data_dir=str(tmp_path), split="random:0.8")
-    (base / "test" / WNIDS[0]).rename(base / "test" / "n09999999")
+    (base / "test").rename(base / "val")  # SLCA's name for the held-out folder
+    assert members(imagenet_a(data_dir=str(tmp_path), split="folders", size=8).test) == \
+        sorted(p.replace("/test/", "/val/") for p in expected["test"])
+    (base / "val" / WNIDS[0]).rename(base / "val" / "n09999999")
     with pytest.raises(DataError, match="different classes"):
         imagenet_a(data_dir=str(tmp_path), split="folders")
 

@@ -45,6 +45,12 @@ def test_the_model_s_pretrained_config_sets_size_and_normalisation():
     assert small.input_shape == (3, 32, 32)
     resnet = build_stream(api.load(experiment({"name": "resnet18"}, preprocessing="model")))
     assert resnet.describe()["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    # model_size: the model's size, the dataset's own normalisation (SLCA and PyCIL keep ImageNet's or
+    # CIFAR's statistics in front of a ViT); digits stays grey.
+    sized = build_stream(api.load(experiment(VIT, preprocessing="model_size")))
+    own = build_stream(api.load(experiment(VIT))).describe()["preprocessing"]
+    assert sized.input_shape == (1, 224, 224)
+    assert sized.describe()["preprocessing"] == {**own, "size": 224}
     # Without the option the dataset's own transform stays.
     assert build_stream(api.load(experiment(VIT))).input_shape == (1, 8, 8)
 

@@ -46,11 +46,13 @@ def _build_stream(cfg: ExperimentConfig, source: str) -> Stream:
     args = coerce_arguments(scenario, cfg.stream.scenario.args, "stream.scenario", source, SCENARIO_INJECTED)
     seed = cfg.stream_seed
     expects = None
-    if cfg.stream.preprocessing == "model":
+    if cfg.stream.preprocessing != "dataset":
         try:
             expects = pretrained_data_config(cfg.model.name, cfg.model.args)
         except ValueError as err:
             raise ConfigError(f"{cfg.source_file or source}: {err}") from None
+        if cfg.stream.preprocessing == "model_size":
+            expects.update(mean=None, std=None)
     if scenario_takes_data(scenario):
         data = build_dataset(cfg.stream.dataset, cfg.data_dir, source, expects and expects["size"])
         stream = scenario(data, seed=seed, **args)
@@ -74,7 +76,8 @@ def _build_stream(cfg: ExperimentConfig, source: str) -> Stream:
 
 
 def as_the_model_expects(stream: Stream, expects: dict) -> Stream:
-    """The stream with the normalisation of the model's pretrained config, its images brought
+    """The stream with the normalisation of the model's pretrained config (or its own, where
+    `expects` has no mean: `model_size`), its images brought
     to the model's size on the batch where the dataset did not decode them at that size
     (tensors held in memory, such as CIFAR's 32 x 32: resizing them all up front would hold
     every image at 224 x 224). Augmentation (crop, flip) runs before the resize."""
@@ -85,9 +88,12 @@ def as_the_model_expects(stream: Stream, expects: dict) -> Stream:
                           f"shape {list(stream.input_shape)}")
     old = stream.transform
     size = expects["size"]
-    transform = BatchTransform(expects["mean"], expects["std"], scale=old.scale, crop_padding=old.crop_padding,
+    own = old.describe()
+    mean, std = (expects["mean"], expects["std"]) if expects["mean"] is not None else (own["mean"], own["std"])
+    transform = BatchTransform(mean, std, scale=old.scale, crop_padding=old.crop_padding,
                                flip=old.flip, size=size, interpolation=expects["interpolation"])
-    return dataclasses.replace(stream, transform=transform, input_shape=(len(expects["mean"]), size, size))
+    channels = stream.input_shape[0] if mean is None else len(mean)
+    return dataclasses.replace(stream, transform=transform, input_shape=(channels, size, size))
 
 
 def build_strategies(specs: list[ComponentSpec], source: str = "experiment") -> list[Strategy]:

@@ -54,9 +54,10 @@ class StreamConfig(BaseModel):
                                                                   "(tuning without the tasks to come)")
     validation: float | None = Field(None, gt=0.0, lt=1.0, description="hold this share of each experience's "
                                      "training data out and evaluate on it instead of the test sets")
-    preprocessing: Literal["dataset", "model"] = Field(
-        "dataset", description="image size and normalisation: the dataset's own, or those of the model's "
-                               "timm pretrained config (what a pre-trained backbone was trained on)")
+    preprocessing: Literal["dataset", "model", "model_size"] = Field(
+        "dataset", description="image size and normalisation: the dataset's own; those of the model's timm "
+                               "pretrained config (what a pre-trained backbone was trained on); or the model's "
+                               "size with the dataset's normalisation (model_size, as SLCA and PyCIL normalise)")
 
 
 class CompileConfig(BaseModel):
