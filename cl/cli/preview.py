@@ -40,7 +40,7 @@ def describe_command(args) -> int:
         tasks = "+".join(map(str, e["tasks"])) or "-"  # the tasks whose samples it holds, its own first
         print(f"{e['index'] + 1:>5} {e['task_label']:>10} {tasks:>7} {e['n_train']:>8}  {e['classes']}")
     print("test sets: " + ", ".join(f"task{t['task']} {t['classes']} n={t['n_test']}" for t in info["test_sets"]))
-    schedule = {k: v for k, v in info["schedule"].items() if k not in ("focus", "recurrences")}
+    schedule = {k: v for k, v in info["schedule"].items() if k not in ("focus", "recurrences", "class_names")}
     if schedule:
         print(f"schedule: {json.dumps(schedule)}")
     if "recurrences" in info["schedule"]:
