@@ -20,6 +20,7 @@ from streams.core50 import core50
 from streams.clear import clear
 from streams.imagenet_r import imagenet_a, imagenet_r
 from streams.domainnet import domainnet, domainnet_domains
+from streams.tokens import shard_stream
 
 DATASETS = {
     "digits": digits, "mnist": mnist, "cifar10": cifar10, "cifar100": cifar100, "tiny_imagenet": tiny_imagenet,
@@ -30,12 +31,12 @@ DATASETS = {
 SCENARIOS = {
     "class_incremental": class_incremental, "permuted": permuted, "rotated": rotated, "power_law": power_law,
     "multi_dataset": multi_dataset, "token_stream": token_stream, "avalanche": avalanche, "core50": core50,
-    "clear": clear, "domainnet_domains": domainnet_domains,
+    "clear": clear, "domainnet_domains": domainnet_domains, "shard_stream": shard_stream,
 }
 
 __all__ = [
     "BatchTransform", "DATASETS", "Dataset", "DatasetNotFoundError", "Experience", "SCENARIOS", "Stream",
     "TensorData", "TokenTransform", "avalanche", "blur", "cifar10", "cifar100", "class_incremental", "clear", "core50", "cub200", "domainnet", "domainnet_domains", "data_root", "digits",
     "from_avalanche", "image_folder", "imagenet_a", "imagenet_r", "imagenet_subset", "mnist", "multi_dataset", "numpy_arrays", "online", "permuted", "power_law",
-    "power_law_schedule", "recurrence_rates", "rotated", "tiny_imagenet", "token_stream", "torch_dataset",
+    "power_law_schedule", "recurrence_rates", "rotated", "shard_stream", "tiny_imagenet", "token_stream", "torch_dataset",
 ]

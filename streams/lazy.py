@@ -39,6 +39,11 @@ class LazyInputs:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @property
+    def device(self) -> torch.device:
+        """Where items come from: the host (a strategy moves what it keeps to its own device)."""
+        return torch.device("cpu")
+
     def __getitem__(self, index) -> torch.Tensor:
         positions = range(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index).tolist()
         if isinstance(positions, int):

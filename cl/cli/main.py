@@ -29,11 +29,12 @@ from cl.cli.parser import build_parser
 from cl.cli.preview import describe_command, schedules_command
 from cl.cli.run_commands import pretrain_command, run_command
 from cl.cli.sweep_command import sweep_command
+from cl.cli.tokenize_command import tokenize_command
 
 #: Every command by name; `strategies`, `models`, `datasets` and `scenarios` list their registry.
 COMMANDS = {"run": lambda args: run_command(args, rank_main), "describe": describe_command,
             "schedules": schedules_command, "compare": compare_command, "ui": ui_command, "sync": sync_command, "sweep": sweep_command,
-            "pretrain": pretrain_command, "streams": streams_command}
+            "pretrain": pretrain_command, "streams": streams_command, "tokenize": tokenize_command}
 
 
 def entry() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cl.cli.tokenize_command import add_tokenize_parser
+
 DEBUG_HELP = "show the traceback of an error, not just its message"
 
 
@@ -14,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     _add_catalogue(sub)
     takes_debug += [_add_describe(sub), _add_schedules(sub), _add_compare(sub), _add_ui(sub), _add_sweep(sub),
-                    _add_sync(sub)]
+                    _add_sync(sub), add_tokenize_parser(sub)]
     for command in takes_debug:  # `cl run FILE --debug` as well as `cl --debug run FILE`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return p

@@ -38,8 +38,8 @@ def describe_command(args) -> int:
             print(f"{'...':>5}")
             continue
         tasks = "+".join(map(str, e["tasks"])) or "-"  # the tasks whose samples it holds, its own first
-        print(f"{e['index'] + 1:>5} {e['task_label']:>10} {tasks:>7} {e['n_train']:>8}  {e['classes']}")
-    print("test sets: " + ", ".join(f"task{t['task']} {t['classes']} n={t['n_test']}" for t in info["test_sets"]))
+        print(f"{e['index'] + 1:>5} {e['task_label']:>10} {tasks:>7} {e['n_train']:>8}  {_classes(e['classes'])}")
+    print("test sets: " + ", ".join(f"task{t['task']} {_classes(t['classes'])} n={t['n_test']}" for t in info["test_sets"]))
     schedule = {k: v for k, v in info["schedule"].items() if k not in ("focus", "recurrences", "class_names")}
     if schedule:
         print(f"schedule: {json.dumps(schedule)}")
@@ -47,6 +47,15 @@ def describe_command(args) -> int:
         print(f"recurrences of earlier tasks: {len(info['schedule']['recurrences'])} "
               f"over {len(info['schedule']['focus'])} phases")
     return 0
+
+
+def _classes(classes: list[int]) -> str:
+    """A class list as a person reads it: a vocabulary of 50,000 token ids as its range."""
+    if len(classes) <= 24:
+        return str(classes)
+    if classes == list(range(classes[0], classes[0] + len(classes))):
+        return f"{classes[0]}..{classes[-1]} ({len(classes)} classes)"
+    return f"[{', '.join(map(str, classes[:8]))}, ...] ({len(classes)} classes)"
 
 
 def _ranges(values: list[int]) -> str:

@@ -51,10 +51,19 @@ def digest(data) -> str:
 
     h = hashlib.blake2b(digest_size=8)
     h.update(str(tuple(data.x.shape) if data.x is not None else len(data)).encode())
-    h.update(data.y.cpu().numpy().tobytes())
+    if isinstance(data.y, torch.Tensor):
+        h.update(data.y.cpu().numpy().tobytes())
+    else:  # targets read on demand (token windows over shards): the data names its own fingerprint
+        h.update(str(getattr(data, "fingerprint", len(data))).encode())
     if isinstance(data.x, torch.Tensor):
         h.update(data.x[::max(1, len(data) // 256)].contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def _listed(classes: list[int]) -> list[int] | str:
+    """Classes as a profile holds them: a language model's vocabulary (tens of thousands of
+    token ids) as its size, not as a list MLflow would store for every input."""
+    return classes if len(classes) <= 1000 else f"{len(classes)} classes"
 
 
 def dataset_inputs(stream, dataset: str, data_dir: str | None) -> list[dict]:
@@ -71,7 +80,7 @@ def dataset_inputs(stream, dataset: str, data_dir: str | None) -> list[dict]:
     if len(experiences) <= MAX_INPUTS:
         for e in experiences:
             inputs.append({"name": f"{dataset}-exp{e.index + 1}-train", "digest": digest(e.train), "source": source,
-                           "context": "train", "profile": {"classes": e.classes, "n": e.n_train,
+                           "context": "train", "profile": {"classes": _listed(e.classes), "n": e.n_train,
                                                            "experience": e.index + 1, "task_label": e.task_label}})
     else:
         train = concat_data([e.train for e in experiences])
@@ -81,8 +90,8 @@ def dataset_inputs(stream, dataset: str, data_dir: str | None) -> list[dict]:
     if len(tests) <= MAX_INPUTS:
         for j, data in enumerate(tests):
             inputs.append({"name": f"{dataset}-task{j}-test", "digest": digest(data), "source": source,
-                           "context": "test", "profile": {"classes": stream.task_classes[j] if stream.task_classes
-                                                          else data.classes, "n": len(data), "task": j}})
+                           "context": "test", "profile": {"classes": _listed(stream.task_classes[j] if stream.task_classes
+                                                                  else data.classes), "n": len(data), "task": j}})
     else:
         test = concat_data(tests)
         inputs.append({"name": f"{dataset}-test", "digest": digest(test), "source": source, "context": "test",
