@@ -12,18 +12,26 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 
 class Evaluator:
-    """Base class: `key` names the matrix and its metrics (`acc_task0`, `acc`, `bwt`, ...)."""
+    """Base class: `key` names the matrix and its metrics (`acc_task0`, `acc`, `bwt`, ...).
+
+    An evaluator `derived_from` another one's key computes its per-task values from that
+    one's (`derive`) instead of per sample, so the pass over the test sets is not repeated."""
 
     key: str = ""
     higher_is_better: bool = True
     description: str = ""
+    derived_from: str | None = None
 
     def per_sample(self, scores: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def derive(self, values: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -76,6 +84,22 @@ class CrossEntropy(Evaluator):
         return F.cross_entropy(scores, y, reduction="none")
 
 
+class LossPerByte(Evaluator):
+    """The validation loss in nats per byte of source text: each task's loss per token divided
+    by its bytes per token (1 for a byte-level stream; from the shard manifest for a tokenized
+    one), so runs with different tokenizers compare (bits per byte = this / ln 2). Every
+    sample of a task has the same bytes per token, so the task's mean divides exactly."""
+
+    key, higher_is_better, description = "loss_per_byte", False, "validation loss (nats per byte)"
+    derived_from = "loss"
+
+    def __init__(self, bytes_per_token: Sequence[float]):
+        self.bytes_per_token = np.asarray(bytes_per_token, dtype=float)
+
+    def derive(self, values: np.ndarray) -> np.ndarray:
+        return values / self.bytes_per_token
+
+
 def perplexity(loss_matrix):
     """Perplexity of each entry of a loss matrix in nats: exp(loss)."""
     import numpy as np
@@ -83,15 +107,17 @@ def perplexity(loss_matrix):
     return np.exp(np.asarray(loss_matrix, dtype=float))
 
 
-def default_evaluators(task_classes: Sequence[Sequence[int]], n_classes: int, sequence: bool) -> list[Evaluator]:
+def default_evaluators(task_classes: Sequence[Sequence[int]], n_classes: int, sequence: bool,
+                       bytes_per_token: Sequence[float] | None = None) -> list[Evaluator]:
     """What a stream is judged by when the experiment does not say.
 
     Language models (sequence targets): validation loss first (the primary
-    matrix), then next-token accuracy. Classifiers: accuracy, plus task-aware
+    matrix), then next-token accuracy, then the loss per byte where the stream says
+    how many bytes its tokens stand for. Classifiers: accuracy, plus task-aware
     accuracy where it differs from it, i.e. where some task does not have
     every class (it means nothing on permuted or rotated streams)."""
     if sequence:
-        return [CrossEntropy(), Accuracy()]
+        return [CrossEntropy(), Accuracy()] + ([LossPerByte(bytes_per_token)] if bytes_per_token else [])
     evaluators: list[Evaluator] = [Accuracy()]
     if any(len(set(c)) < n_classes for c in task_classes):
         evaluators.append(TaskAwareAccuracy(task_classes, n_classes))

@@ -6,6 +6,8 @@ periodic evaluations (the curve) and where each experience ended.
 """
 from __future__ import annotations
 
+import math
+
 from evaluation import continual, metrics
 from evaluation.evaluators import perplexity
 
@@ -24,6 +26,8 @@ def summarise(record, stream, learned_ahead: bool = False) -> dict[str, float | 
         out.update(metrics.summary(matrix, key, record.higher_is_better[key], seen, applicable))
     if "loss" in record.matrices:
         out["perplexity"] = float(perplexity(record.matrices["loss"][-1].mean()))
+    if "loss_per_byte" in record.matrices:
+        out["bits_per_byte"] = float(record.matrices["loss_per_byte"][-1].mean() / math.log(2))
     if record.curve and "acc_seen" in record.curve[0]:
         out["anytime_acc"] = metrics.anytime_accuracy([p["acc_seen"] for p in record.curve])
     for key, curve in continual_curves(record, stream).items():

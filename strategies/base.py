@@ -158,6 +158,12 @@ class Strategy:
     def describe(self) -> str:
         return type(self).__name__
 
+    def metrics(self) -> dict[str, float]:
+        """What the strategy reports of its own work so far (e.g. the share of rows it replayed),
+        logged with every evaluation row and among the run's final metrics. Names must not
+        collide with the evaluators' (`acc_*`, `loss_*`)."""
+        return {}
+
     def diagnose(self, ctx: Context) -> str | None:
         """What this strategy knows about an unstable step, or None: asked only when the
         training loss turns non-finite, and added to that error (e.g. a weight penalty too

@@ -27,7 +27,13 @@ class MixedReplay(Strategy):
     random sample of its experience's training data, on the training device.
 
     On several processes nothing is split here: the rows are drawn from generators every
-    process shares, so each holds the same batch, and the loss over it is the trainer's."""
+    process shares, so each holds the same batch, and the loss over it is the trainer's.
+
+    It reports (`metrics`) what it actually mixed, counted on the host as it draws: the
+    share of all training rows that were replayed (`replay_fraction`, against the `fraction`
+    asked for), and per task (a token stream's domain) the tokens trained as new data
+    (`new_tokens_task{j}`) and replayed from its memory share (`replayed_tokens_task{j}`);
+    a row of a token stream is one sequence, and of any other stream it counts as one."""
 
     data_parallel = True
 
@@ -39,6 +45,9 @@ class MixedReplay(Strategy):
         self.fraction, self.memory_size = fraction, int(memory_size)
         self.memory: list[dict[str, torch.Tensor]] = []  # one {x, y, t} per experience seen
         self._pool: dict[str, torch.Tensor] | None = None  # the shares concatenated, for sampling
+        self.origins: list[int] = []  # the task of each memory share
+        self.new_tokens: dict[int, int] = {}  # task -> tokens trained as new data
+        self.replayed_tokens: dict[int, int] = {}  # task -> tokens replayed from its share
 
     def n_replayed(self, batch_rows: int) -> int:
         """How many of a batch's rows to replay: fraction * rows, stochastically rounded."""
@@ -52,15 +61,27 @@ class MixedReplay(Strategy):
         self.device = ctx.device
 
     def adapt_batch(self, ctx: Context, batch: Batch) -> None:
-        if not self.memory or self.fraction == 0:
-            return
-        k = self.n_replayed(len(batch.y))
+        k = self.n_replayed(len(batch.y)) if self.memory and self.fraction > 0 else 0
+        row = batch.x_raw[0].numel() if batch.y.dim() > 1 else 1  # the tokens a row holds
+        task = _task_of(ctx)
+        self.new_tokens[task] = self.new_tokens.get(task, 0) + (len(batch.y) - k) * row
         if k == 0:
             return
         batch.drop_incoming(k)
         pool = self._pool
-        idx = torch.randint(len(pool["y"]), (k,), generator=self.rng).to(pool["y"].device)
+        drawn = torch.randint(len(pool["y"]), (k,), generator=self.rng)
+        origins, counts = torch.unique(self._origin[drawn], return_counts=True)  # on the host: no sync
+        for origin, n in zip(origins.tolist(), counts.tolist()):
+            self.replayed_tokens[origin] = self.replayed_tokens.get(origin, 0) + n * row
+        idx = drawn.to(pool["y"].device)
         batch.append(self, pool["x"][idx], pool["y"][idx], pool["t"][idx])
+
+    def metrics(self) -> dict[str, float]:
+        new, replayed = sum(self.new_tokens.values()), sum(self.replayed_tokens.values())
+        out = {"replay_fraction": replayed / max(new + replayed, 1)}
+        out.update({f"new_tokens_task{j}": float(n) for j, n in sorted(self.new_tokens.items())})
+        out.update({f"replayed_tokens_task{j}": float(n) for j, n in sorted(self.replayed_tokens.items())})
+        return out
 
     def after_experience(self, ctx: Context, data: TensorData) -> None:
         seen = len(self.memory) + 1
@@ -71,16 +92,31 @@ class MixedReplay(Strategy):
         rows = {k: v[take.to(v.device)].to(ctx.device) for k, v in (("x", data.x), ("y", data.y), ("t", data.t))}
         # Earlier shares shrink to the new quota; they were random samples, so a prefix is one too.
         self.memory = [{k: v[:quota] for k, v in share.items()} for share in self.memory] + [rows]
+        self.origins.append(_task_of(ctx))
         self._build_pool()
 
     def _build_pool(self) -> None:
         self._pool = {k: torch.cat([share[k] for share in self.memory]) for k in ("x", "y", "t")}
+        # The task each pooled row came from, on the host, so that counting the draws needs no sync.
+        self._origin = torch.cat([torch.full((len(share["y"]),), origin, dtype=torch.long)
+                                  for share, origin in zip(self.memory, self.origins)])
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "memory": [{k: v.clone() for k, v in s.items()} for s in self.memory]}
+        return {**super().state_dict(), "memory": [{k: v.clone() for k, v in s.items()} for s in self.memory],
+                "origins": list(self.origins), "new_tokens": sorted(self.new_tokens.items()),
+                "replayed_tokens": sorted(self.replayed_tokens.items())}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.memory = [{k: v.to(self.device) for k, v in share.items()} for share in state["memory"]]
+        self.origins = list(state.get("origins", range(len(self.memory))))
+        self.new_tokens = {int(j): int(n) for j, n in state.get("new_tokens", [])}
+        self.replayed_tokens = {int(j): int(n) for j, n in state.get("replayed_tokens", [])}
         if self.memory:
             self._build_pool()
+
+
+def _task_of(ctx: Context) -> int:
+    """The task the current experience trains (its index where it mixes several)."""
+    e = ctx.experience
+    return e.task_index if e.task_index is not None else e.index

@@ -74,4 +74,5 @@ def token_stream(domains: list[str] = ("tiny-shakespeare", "wonderland", "wiki-f
                   list(range(VOCAB_SIZE)), task_classes=[list(range(VOCAB_SIZE))] * len(experiences),
                   schedule={"kind": "token_stream", "domains": list(domains), "block_size": block_size,
                             "val_fraction": val_fraction, "stride": stride or block_size,
-                            "max_train_bytes": max_train_bytes, "max_val_bytes": max_val_bytes})
+                            "max_train_bytes": max_train_bytes, "max_val_bytes": max_val_bytes,
+                            "bytes_per_token": [1.0] * len(experiences)})

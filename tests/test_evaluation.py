@@ -1,6 +1,7 @@
 """Evaluation: one pass over every test set, pluggable evaluators, and which metrics each stream supports."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -92,13 +93,15 @@ def test_token_stream_is_judged_by_loss_and_next_byte_accuracy(two_texts):
     trainer = trainer_for(stream, [Naive()], batch_size=16, model=model,
                           optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3))
     record = trainer.fit(stream)
-    assert list(record.matrices) == ["loss", "acc"] and record.task_aware_matrix is None
+    assert list(record.matrices) == ["loss", "acc", "loss_per_byte"] and record.task_aware_matrix is None
     L = record.matrices["loss"]
+    assert np.array_equal(record.matrices["loss_per_byte"], L)  # a byte-level token is one byte
     assert L[0, 0] == pytest.approx(math.log(256), rel=0.1)  # untrained: about uniform over bytes
     assert L[1, 0] < 0.5 and L[2, 1] < 0.5  # each text learned in turn
     assert L[2, 0] > L[1, 0]  # and the first one forgotten: its loss rose
     summary = summarise(record, stream)
     assert summary["loss"] == pytest.approx(L[-1].mean())
+    assert summary["bits_per_byte"] == pytest.approx(L[-1].mean() / math.log(2))
     assert summary["loss_forgetting"] == pytest.approx(L[2, 0] - L[1, 0])  # a rise in loss is forgetting
     assert summary["loss_bwt"] == pytest.approx(-(L[2, 0] - L[1, 0]))
     assert summary["perplexity"] == pytest.approx(math.exp(L[-1].mean()))
@@ -141,3 +144,12 @@ def test_which_metrics_apply_follows_the_stream():
     assert found == {"classic": {"bwt", "forgetting"}, "online": {"bwt", "forgetting"},
                      "blurry": {"bwt", "forgetting"}, "power_law": set(),
                      "task_labelled": {"bwt", "fwt", "forgetting"}, "permuted": {"bwt", "fwt", "forgetting"}}
+
+
+def test_the_loss_per_byte_divides_each_task_s_loss_by_its_bytes_per_token():
+    from evaluation.evaluators import LossPerByte
+
+    # Hand-worked: task 0's tokens stand for 4 bytes, task 1's for 2.5 (a BPE on two domains).
+    per_byte = LossPerByte([4.0, 2.5])
+    assert per_byte.derived_from == "loss" and not per_byte.higher_is_better
+    assert per_byte.derive(np.array([2.0, 5.0])).tolist() == [0.5, 2.0]

@@ -311,5 +311,15 @@ def test_a_language_model_run_reports_loss_and_tokens_per_second(two_texts, tmp_
     run = json.loads(out[-1])
     assert run["tokens_trained"] == run["rows_trained"] * 16 > 0 and run["tokens_per_s"] > 0
     assert run["rows_trained"] < 2 * 40  # replayed rows took the place of some new ones
+    # What mixed_replay actually mixed: every row a batch held was new (domain 0 in experience 1,
+    # domain 1 in experience 2) or replayed from domain 0's share, the only one in memory.
+    new, replayed = run["new_tokens_task0"] + run["new_tokens_task1"], run["replayed_tokens_task0"]
+    assert new + replayed == run["tokens_trained"] and "replayed_tokens_task1" not in run
+    assert run["new_tokens_task0"] == 39 * 16  # (640 - 17) // 16 + 1 sequences, none replayed in experience 1
+    assert run["replay_fraction"] == pytest.approx(replayed / run["tokens_trained"])
+    assert 0.4 * 0.25 * 39 * 16 < replayed < 1.6 * 0.25 * 39 * 16  # about a quarter of experience 2's rows
+    # Byte-level: a token is a byte, so the loss per byte is the loss per token.
+    assert run["loss_per_byte"] == pytest.approx(run["loss"]) and run["bits_per_byte"] == pytest.approx(
+        run["loss"] / math.log(2))
     header = next(line for line in out if line.startswith("run "))
     assert header.split()[-5:] == ["loss", "BWT", "FWT", "Forget", "train_s"]  # the table reads the loss

@@ -400,3 +400,7 @@ def test_a_tracked_run_fingerprints_shard_windows_without_reading_their_targets(
     assert first == again and first != digest(stream[1].train) != digest(stream[0].train.subset(slice(0, 3)))
     profiles = dataset_inputs(stream, "shards", str(tmp_path))
     assert profiles[0]["profile"]["classes"] == list(range(256))  # a byte vocabulary is listed; 50k ids would not be
+    # The loss per byte divides each domain's loss by its validation text's bytes per token.
+    m = read_manifest(out)
+    assert stream.schedule["bytes_per_token"] == [m["by_name"][d]["val"]["bytes"] / m["by_name"][d]["val"]["tokens"]
+                                                  for d in stream.schedule["domains"]]

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from cl.models.hf import HFCausalLM  # transformers is imported only when an hf model is built
+
 
 
 class MLP(nn.Module):
@@ -182,4 +184,4 @@ class MultiHeadClassifier(nn.Module):
 
 
 #: The lab's own models by name; `cl.config.registry.MODELS` starts from these.
-MODELS = {"mlp": MLP, "reduced_resnet18": ReducedResNet18, "byte_gpt": ByteGPT}
+MODELS = {"mlp": MLP, "reduced_resnet18": ReducedResNet18, "byte_gpt": ByteGPT, "hf": HFCausalLM}

@@ -165,6 +165,8 @@ def run_result(label: str, seed: int, record: RunRecord, stream: Stream, cached:
               "lr_curve": record.lr_curve, "threads": torch.get_num_threads()}
     if record.task_aware_matrix is not None:
         result["task_aware_matrix"] = record.task_aware_matrix.tolist()
+    for strategy in strategies or ():
+        result.update(strategy.metrics())
     if stream.is_sequence:  # a language model's throughput: tokens of new data per training second
         result["tokens_trained"] = record.rows_trained * stream.input_shape[0]
         result["tokens_per_s"] = result["tokens_trained"] / max(record.train_time_s, 1e-9)

@@ -48,6 +48,7 @@ class TaskEvaluation:
     def __init__(self, ctx: Context, evaluators: Sequence[Evaluator], settings: TrainingConfig, record: RunRecord,
                  emit: Callable, eval_model_owner: Strategy | None, predict_owner: Strategy | None):
         self.ctx, self.evaluators, self.batch_size = ctx, list(evaluators), settings.eval_batch_size
+        self.sampled = [e for e in self.evaluators if e.derived_from is None]  # computed per sample, in one pass
         self.on_device = settings.data_on_device
         self.curve_tasks, self.record, self.emit = settings.curve_tasks, record, emit
         self.eval_model_owner, self.predict_owner = eval_model_owner, predict_owner
@@ -126,19 +127,23 @@ class TaskEvaluation:
         if tasks is not None:
             sizes[[j for j in range(stream.n_tasks) if j not in set(tasks)]] = np.nan
         with np.errstate(invalid="ignore", divide="ignore"):
-            return {e.key: totals[i] / sizes for i, e in enumerate(self.evaluators)}
+            values = {e.key: totals[i] / sizes for i, e in enumerate(self.sampled)}
+        for e in self.evaluators:
+            if e.derived_from is not None:
+                values[e.key] = e.derive(values[e.derived_from])
+        return {e.key: values[e.key] for e in self.evaluators}
 
     def _sums(self, data, task_ids: torch.Tensor, n_tasks: int) -> np.ndarray:
         """Each evaluator's per-sample values summed per task over `data`, read back once."""
         ctx, predictor, device = self.ctx, self.predict_owner, self.ctx.device
-        sums = torch.zeros(len(self.evaluators), n_tasks, device=device)
+        sums = torch.zeros(len(self.sampled), n_tasks, device=device)
         # On several processes each scores every world-th batch (the k-th starts at k * batch_size).
         for k, (x, y, t) in enumerate(data.batches(self.batch_size, shuffle=False, part=(ctx.rank, ctx.world))):
             offset = (ctx.rank + k * ctx.world) * self.batch_size
             ids = task_ids[offset:offset + len(y)]
             x, y, t = ctx.transform(x.to(device)), y.to(device), t.to(device)
             scores = predictor.predict(ctx, x, t) if predictor is not None else ctx.forward(x, t)
-            for i, evaluator in enumerate(self.evaluators):
+            for i, evaluator in enumerate(self.sampled):
                 sums[i].index_add_(0, ids, evaluator.per_sample(scores, y, ids).to(sums.dtype))
         ctx.all_reduce(sums)  # the processes' sums add up to the whole pass's
         return np.array(sums.tolist())  # the one host sync of the pass

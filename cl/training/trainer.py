@@ -227,6 +227,8 @@ class LifelongTrainer:
             if experience.index in rows:
                 with self.precision.autocast():
                     self.tests.row(stream, rows[experience.index], experience.index, weights)
+                if reported := self.strategy_metrics():
+                    self._emit(reported, rows[experience.index])
                 self.graph_breaks.check()  # once training and evaluation have both been compiled
             if self.checkpoint_path:
                 self._save_checkpoint()
@@ -253,7 +255,8 @@ class LifelongTrainer:
         ctx.stream, ctx.transform = stream, stream.transform
         ctx.planned_steps = [-(-len(e.train) // settings.batch_size) * settings.epochs for e in stream.experiences]
         if self.evaluators is None:
-            self.evaluators = default_evaluators(stream.task_classes, stream.n_classes, stream.is_sequence)
+            self.evaluators = default_evaluators(stream.task_classes, stream.n_classes, stream.is_sequence,
+                                                 stream.schedule.get("bytes_per_token"))
         shape = (len(stream.eval_after) + 1, stream.n_tasks)
         self.record = RunRecord({e.key: np.full(shape, np.nan) for e in self.evaluators},
                                 {e.key: e.higher_is_better for e in self.evaluators},
@@ -519,6 +522,13 @@ class LifelongTrainer:
         """Every evaluator's score on each task's test set (only `tasks`', the others NaN)."""
         with self.precision.autocast():
             return self.tests.evaluate(stream, tasks)
+
+    def strategy_metrics(self) -> dict[str, float]:
+        """What the run's strategies report of their own work (`Strategy.metrics`)."""
+        out: dict[str, float] = {}
+        for strategy in self.strategies:
+            out.update(strategy.metrics())
+        return out
 
     def _emit(self, metrics: dict[str, float], step: int, kind: str = "evaluation") -> None:
         for sink in self.sinks:

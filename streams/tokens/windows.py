@@ -278,6 +278,10 @@ def shard_stream(shards: str, domains: list[str] | None = None, block_size: int 
                   schedule={"kind": "shard_stream", "shards": str(shards), "domains": names, "block_size": block_size,
                             "stride": stride or block_size, "max_train_tokens": max_train_tokens,
                             "max_val_tokens": max_val_tokens, "vocab_size": vocab,
-                            "tokenizer": m["tokenizer"].get("name"), "tokenizer_sha256": m["tokenizer"].get("sha256")})
+                            "tokenizer": m["tokenizer"].get("name"), "tokenizer_sha256": m["tokenizer"].get("sha256"),
+                            # for the loss per byte: each domain's validation text, bytes over tokens
+                            # (the whole split's ratio, also where max_val_tokens reads its start only)
+                            "bytes_per_token": [m["by_name"][d]["val"]["bytes"] / max(m["by_name"][d]["val"]["tokens"], 1)
+                                                for d in names]})
 
 
