@@ -59,9 +59,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from streams.cub200 import IMAGENET_MEAN, IMAGENET_STD
 from streams.experience import BatchTransform, Experience, Stream
-from streams.image_files import lazy_images
+from streams.image_files import IMAGENET_MEAN, IMAGENET_STD, lazy_images
 from streams.validation import DataError
 
 VARIANTS = ("clear10", "clear100")

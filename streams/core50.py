@@ -32,13 +32,10 @@ import numpy as np
 import torch
 
 from streams.experience import BatchTransform, Experience, Stream
-from streams.image_files import lazy_images
+from streams.image_files import IMAGENET_MEAN, IMAGENET_STD, lazy_images
 from streams.sources import DatasetNotFoundError, _not_found, data_root
 from streams.validation import DataError
 
-#: ImageNet's statistics: CORe50 is mostly read by backbones pre-trained on ImageNet (avalanche
-#: and the CORe50 baselines normalise it so).
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 URL = "http://bias.csr.unibo.it/maltoni/download/core50/core50_128x128.zip"
 FILELISTS_URL = "https://vlomonaco.github.io/core50/data/batches_filelists.zip"
 LAYOUT = ("core50/core50_128x128/s<1..11>/o<1..50>/C_<ss>_<oo>_<fff>.png, with, for the official runs, "

@@ -16,11 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from streams.experience import BatchTransform, Dataset
-from streams.image_files import lazy_images
+from streams.image_files import IMAGENET_MEAN, IMAGENET_STD, lazy_images
 from streams.validation import DataError
 
-#: ImageNet's statistics: CUB is read by backbones pre-trained on ImageNet.
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 URL = "https://data.caltech.edu/records/65de6-vp158"
 LAYOUT = "CUB_200_2011/ with images.txt, image_class_labels.txt, train_test_split.txt, classes.txt and images/"
 

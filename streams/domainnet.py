@@ -33,8 +33,8 @@ outside the dataset folder.
 from __future__ import annotations
 
 from streams.experience import BatchTransform, Dataset, Experience, Stream
-from streams.image_files import lazy_images
-from streams.imagenet_r import IMAGENET_MEAN, IMAGENET_STD, read_list, relative_path
+from streams.image_files import IMAGENET_MEAN, IMAGENET_STD, lazy_images
+from streams.imagenet_r import read_list, relative_path
 from streams.validation import DataError
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")

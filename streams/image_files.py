@@ -16,6 +16,10 @@ import torch
 from streams.lazy import LazyData
 from streams.validation import DataError
 
+#: ImageNet's per-channel statistics: the benchmarks read by backbones pre-trained on ImageNet
+#: (CUB, ImageNet-R, DomainNet, CORe50, CLEAR, ImageNet subsets) are normalised by them.
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
 
 def decode_image(path: Path, size: int | None, channels: int) -> np.ndarray:
     """One image file as a (C, H, W) uint8 array, resized to `size` x `size` when given."""

@@ -53,11 +53,9 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from streams.experience import BatchTransform, Dataset
-from streams.image_files import lazy_images
+from streams.image_files import IMAGENET_MEAN, IMAGENET_STD, lazy_images
 from streams.validation import DataError
 
-#: ImageNet's statistics: these sets are read by backbones pre-trained on ImageNet.
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 #: Image suffixes torchvision's ImageFolder takes (the pre-split copies are read with it).
 SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 WNID = re.compile(r"^n\d{8}$")

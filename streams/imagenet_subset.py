@@ -15,10 +15,9 @@ import re
 from pathlib import Path
 
 from streams.experience import BatchTransform, Dataset
-from streams.image_files import lazy_images
+from streams.image_files import IMAGENET_MEAN, IMAGENET_STD, lazy_images
 from streams.validation import DataError
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 WNID = re.compile(r"^n\d{8}$")
 SUFFIXES = (".jpeg", ".jpg", ".png")
 
