@@ -404,3 +404,21 @@ def test_a_tracked_run_fingerprints_shard_windows_without_reading_their_targets(
     m = read_manifest(out)
     assert stream.schedule["bytes_per_token"] == [m["by_name"][d]["val"]["bytes"] / m["by_name"][d]["val"]["tokens"]
                                                   for d in stream.schedule["domains"]]
+
+
+def test_a_corpus_of_one_paragraph_a_line_is_read_line_by_line(tmp_path):
+    # French Wikipedia extracts (the lab's wiki-fr-extract.txt) hold no blank line: by paragraphs
+    # the file is one document, which leaves nothing to validate on; by lines each is one.
+    text = "Anubis\nAnubis est un dieu funéraire.\n\nOsiris\nOsiris est le dieu des morts.\n"
+    corpus = tmp_path / "wiki.txt"
+    corpus.write_text(text.replace("\n\n", "\n"), encoding="utf-8")
+    with pytest.raises(ShardError, match="1 document"):
+        tokenize_command(args([corpus], tmp_path / "by_paragraph"))
+    out = tmp_path / "by_line"
+    tokenize_command(args([corpus], out, documents="lines", val_fraction=0.3))
+    got = [bytes(ids.astype(np.uint8)).decode() for split in ("train", "val") for ids in documents(out, "wiki", split)]
+    assert got == [line for line in text.splitlines() if line.strip()]
+    assert read_manifest(out)["inputs"]["documents"] == "lines"
+    assert tokenize_command(args([corpus], out, documents="lines", val_fraction=0.3)) == 0  # unchanged: no-op
+    with pytest.raises(ShardError, match="--force"):  # another cut of the same file is another input
+        tokenize_command(args([corpus], out, documents="lines", val_fraction=0.5))

@@ -35,6 +35,9 @@ def add_tokenize_parser(subparsers) -> argparse.ArgumentParser:
                    help="the token id between documents (default: the tokenizer's end-of-text token; 0 for bytes)")
     p.add_argument("--data-dir", default=None, help="the data root for corpus names (default: CL_DATA_DIR)")
     p.add_argument("--force", action="store_true", help="replace shards of other inputs already in DIR")
+    p.add_argument("--documents", choices=("paragraphs", "lines"), default="paragraphs",
+                   help="what a document is: paragraphs (separated by blank lines; the default) or every "
+                        "non-blank line (corpora of one paragraph a line, such as Wikipedia extracts)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     return p
 
@@ -51,6 +54,7 @@ def tokenize_command(args) -> int:
                                 val_fraction=args.val_fraction, vocab_size=args.vocab_size,
                                 train=args.train_bpe, separator_id=args.separator_id, force=args.force,
                                 data_dir=getattr(args, "data_dir", None),
+                                documents=getattr(args, "documents", "paragraphs"),
                                 log=(lambda line: None) if quiet else print)
     if quiet:
         manifest.pop("by_name", None)

@@ -6,7 +6,8 @@ of one experience per corpus (a domain), like `token_stream` but with any Huggin
 Face tokenizer (or the 256 bytes), and without holding a corpus in memory.
 
 Documents. A corpus is a UTF-8 text file; its documents are its paragraphs: maximal
-runs of lines that are not blank (a blank line is empty or whitespace only). A
+runs of lines that are not blank (a blank line is empty or whitespace only); or, with
+`--documents lines`, its non-blank lines (a Wikipedia extract holds one paragraph a line). A
 document's text is its lines joined by "\\n", without the blank lines around it
 ("\\r" at a line's end stays in the text). The held-out validation part of a domain
 is the last documents of its file: the shortest tail of whole documents that holds

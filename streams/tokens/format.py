@@ -8,6 +8,7 @@ from pathlib import Path
 FORMAT = "cl-token-shards"
 VERSION = 1
 SPLITS = ("train", "val")
+DOCUMENTS = ("paragraphs", "lines")  # what a document of a corpus is
 BYTE_SEPARATOR = 0  # NUL: the separator of byte shards, a byte no text holds
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]", "<|im_end|>")
 _CHUNK = 8 << 20  # bytes of a corpus read at a time

@@ -12,16 +12,21 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from streams.sources import DatasetNotFoundError, data_root
-from streams.tokens.format import (FORMAT, SPLITS, VERSION, _BATCH, _CHUNK, _DOMAIN, ShardError, _sha256_file,
-                                   _sha256_folder, check_domain, dtype_for)
+from streams.tokens.format import (DOCUMENTS, FORMAT, SPLITS, VERSION, _BATCH, _CHUNK, _DOMAIN, ShardError,
+                                   _sha256_file, _sha256_folder, check_domain, dtype_for)
 from streams.tokens.tokenizer import Tokenizer, _first_line, load_tokenizer, train_bpe
 
 # ---------------------------------------------------------------------------------- documents
 
-def iter_documents(path: str | os.PathLike, chunk_bytes: int = _CHUNK, hasher=None) -> Iterator[bytes]:
-    """The documents (paragraphs, see the module docstring) of a text file, as UTF-8 bytes,
-    reading `chunk_bytes` at a time: a corpus larger than memory streams through. `hasher`
-    (a hashlib object), when given, is fed every byte of the file."""
+def iter_documents(path: str | os.PathLike, chunk_bytes: int = _CHUNK, hasher=None,
+                   documents: str = "paragraphs") -> Iterator[bytes]:
+    """The documents (paragraphs, see the module docstring; with `documents="lines"` every
+    non-blank line, for corpora of one paragraph a line such as Wikipedia extracts) of a text
+    file, as UTF-8 bytes, reading `chunk_bytes` at a time: a corpus larger than memory streams
+    through. `hasher` (a hashlib object), when given, is fed every byte of the file."""
+    if documents not in DOCUMENTS:
+        raise ShardError(f"documents must be one of {', '.join(DOCUMENTS)}, got {documents!r}")
+    by_line = documents == "lines"
     lines: list[bytes] = []
     carry = b""
     with open(path, "rb") as f:
@@ -35,7 +40,9 @@ def iter_documents(path: str | os.PathLike, chunk_bytes: int = _CHUNK, hasher=No
                 pieces = (carry + chunk).split(b"\n")
                 carry = pieces.pop()  # the line the next chunk ends
             for line in pieces:
-                if line.strip():
+                if line.strip() and by_line:
+                    yield line
+                elif line.strip():
                     lines.append(line)
                 elif lines:
                     yield b"\n".join(lines)
@@ -135,12 +142,12 @@ def _fingerprint(corpora: list[dict], tokenizer: dict, val_fraction: float, sepa
 def tokenize_corpora(corpora: Sequence[str], tokenizer: str = "bytes", out: str | os.PathLike = "shards",
                      val_fraction: float = 0.005, vocab_size: int | None = None, train: bool = False,
                      separator_id: int | None = None, force: bool = False, data_dir: str | None = None,
-                     chunk_bytes: int = _CHUNK, log=print) -> dict:
+                     chunk_bytes: int = _CHUNK, log=print, documents: str = "paragraphs") -> dict:
     """Tokenize each corpus (a domain) into `out` (see the module docstring); the manifest,
     with `status` "written" or "unchanged" (the same inputs are already there: nothing is done).
     `train=True` trains a byte-level BPE of `vocab_size` on the corpora's training documents
-    first and saves it as `out`/tokenizer.json. A folder holding other inputs is refused
-    unless `force`."""
+    first and saves it as `out`/tokenizer.json. `documents` says what a document is
+    (`paragraphs`, or `lines`). A folder holding other inputs is refused unless `force`."""
     if not 0.0 < val_fraction < 1.0:
         raise ShardError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     if train and not vocab_size:
@@ -160,13 +167,13 @@ def tokenize_corpora(corpora: Sequence[str], tokenizer: str = "bytes", out: str 
     sources = []
     for domain, path in resolved:
         h = hashlib.sha256()
-        lengths = np.fromiter((len(d) for d in iter_documents(path, chunk_bytes, h)), dtype=np.int64)
+        lengths = np.fromiter((len(d) for d in iter_documents(path, chunk_bytes, h, documents)), dtype=np.int64)
         sources.append({"domain": domain, "path": str(path.resolve()), "sha256": h.hexdigest(),
                         "bytes": path.stat().st_size, "cut": _val_cut(lengths, val_fraction, path)})
 
     tok = None if train else load_tokenizer(tokenizer)
     tok_id = {"train_bpe": vocab_size} if train else {"kind": tok.kind, "sha256": tok.sha256()}
-    fingerprint = _fingerprint(sources, tok_id, val_fraction, separator_id)
+    fingerprint = {**_fingerprint(sources, tok_id, val_fraction, separator_id), "documents": documents}
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         try:
@@ -189,7 +196,7 @@ def tokenize_corpora(corpora: Sequence[str], tokenizer: str = "bytes", out: str 
     if train:
         def training_documents():
             for s in sources:
-                for k, d in enumerate(iter_documents(s["path"], chunk_bytes)):
+                for k, d in enumerate(iter_documents(s["path"], chunk_bytes, documents=documents)):
                     if k >= s["cut"]:
                         break
                     yield d
@@ -214,7 +221,7 @@ def tokenize_corpora(corpora: Sequence[str], tokenizer: str = "bytes", out: str 
         folder.mkdir(exist_ok=True)
         writers = {split: _SplitWriter(folder, split, dtype, tok.vocab_size, separator) for split in SPLITS}
         k = 0
-        for batch in _batches(iter_documents(s["path"], chunk_bytes)):
+        for batch in _batches(iter_documents(s["path"], chunk_bytes, documents=documents)):
             ids = tok.encode(batch)
             n_train = max(0, min(len(batch), s["cut"] - k))
             writers["train"].add(batch[:n_train], ids[:n_train])
