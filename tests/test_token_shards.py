@@ -422,3 +422,22 @@ def test_a_corpus_of_one_paragraph_a_line_is_read_line_by_line(tmp_path):
     assert tokenize_command(args([corpus], out, documents="lines", val_fraction=0.3)) == 0  # unchanged: no-op
     with pytest.raises(ShardError, match="--force"):  # another cut of the same file is another input
         tokenize_command(args([corpus], out, documents="lines", val_fraction=0.5))
+
+
+def test_the_bpe_rewarming_study_file_is_valid_and_reads_shards_the_way_cl_tokenize_writes_them(tmp_path):
+    from cl.config.components import build_stream
+    from cl.config.files import load_experiment
+
+    study = ROOT / "experiments" / "lm" / "rewarming_bpe.yaml"
+    domains = ["tiny-shakespeare", "wonderland", "wiki-fr-extract", "nottingham-jigs"]
+    (tmp_path / "text").mkdir()
+    for k, name in enumerate(domains):  # one paragraph a line, as --documents lines reads it
+        (tmp_path / "text" / f"{name}.txt").write_text("".join(f"line {i} of domain {k} says {'ab' * k}\n"
+                                                               for i in range(400)))
+    tokenize_command(args(domains, tmp_path / "tokenized" / "bpe4096", documents="lines", val_fraction=0.1,
+                          data_dir=tmp_path))
+    cfg = load_experiment(study, [f"data_dir={tmp_path}", "stream.scenario.max_val_tokens=256"])
+    stream = build_stream(cfg)
+    assert len(stream) == 4 and stream.schedule["domains"] == domains and stream.input_shape == (128,)
+    assert set(cfg.runs) == {"constant", "rewarm", "rewarm_replay5", "rewarm_replay1", "rewarm_replay25",
+                             "infinite_replay5", "joint"}

@@ -21,7 +21,7 @@ def describe_command(args) -> int:
         return 0
     print(f"{info['name']}: {info['n_experiences']} experiences, {info['n_tasks']} test sets, "
           f"{info['n_classes']} classes, input {tuple(info['input_shape'])}")
-    print(f"class order: {info['class_order']}")
+    print(f"class order: {_classes(info['class_order']) if len(info['class_order']) > 200 else info['class_order']}")
     prep = info.get("preprocessing") or {}
     if prep.get("mean") is not None:
         print(f"preprocessing: mean {prep['mean']}, std {prep['std']}"

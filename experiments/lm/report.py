@@ -2,9 +2,11 @@
 
     cl run experiments/lm/rewarming.yaml --set seed=S --json --no-progress > seedS.json   (S = 0, 1, 2)
     python experiments/lm/report.py seed0.json seed1.json seed2.json
+    python experiments/lm/report.py --key loss_per_byte bpe0.json bpe1.json bpe2.json   (rewarming_bpe.yaml)
 
 Per recipe, mean +/- std over the files: the final validation loss on each domain (nats
-per byte) and their mean, forgetting and the stability gap on loss (its rise right after
+per byte on the byte stream; `--key loss_per_byte` reads a tokenized stream's loss per byte, so
+the two compare) and their mean, forgetting and the stability gap on loss (its rise right after
 each boundary), and the tokens trained on (anneals on copies included), also relative to
 re-training on the union: training FLOPs are 6 * parameters * tokens (Kaplan et al.
 2020) for every recipe alike, so their ratio is the tokens' ratio.
@@ -39,31 +41,31 @@ def fmt(values) -> str:
     return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values.mean():.3f}"
 
 
-def main(paths: list[str]) -> None:
+def main(paths: list[str], key: str = "loss") -> None:
     runs = load(paths)
     union = np.mean([tokens(r) for r in runs["joint"]]) if "joint" in runs else None
     print(f"seeds: {len(next(iter(runs.values())))}\n")
     print("| recipe | " + " | ".join(DOMAINS) + " | mean loss | forgetting | stability gap | tokens | compute vs union |")
     print("|" + " --- |" * (len(DOMAINS) + 6))
     for name, rs in runs.items():
-        final = np.array([r["matrices"]["loss"][-1] for r in rs])
+        final = np.array([r["matrices"][key][-1] for r in rs])
         cells = [fmt(final[:, j]) for j in range(final.shape[1])]
-        cells += [fmt(final.mean(1)), fmt([r["loss_forgetting"] for r in rs]),
-                  fmt([r["loss_stability_gap"] for r in rs if r.get("loss_stability_gap") is not None] or [np.nan])]
+        cells += [fmt(final.mean(1)), fmt([r[f"{key}_forgetting"] for r in rs]),
+                  fmt([r[f"{key}_stability_gap"] for r in rs if r.get(f"{key}_stability_gap") is not None] or [np.nan])]
         t = np.mean([tokens(r) for r in rs])
         cells += [f"{t / 1e6:.2f}M", f"{t / union:.2f}x" if union else "-"]
         print(f"| {name} | " + " | ".join(cells) + " |")
     if "joint" in runs:
-        base = np.mean([np.mean(r["matrices"]["loss"][-1]) for r in runs["joint"]])
+        base = np.mean([np.mean(r["matrices"][key][-1]) for r in runs["joint"]])
         print(f"\nre-training on the union (joint), mean final loss {base:.3f}:")
         for name, rs in runs.items():
-            mean = np.mean([np.mean(r["matrices"]["loss"][-1]) for r in rs])
+            mean = np.mean([np.mean(r["matrices"][key][-1]) for r in rs])
             print(f"  {name:<18} {100 * (mean - base) / base:+6.1f}%  "
                   f"({'within' if abs(mean - base) <= 0.02 * base else 'not within'} 2%)")
     print("\nstability gap at each boundary b (the rise of the earlier domains' mean loss right after it, nats;"
           " in brackets the runs whose loss came back within 10% of the rise before the next boundary):")
     for name, rs in runs.items():
-        gaps = [r.get("loss_stability_gaps", []) for r in rs]
+        gaps = [r.get(f"{key}_stability_gaps", []) for r in rs]
         if gaps and gaps[0]:
             per = np.array([[g["gap"] for g in gs] for gs in gaps])
             back = [sum(gs[k]["recovery"] is not None for gs in gaps) for k in range(per.shape[1])]
@@ -72,4 +74,8 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    if args[:1] == ["--key"]:
+        main(args[2:], args[1])
+    else:
+        main(args)
