@@ -315,6 +315,9 @@ def test_a_language_model_run_reports_loss_and_tokens_per_second(two_texts, tmp_
     # domain 1 in experience 2) or replayed from domain 0's share, the only one in memory.
     new, replayed = run["new_tokens_task0"] + run["new_tokens_task1"], run["replayed_tokens_task0"]
     assert new + replayed == run["tokens_trained"] and "replayed_tokens_task1" not in run
+    # The trainer's own count per domain: the tokens of each experience's batches, new and replayed.
+    assert run["tokens_trained_task0"] == run["new_tokens_task0"]
+    assert run["tokens_trained_task1"] == run["new_tokens_task1"] + replayed
     assert run["new_tokens_task0"] == 39 * 16  # (640 - 17) // 16 + 1 sequences, none replayed in experience 1
     assert run["replay_fraction"] == pytest.approx(replayed / run["tokens_trained"])
     assert 0.4 * 0.25 * 39 * 16 < replayed < 1.6 * 0.25 * 39 * 16  # about a quarter of experience 2's rows

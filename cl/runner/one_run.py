@@ -167,9 +167,15 @@ def run_result(label: str, seed: int, record: RunRecord, stream: Stream, cached:
         result["task_aware_matrix"] = record.task_aware_matrix.tolist()
     for strategy in strategies or ():
         result.update(strategy.metrics())
-    if stream.is_sequence:  # a language model's throughput: tokens of new data per training second
+    if stream.is_sequence:  # a language model's throughput: tokens trained on per training second
         result["tokens_trained"] = record.rows_trained * stream.input_shape[0]
         result["tokens_per_s"] = result["tokens_trained"] / max(record.train_time_s, 1e-9)
+        # Per domain: the tokens of the batches of its experiences (mixed_replay's new_tokens_task{j}
+        # and replayed_tokens_task{j} split them by the domain each row came from).
+        ends = [0] + record.experience_rows
+        for e, rows in zip(stream.experiences, (b - a for a, b in zip(ends, ends[1:]))):
+            j = e.task_index if e.task_index is not None else e.index
+            result[f"tokens_trained_task{j}"] = result.get(f"tokens_trained_task{j}", 0) + rows * stream.input_shape[0]
     for key, curve in continual_curves(record, stream).items():
         prefix = "" if key == "acc" else f"{key}_"
         result[f"{prefix}stability_gaps"] = continual.stability_gaps(*curve, higher_is_better=record.higher_is_better[key])

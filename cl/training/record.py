@@ -48,6 +48,7 @@ class RunRecord:
     anneal_steps: int = 0  # steps trained on annealed copies (an infinite LR schedule's kept models)
     rows_trained: int = 0  # incoming rows trained on (sequences, for a language model); replayed rows not counted
     experience_ends: list[int] = field(default_factory=list)  # the iteration each experience ended at
+    experience_rows: list[int] = field(default_factory=list)  # rows_trained at each experience's end
     experience_time_s: list[float] = field(default_factory=list)
     curve: list[dict] = field(default_factory=list)
     lr_curve: list[list] = field(default_factory=list)
@@ -79,7 +80,7 @@ class RunRecord:
                 "curve": copy.deepcopy(self.curve), "lr_curve": copy.deepcopy(self.lr_curve),
                 "iteration": self.iteration, "skipped_steps": self.skipped_steps, "anneal_steps": self.anneal_steps,
                 "rows_trained": self.rows_trained,
-                "experience_ends": list(self.experience_ends)}
+                "experience_ends": list(self.experience_ends), "experience_rows": list(self.experience_rows)}
 
     def load_state_dict(self, state: dict) -> None:
         for key, matrix in state["matrices"].items():
@@ -94,3 +95,4 @@ class RunRecord:
         self.anneal_steps = state.get("anneal_steps", 0)
         self.rows_trained = state.get("rows_trained", 0)
         self.experience_ends = list(state.get("experience_ends", []))
+        self.experience_rows = list(state.get("experience_rows", []))

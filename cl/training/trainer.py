@@ -360,6 +360,7 @@ class LifelongTrainer:
         record.experience_time_s.append(elapsed)
         record.completed += 1
         record.experience_ends.append(record.iteration)
+        record.experience_rows.append(record.rows_trained)
         record.add_loss_terms(at.loss_means())
         for s in self.hooks["before_evaluation"]:
             s.before_evaluation(self.ctx)
