@@ -97,6 +97,9 @@ class LossPerByte(Evaluator):
         self.bytes_per_token = np.asarray(bytes_per_token, dtype=float)
 
     def derive(self, values: np.ndarray) -> np.ndarray:
+        if len(values) != len(self.bytes_per_token):
+            raise ValueError(f"loss_per_byte: {len(values)} tasks but bytes per token of "
+                             f"{len(self.bytes_per_token)} (the stream's schedule must give one per task)")
         return values / self.bytes_per_token
 
 

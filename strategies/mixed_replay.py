@@ -30,8 +30,9 @@ class MixedReplay(Strategy):
     process shares, so each holds the same batch, and the loss over it is the trainer's.
 
     It reports (`metrics`) what it actually mixed, counted on the host as it draws: the
-    share of all training rows that were replayed (`replay_fraction`, against the `fraction`
-    asked for), and per task (a token stream's domain) the tokens trained as new data
+    share of replayed rows among the rows trained once the memory held something
+    (`replay_fraction`, against the `fraction` asked for; the first experience has nothing
+    to replay and is left out), and per task (a token stream's domain) the tokens trained as new data
     (`new_tokens_task{j}`) and replayed from its memory share (`replayed_tokens_task{j}`);
     a row of a token stream is one sequence, and of any other stream it counts as one."""
 
@@ -48,6 +49,8 @@ class MixedReplay(Strategy):
         self.origins: list[int] = []  # the task of each memory share
         self.new_tokens: dict[int, int] = {}  # task -> tokens trained as new data
         self.replayed_tokens: dict[int, int] = {}  # task -> tokens replayed from its share
+        self.rows_with_memory = 0  # rows trained while the memory held something to replay
+        self._row_tokens = 1
 
     def n_replayed(self, batch_rows: int) -> int:
         """How many of a batch's rows to replay: fraction * rows, stochastically rounded."""
@@ -63,8 +66,10 @@ class MixedReplay(Strategy):
     def adapt_batch(self, ctx: Context, batch: Batch) -> None:
         k = self.n_replayed(len(batch.y)) if self.memory and self.fraction > 0 else 0
         row = batch.x_raw[0].numel() if batch.y.dim() > 1 else 1  # the tokens a row holds
+        self._row_tokens = row
         task = _task_of(ctx)
         self.new_tokens[task] = self.new_tokens.get(task, 0) + (len(batch.y) - k) * row
+        self.rows_with_memory += len(batch.y) if self.memory else 0
         if k == 0:
             return
         batch.drop_incoming(k)
@@ -77,8 +82,8 @@ class MixedReplay(Strategy):
         batch.append(self, pool["x"][idx], pool["y"][idx], pool["t"][idx])
 
     def metrics(self) -> dict[str, float]:
-        new, replayed = sum(self.new_tokens.values()), sum(self.replayed_tokens.values())
-        out = {"replay_fraction": replayed / max(new + replayed, 1)}
+        row = self._row_tokens or 1
+        out = {"replay_fraction": sum(self.replayed_tokens.values()) / row / max(self.rows_with_memory, 1)}
         out.update({f"new_tokens_task{j}": float(n) for j, n in sorted(self.new_tokens.items())})
         out.update({f"replayed_tokens_task{j}": float(n) for j, n in sorted(self.replayed_tokens.items())})
         return out
@@ -104,7 +109,8 @@ class MixedReplay(Strategy):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "memory": [{k: v.clone() for k, v in s.items()} for s in self.memory],
                 "origins": list(self.origins), "new_tokens": sorted(self.new_tokens.items()),
-                "replayed_tokens": sorted(self.replayed_tokens.items())}
+                "replayed_tokens": sorted(self.replayed_tokens.items()), "rows_with_memory": self.rows_with_memory,
+                "row_tokens": self._row_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -112,6 +118,8 @@ class MixedReplay(Strategy):
         self.origins = list(state.get("origins", range(len(self.memory))))
         self.new_tokens = {int(j): int(n) for j, n in state.get("new_tokens", [])}
         self.replayed_tokens = {int(j): int(n) for j, n in state.get("replayed_tokens", [])}
+        self.rows_with_memory = int(state.get("rows_with_memory", 0))
+        self._row_tokens = int(state.get("row_tokens", 1))
         if self.memory:
             self._build_pool()
 

@@ -176,6 +176,7 @@ class BatchTransform:
             "crop_padding": self.crop_padding,
             "flip": self.flip,
             "size": self.size,
+            "interpolation": self.interpolation if self.size is not None else None,
         }
 
 

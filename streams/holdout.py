@@ -46,6 +46,9 @@ def first_experiences(stream: Stream, k: int) -> Stream:
         raise ValueError(f"stream.first_experiences must lie in 1..{len(stream)}, got {k}")
     if not stream.one_experience_per_task:
         raise ValueError(f"stream {stream.name}: first_experiences needs one experience per task")
+    schedule = dict(stream.schedule)
+    if "bytes_per_token" in schedule:  # one per task, like the test sets
+        schedule["bytes_per_token"] = schedule["bytes_per_token"][:k]
     return replace(stream, name=f"{stream.name}/first{k}", experiences=stream.experiences[:k],
                    test_sets=stream.test_sets[:k], task_classes=stream.task_classes[:k],
-                   eval_after=[i for i in stream.eval_after if i < k])
+                   eval_after=[i for i in stream.eval_after if i < k], schedule=schedule)

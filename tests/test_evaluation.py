@@ -153,3 +153,14 @@ def test_the_loss_per_byte_divides_each_task_s_loss_by_its_bytes_per_token():
     per_byte = LossPerByte([4.0, 2.5])
     assert per_byte.derived_from == "loss" and not per_byte.higher_is_better
     assert per_byte.derive(np.array([2.0, 5.0])).tolist() == [0.5, 2.0]
+
+
+def test_a_cut_stream_keeps_one_bytes_per_token_a_task(two_texts):
+    from streams.holdout import first_experiences
+
+    stream = token_stream(["abc", "xyz"], block_size=16, data_dir=str(two_texts))
+    assert first_experiences(stream, 1).schedule["bytes_per_token"] == [1.0]
+    from evaluation.evaluators import LossPerByte
+
+    with pytest.raises(ValueError, match="2 tasks but bytes per token of 1"):
+        LossPerByte([1.0]).derive(np.array([0.5, 0.7]))

@@ -319,7 +319,8 @@ def test_a_language_model_run_reports_loss_and_tokens_per_second(two_texts, tmp_
     assert run["tokens_trained_task0"] == run["new_tokens_task0"]
     assert run["tokens_trained_task1"] == run["new_tokens_task1"] + replayed
     assert run["new_tokens_task0"] == 39 * 16  # (640 - 17) // 16 + 1 sequences, none replayed in experience 1
-    assert run["replay_fraction"] == pytest.approx(replayed / run["tokens_trained"])
+    # Among the rows of experience 2, the first one with something in memory to replay.
+    assert run["replay_fraction"] == pytest.approx(replayed / run["tokens_trained_task1"])
     assert 0.4 * 0.25 * 39 * 16 < replayed < 1.6 * 0.25 * 39 * 16  # about a quarter of experience 2's rows
     # Byte-level: a token is a byte, so the loss per byte is the loss per token.
     assert run["loss_per_byte"] == pytest.approx(run["loss"]) and run["bits_per_byte"] == pytest.approx(

@@ -50,7 +50,7 @@ def test_the_model_s_pretrained_config_sets_size_and_normalisation():
     sized = build_stream(api.load(experiment(VIT, preprocessing="model_size")))
     own = build_stream(api.load(experiment(VIT))).describe()["preprocessing"]
     assert sized.input_shape == (1, 224, 224)
-    assert sized.describe()["preprocessing"] == {**own, "size": 224}
+    assert sized.describe()["preprocessing"] == {**own, "size": 224, "interpolation": "bicubic"}
     # Without the option the dataset's own transform stays.
     assert build_stream(api.load(experiment(VIT))).input_shape == (1, 8, 8)
 

@@ -166,7 +166,11 @@ def run_result(label: str, seed: int, record: RunRecord, stream: Stream, cached:
     if record.task_aware_matrix is not None:
         result["task_aware_matrix"] = record.task_aware_matrix.tolist()
     for strategy in strategies or ():
-        result.update(strategy.metrics())
+        reported = strategy.metrics()
+        if clash := sorted(set(reported) & set(result)):
+            raise ValueError(f"strategy {type(strategy).__name__} reports metrics named like the run's own or another "
+                             f"strategy's: {', '.join(clash[:5])}; give them names of its own")
+        result.update(reported)
     if stream.is_sequence:  # a language model's throughput: tokens trained on per training second
         result["tokens_trained"] = record.rows_trained * stream.input_shape[0]
         result["tokens_per_s"] = result["tokens_trained"] / max(record.train_time_s, 1e-9)

@@ -235,7 +235,8 @@ def tokenize_corpora(corpora: Sequence[str], tokenizer: str = "bytes", out: str 
 
     manifest = {"format": FORMAT, "version": VERSION, "tokenizer": tokenizer_entry, "vocab_size": tok.vocab_size,
                 "dtype": dtype, "separator_id": separator,
-                "documents": "paragraphs: runs of non-blank lines joined by \\n; each followed by separator_id",
+                "documents": ("paragraphs: runs of non-blank lines joined by \\n" if documents == "paragraphs" else
+                              "lines: every non-blank line") + "; each followed by separator_id",
                 "val_fraction": val_fraction, "domains": domains, "inputs": fingerprint}
     tmp = manifest_path.with_name("manifest.json.part")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")

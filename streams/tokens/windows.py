@@ -201,11 +201,19 @@ class WindowData(LazyData):
     @property
     def fingerprint(self) -> str:
         """What a run's provenance records of these windows without reading their targets: the
-        shard files (whose checksums the manifest holds), the window size and the positions."""
+        shard files (domain, name and size: a re-tokenized shard differs), the window size and
+        stride, and every window's start and shard."""
+        import hashlib
+
         d = self.dataset
-        starts = "all" if d.starts is None else f"{len(d.starts)}@{int(d.starts[0]) if len(d.starts) else 0}"
-        files = ",".join(f"{s.path.parent.name}/{s.path.name}" for s in d.shards)
-        return f"{files}:{d.block_size}/{d.stride}:{starts}:{len(self)}"
+        h = hashlib.blake2b(digest_size=8)
+        for shard in d.shards:
+            h.update(f"{shard.path.parent.name}/{shard.path.name}:{shard.path.stat().st_size};".encode())
+        h.update(f"{d.block_size}/{d.stride}:{len(self)}".encode())
+        for part in (d.starts, d.shard_ids):
+            if part is not None:
+                h.update(np.ascontiguousarray(part).tobytes())
+        return h.hexdigest()
 
     @staticmethod
     def concat(parts: Sequence["WindowData"]) -> "WindowData":
