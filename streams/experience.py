@@ -117,6 +117,7 @@ class BatchTransform:
         self.flip = flip
         self.size = size
         self.interpolation = interpolation
+        self._grey_to_colour = self.mean is not None and len(self.mean) == 3  # decided once, not per batch
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -146,7 +147,7 @@ class BatchTransform:
                                                 size=(self.size, self.size), mode=self.interpolation,
                                                 align_corners=False, antialias=True)
             raw = False
-        if self.mean is not None and x.dim() == 4 and x.shape[1] == 1 and len(self.mean) == 3:
+        if self._grey_to_colour and x.dim() == 4 and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # a grey image read by a colour backbone
         a, b = self._affine(x, raw)
         return x.float().mul_(a).sub_(b) if raw else x.float() * a - b
