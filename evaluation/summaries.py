@@ -26,6 +26,8 @@ def summarise(record, stream, learned_ahead: bool = False) -> dict[str, float | 
         out.update(metrics.summary(matrix, key, record.higher_is_better[key], seen, applicable))
     if "loss" in record.matrices:
         out["perplexity"] = float(perplexity(record.matrices["loss"][-1].mean()))
+        # Each domain's own, at the end (its loss per token, the matrix's last row, is logged per row).
+        out.update({f"perplexity_task{j}": float(v) for j, v in enumerate(perplexity(record.matrices["loss"][-1]))})
     if "loss_per_byte" in record.matrices:
         out["bits_per_byte"] = float(record.matrices["loss_per_byte"][-1].mean() / math.log(2))
     if record.curve and "acc_seen" in record.curve[0]:

@@ -102,6 +102,7 @@ def test_token_stream_is_judged_by_loss_and_next_byte_accuracy(two_texts):
     summary = summarise(record, stream)
     assert summary["loss"] == pytest.approx(L[-1].mean())
     assert summary["bits_per_byte"] == pytest.approx(L[-1].mean() / math.log(2))
+    assert summary["perplexity_task1"] == pytest.approx(math.exp(L[-1, 1]))  # each domain's own
     assert summary["loss_forgetting"] == pytest.approx(L[2, 0] - L[1, 0])  # a rise in loss is forgetting
     assert summary["loss_bwt"] == pytest.approx(-(L[2, 0] - L[1, 0]))
     assert summary["perplexity"] == pytest.approx(math.exp(L[-1].mean()))
