@@ -49,8 +49,7 @@ class MixedReplay(Strategy):
         self.origins: list[int] = []  # the task of each memory share
         self.new_tokens: dict[int, int] = {}  # task -> tokens trained as new data
         self.replayed_tokens: dict[int, int] = {}  # task -> tokens replayed from its share
-        self.rows_with_memory = 0  # rows trained while the memory held something to replay
-        self._row_tokens = 1
+        self.tokens_with_memory = 0  # tokens trained while the memory held something to replay
 
     def n_replayed(self, batch_rows: int) -> int:
         """How many of a batch's rows to replay: fraction * rows, stochastically rounded."""
@@ -66,10 +65,9 @@ class MixedReplay(Strategy):
     def adapt_batch(self, ctx: Context, batch: Batch) -> None:
         k = self.n_replayed(len(batch.y)) if self.memory and self.fraction > 0 else 0
         row = batch.x_raw[0].numel() if batch.y.dim() > 1 else 1  # the tokens a row holds
-        self._row_tokens = row
         task = _task_of(ctx)
         self.new_tokens[task] = self.new_tokens.get(task, 0) + (len(batch.y) - k) * row
-        self.rows_with_memory += len(batch.y) if self.memory else 0
+        self.tokens_with_memory += len(batch.y) * row if self.memory else 0
         if k == 0:
             return
         batch.drop_incoming(k)
@@ -82,8 +80,7 @@ class MixedReplay(Strategy):
         batch.append(self, pool["x"][idx], pool["y"][idx], pool["t"][idx])
 
     def metrics(self) -> dict[str, float]:
-        row = self._row_tokens or 1
-        out = {"replay_fraction": sum(self.replayed_tokens.values()) / row / max(self.rows_with_memory, 1)}
+        out = {"replay_fraction": sum(self.replayed_tokens.values()) / max(self.tokens_with_memory, 1)}
         out.update({f"new_tokens_task{j}": float(n) for j, n in sorted(self.new_tokens.items())})
         out.update({f"replayed_tokens_task{j}": float(n) for j, n in sorted(self.replayed_tokens.items())})
         return out
@@ -109,8 +106,7 @@ class MixedReplay(Strategy):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "memory": [{k: v.clone() for k, v in s.items()} for s in self.memory],
                 "origins": list(self.origins), "new_tokens": sorted(self.new_tokens.items()),
-                "replayed_tokens": sorted(self.replayed_tokens.items()), "rows_with_memory": self.rows_with_memory,
-                "row_tokens": self._row_tokens}
+                "replayed_tokens": sorted(self.replayed_tokens.items()), "tokens_with_memory": self.tokens_with_memory}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -118,8 +114,7 @@ class MixedReplay(Strategy):
         self.origins = list(state.get("origins", range(len(self.memory))))
         self.new_tokens = {int(j): int(n) for j, n in state.get("new_tokens", [])}
         self.replayed_tokens = {int(j): int(n) for j, n in state.get("replayed_tokens", [])}
-        self.rows_with_memory = int(state.get("rows_with_memory", 0))
-        self._row_tokens = int(state.get("row_tokens", 1))
+        self.tokens_with_memory = int(state.get("tokens_with_memory", 0))
         if self.memory:
             self._build_pool()
 
